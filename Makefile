@@ -1,0 +1,39 @@
+# Set-up is idempotent: each target (re)uses .venv and installs only what is missing.
+# On a CPU-only machine torch is pinned to the local CPU build so pip never pulls a CUDA wheel.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -m pip install -q $(TORCH_CPU); fi
+	$(PY) -m pip install -q -e ".[test,bench,lint]"
+	# megatron-core is only a test reference for the indexed-dataset format; its own deps are not needed.
+	$(PY) -m pip install -q --no-deps "megatron-core>=0.9"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mistral_lightning.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mistral_lightning kernels callbacks benchmarks tests
+	$(VENV)/bin/ruff format --check mistral_lightning kernels callbacks benchmarks tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
