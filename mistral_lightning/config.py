@@ -35,8 +35,16 @@ class MistralConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_seq_length"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_seq_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"MistralConfig.{name} must be a positive integer, got {value!r}")
@@ -79,7 +87,9 @@ class MistralConfig:
         path = Path(path)
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
-            raise ConfigError(f"{config_file}: no config.json found; pass an HF model folder or its config.json")
+            raise ConfigError(
+                f"{config_file}: no config.json found; pass an HF model folder or its config.json"
+            )
         try:
             hf = json.loads(config_file.read_text())
         except json.JSONDecodeError as err:
@@ -88,12 +98,20 @@ class MistralConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> MistralConfig:
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
         missing = [key for key in required if key not in hf]
         if missing:
             raise ConfigError(f"{source}: missing key(s) {missing}; is this a Mistral/Llama config.json?")
         if hf.get("tie_word_embeddings", False):
-            raise ConfigError(f"{source}: tie_word_embeddings=true is not a Mistral layout (its embeddings are untied)")
+            raise ConfigError(
+                f"{source}: tie_word_embeddings=true is not a Mistral layout (its embeddings are untied)"
+            )
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         return cls(
@@ -144,10 +162,20 @@ PRESETS: dict[str, MistralConfig] = {
     "mistral-7b-v0.1": _MISTRAL_7B,
     "mistral-7b-instruct-v0.2": dataclasses.replace(_MISTRAL_7B, rope_theta=1e6, sliding_window=None),
     # The seed recipe: v0.2 weights trained with a 4096 window at sequence length 32768.
-    "mistral-7b-32k": dataclasses.replace(_MISTRAL_7B, rope_theta=1e6, sliding_window=4096, max_seq_length=32768),
+    "mistral-7b-32k": dataclasses.replace(
+        _MISTRAL_7B, rope_theta=1e6, sliding_window=4096, max_seq_length=32768
+    ),
     # CPU tests and the demo: the real 32000-token vocabulary so the real tokenizer works.
     "tiny": MistralConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=16, rope_theta=10000.0, sliding_window=64, max_seq_length=512,
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        sliding_window=64,
+        max_seq_length=512,
     ),
 }

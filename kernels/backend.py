@@ -1,0 +1,43 @@
+"""Pick a kernel implementation by the tensor's device and what is installed.
+
+Override with the `backend=` argument of each kernel or the environment variable
+MISTRAL_LIGHTNING_KERNELS (auto | portable | flash | npu), so tests can force every path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKEND_ENV = "MISTRAL_LIGHTNING_KERNELS"
+BACKENDS = ("auto", "portable", "flash", "npu")
+
+
+def resolve_backend(tensor: torch.Tensor, requested: str | None = None) -> str:
+    choice = requested or os.environ.get(BACKEND_ENV) or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(
+            f"unknown kernel backend {choice!r} (from {BACKEND_ENV} or backend=); choose one of {BACKENDS}"
+        )
+    if choice != "auto":
+        return choice
+    if tensor.device.type == "npu":
+        return "npu"
+    if tensor.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash"
+    return "portable"
+
+
+def torch_npu() -> ModuleType:
+    """Import torch_npu lazily: it only exists on Ascend machines (and as a fake in tests)."""
+    try:
+        return importlib.import_module("torch_npu")
+    except ImportError as err:
+        raise RuntimeError(
+            "the 'npu' kernel backend needs torch_npu; install mistral-lightning[npu] on an Ascend machine "
+            f"or set {BACKEND_ENV}=portable"
+        ) from err

@@ -1,0 +1,191 @@
+"""The Mistral network as a plain nn.Module.
+
+No process groups and no device checks live here: tensor/sequence/data parallelism is applied
+from outside (mistral_lightning/parallel.py) and device-specific operators sit behind kernels/.
+Shapes are read from the tensors, not the config, so the same code runs on TP-sharded modules
+whose local head counts are a fraction of the config's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from mistral_lightning.config import MistralConfig
+from mistral_lightning.kernels import (
+    apply_rotary,
+    chunked_cross_entropy,
+    masked_attention,
+    rms_norm,
+    rope_cos_sin,
+    sliding_window_attention,
+    swiglu,
+)
+
+
+class KVCache(Protocol):
+    """What decoding passes to the model: it stores new keys/values and says what each query may see."""
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append k/v [B, T, Hkv, D]; return all cached k, v and a bool mask [B, 1, T, Tk]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MistralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window
+        self.q = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.v = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.o = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
+        q = apply_rotary(self.q(x).view(batch, seq_len, -1, self.head_dim), cos, sin)
+        k = apply_rotary(self.k(x).view(batch, seq_len, -1, self.head_dim), cos, sin)
+        v = self.v(x).view(batch, seq_len, -1, self.head_dim)
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(self.layer_idx, k, v)
+            out = masked_attention(q, k, v, mask)
+        else:
+            out = sliding_window_attention(q, k, v, self.window, document_ids=document_ids)
+        return self.o(out.reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(swiglu(self.gate(x), self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: MistralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cos, sin, document_ids=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, document_ids, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Mistral(nn.Module):
+    def __init__(self, config: MistralConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise parameters in place (after building on the meta device and `to_empty`)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                module.weight.normal_(0.0, self.config.initializer_range, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final-norm output [B, T, hidden], i.e. everything but the LM head."""
+        h = self.embed(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand(
+                input_ids.shape[0], -1
+            )
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, document_ids, kv_cache)
+        return self.norm(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab]."""
+        return self.lm_head(
+            self.hidden_states(input_ids, position_ids, document_ids=document_ids, kv_cache=kv_cache)
+        )
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        document_ids: torch.Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> torch.Tensor:
+        """Mean cross-entropy against already-shifted labels (-100 ignored), without whole-sequence fp32 logits."""
+        hidden = self.hidden_states(input_ids, position_ids, document_ids=document_ids)
+        return chunked_cross_entropy(hidden, self.lm_head, labels, chunk_size)
+
+    # ------------------------------------------------------------------ HF checkpoints
+    @classmethod
+    def from_pretrained(
+        cls, hf_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Mistral:
+        """Build from an HF folder (config.json + safetensors); dtype defaults to the checkpoint's own."""
+        from mistral_lightning.checkpoint.hf import HFCheckpoint, load_hf_weights
+
+        checkpoint = HFCheckpoint(hf_dir)
+        with torch.device("meta"):
+            model = cls(checkpoint.config).to(dtype or checkpoint.dtype)
+        model.to_empty(device=device or "cpu")
+        load_hf_weights(model, checkpoint)
+        return model
+
+    def save_pretrained(
+        self, out_dir: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None
+    ) -> Path:
+        """Write config.json and safetensors shards that transformers.MistralForCausalLM loads unchanged."""
+        from mistral_lightning.checkpoint.hf import save_hf_checkpoint
+
+        return save_hf_checkpoint(
+            self.state_dict(), self.config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes
+        )
