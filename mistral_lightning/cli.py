@@ -9,9 +9,14 @@ from __future__ import annotations
 import importlib
 import sys
 
+from mistral_lightning.errors import UserError
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("mistral_lightning.data.preprocess", "tokenize raw data into Megatron indexed datasets"),
-    "demo-data": ("mistral_lightning.data.demo_data", "write synthetic Alpaca-style and MMLU-style demo data"),
+    "demo-data": (
+        "mistral_lightning.data.demo_data",
+        "write synthetic Alpaca-style and MMLU-style demo data",
+    ),
 }
 
 
@@ -31,4 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mistral-lightning: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except UserError as err:
+        print(f"mistral-lightning {command}: error: {err}", file=sys.stderr)
+        return 2

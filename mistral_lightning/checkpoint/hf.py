@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mistral_lightning.config import ConfigError, MistralConfig
+from mistral_lightning.errors import UserError
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -48,7 +49,7 @@ _HF_RULES: list[tuple[str, str]] = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint on disk is missing, incomplete or does not fit the model."""
 
 
