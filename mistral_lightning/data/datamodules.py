@@ -1,0 +1,256 @@
+"""LightningDataModules for pretraining (GPT packing) and instruction fine-tuning over Megatron indexed data.
+
+Batches are dicts of [B, T] int64 tensors: `input_ids`, `labels` (already shifted; -100 = no loss),
+`position_ids`, and `document_ids` (tokens attend only to earlier tokens of the same id; padding is -1).
+The training position (consumed samples) is saved in Lightning checkpoints via `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mistral_lightning.data.datasets import (
+    SPLIT_NAMES,
+    BlendedDataset,
+    GPTPackedDataset,
+    InstructionDataset,
+    ResumableSampler,
+    pad_collate,
+    parse_split,
+    split_bounds,
+)
+from mistral_lightning.data.indexed import IndexedDataset, idx_path
+from mistral_lightning.errors import UserError
+
+INSTRUCTION_SUFFIX = "_packed_{}_document"
+
+
+class _ResumableDataModule(L.LightningDataModule):
+    """Shared plumbing: per-split datasets, data-parallel sampling from the strategy, consumed-sample state."""
+
+    def __init__(
+        self, seq_length: int, micro_batch_size: int, split: str, seed: int, num_workers: int
+    ) -> None:
+        super().__init__()
+        if seq_length < 1 or micro_batch_size < 1:
+            raise UserError(
+                f"seq_length ({seq_length}) and micro_batch_size ({micro_batch_size}) must be positive"
+            )
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.split_weights = parse_split(split)
+        self.seed, self.num_workers = seed, num_workers
+        self.pad_to_multiple_of = 8
+        self.consumed_samples = 0
+        self.datasets: dict[str, Dataset] = {}
+        self._train_sampler: ResumableSampler | None = None
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        """Datasets for the non-empty splits among SPLIT_NAMES."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        self.build_datasets()  # runs once per node first, so that the index caches exist before other ranks read
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            self.datasets = self.build_datasets()
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """(size, rank) of data parallelism; tensor-parallel peers report the same rank, so they get the same batch."""
+        strategy = getattr(self.trainer, "strategy", None)
+        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+    def _dataloader(self, split: str, sampler: ResumableSampler) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.micro_batch_size,
+            sampler=sampler,
+            # A partial of a plain function: picklable for worker processes, unlike a bound method of this module.
+            collate_fn=functools.partial(
+                pad_collate, seq_length=self.seq_length, pad_to_multiple_of=self.pad_to_multiple_of
+            ),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        replicas, rank = self._data_parallel()
+        self._train_sampler = ResumableSampler(
+            self.datasets["train"],
+            self.micro_batch_size,
+            replicas,
+            rank,
+            self.consumed_samples,
+            True,
+            self.seed,
+        )
+        if self._train_sampler.samples_per_epoch == 0:
+            raise UserError(
+                f"the train split has {len(self.datasets['train'])} samples, fewer than one global batch "
+                f"(micro_batch_size {self.micro_batch_size} x {replicas} data-parallel ranks); add data or lower them"
+            )
+        return self._dataloader("train", self._train_sampler)
+
+    def _eval_dataloader(self, split: str) -> DataLoader | list:
+        if split not in self.datasets:
+            return []
+        replicas, rank = self._data_parallel()
+        return self._dataloader(
+            split, ResumableSampler(self.datasets[split], self.micro_batch_size, replicas, rank, 0, False)
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("validation")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Counted when a training batch reaches the device, i.e. is consumed, not when a worker prefetches it.
+        if self.trainer is not None and self.trainer.training:
+            replicas, _ = self._data_parallel()
+            self.consumed_samples += self.micro_batch_size * replicas
+            if self._train_sampler is not None:
+                self._train_sampler.consumed_samples = self.consumed_samples
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consumed_samples = int(state_dict["consumed_samples"])
+        if self._train_sampler is not None:
+            self._train_sampler.consumed_samples = self.consumed_samples
+
+
+def _split_ranges(size: int, weights: list[float]) -> dict[str, range]:
+    bounds = split_bounds(size, weights)
+    return {
+        name: range(bounds[i], bounds[i + 1])
+        for i, name in enumerate(SPLIT_NAMES)
+        if bounds[i + 1] > bounds[i]
+    }
+
+
+class PretrainDataModule(_ResumableDataModule):
+    """GPT-style packed pretraining data from one or more `<prefix>_text_document` datasets, blended by weight.
+
+    Args:
+        data_prefixes: indexed dataset prefixes (without .bin/.idx), e.g. `dataset/alpaca_text_document`.
+        blend_weights: one weight per prefix (default: proportional to their sizes).
+        seq_length: tokens per sample; each sample reads seq_length + 1 tokens, cut across documents.
+        micro_batch_size: samples per device per step.
+        split: train/validation/test proportions over documents, e.g. "969,30,1".
+        seed: fixes the document order, sample order and per-epoch shuffles.
+        cross_document_attention: True lets tokens attend across document boundaries (Megatron's default);
+            False (default) restarts attention, position ids and loss at each document.
+        cache_dir: where document/sample/shuffle indices are cached (default: `index-cache/` next to the data).
+    """
+
+    def __init__(
+        self,
+        data_prefixes: list[str],
+        blend_weights: list[float] | None = None,
+        seq_length: int = 4096,
+        micro_batch_size: int = 1,
+        split: str = "969,30,1",
+        seed: int = 1234,
+        num_workers: int = 2,
+        cross_document_attention: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(seq_length, micro_batch_size, split, seed, num_workers)
+        if not data_prefixes:
+            raise UserError(
+                "PretrainDataModule.data_prefixes is empty; give at least one <prefix>_text_document"
+            )
+        if blend_weights is not None and (len(blend_weights) != len(data_prefixes) or min(blend_weights) < 0):
+            raise UserError(
+                f"blend_weights needs one non-negative weight per data prefix ({len(data_prefixes)}), got {blend_weights}"
+            )
+        self.data_prefixes, self.blend_weights = list(data_prefixes), blend_weights
+        self.cross_document_attention, self.cache_dir = cross_document_attention, cache_dir
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        per_split: dict[str, list[tuple[float, GPTPackedDataset]]] = {}
+        for index, prefix in enumerate(self.data_prefixes):
+            indexed = IndexedDataset(prefix)
+            cache = Path(self.cache_dir) if self.cache_dir else idx_path(prefix).parent / "index-cache"
+            for name, documents in _split_ranges(len(indexed), self.split_weights).items():
+                dataset = GPTPackedDataset(
+                    indexed, documents, self.seq_length, self.seed, cache, self.cross_document_attention
+                )
+                weight = len(dataset) if self.blend_weights is None else self.blend_weights[index]
+                if len(dataset) and weight > 0:
+                    per_split.setdefault(name, []).append((weight, dataset))
+        if "train" not in per_split:
+            raise UserError(
+                f"no training samples of seq_length {self.seq_length}+1 tokens in {self.data_prefixes} with split "
+                f"{self.split_weights}; add data, lower seq_length or give the train split more weight"
+            )
+        return {
+            name: parts[0][1]
+            if len(parts) == 1
+            else BlendedDataset([d for _, d in parts], [w for w, _ in parts])
+            for name, parts in per_split.items()
+        }
+
+
+class InstructionDataModule(_ResumableDataModule):
+    """Instruction fine-tuning data from `<prefix>_packed_{input_ids,labels}_document`.
+
+    Args:
+        data_prefix: the preprocess `--output-prefix` (e.g. `finetune_dataset/alpaca`); the full
+            `<prefix>_packed_input_ids_document` is accepted too.
+        seq_length: most tokens per sequence; longer samples are truncated (preprocess can skip them instead).
+        micro_batch_size: sequences per device per step.
+        split: train/validation/test proportions over samples, e.g. "969,30,1".
+        seed: fixes the sample order and the per-epoch shuffles.
+        pack: put several samples in one sequence (attention and position ids restart per sample).
+        pad_to_multiple_of: batches are padded to the longest sequence rounded up to this, capped at seq_length.
+    """
+
+    def __init__(
+        self,
+        data_prefix: str,
+        seq_length: int = 4096,
+        micro_batch_size: int = 1,
+        split: str = "969,30,1",
+        seed: int = 1234,
+        num_workers: int = 2,
+        pack: bool = False,
+        pad_to_multiple_of: int = 8,
+    ) -> None:
+        super().__init__(seq_length, micro_batch_size, split, seed, num_workers)
+        if pad_to_multiple_of < 1:
+            raise UserError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
+        self.data_prefix = data_prefix.removesuffix(INSTRUCTION_SUFFIX.format("input_ids"))
+        self.pack, self.pad_to_multiple_of = pack, pad_to_multiple_of
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        input_ids = IndexedDataset(self.data_prefix + INSTRUCTION_SUFFIX.format("input_ids"))
+        labels = IndexedDataset(self.data_prefix + INSTRUCTION_SUFFIX.format("labels"))
+        if len(input_ids) != len(labels) or (input_ids.sequence_lengths != labels.sequence_lengths).any():
+            raise UserError(
+                f"{input_ids.prefix} and {labels.prefix} disagree on sample lengths; they come from different "
+                "preprocess runs, re-run preprocess"
+            )
+        datasets = {}
+        for name, samples in _split_ranges(len(input_ids), self.split_weights).items():
+            dataset = InstructionDataset(input_ids, labels, samples, self.seq_length, self.seed, self.pack)
+            if len(dataset):
+                datasets[name] = dataset
+        if "train" not in datasets:
+            raise UserError(
+                f"{self.data_prefix}: the train split holds no usable sample; check the data and split"
+            )
+        return datasets

@@ -1,0 +1,205 @@
+"""`mistral-lightning demo-data`: deterministic synthetic data that a tiny model can learn on a CPU in minutes.
+
+Writes an Alpaca-schema parquet (instruction, input, output, text) with train and held-out splits of short
+word tasks, and an MMLU-layout folder of multiple-choice questions about the same tasks. The training split
+also holds multiple-choice rows, so a model fine-tuned on it has seen questions of the MMLU kind. Held-out
+rows and MMLU test questions use inputs that never occur in the training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mistral_lightning.errors import UserError
+
+WORDS = (
+    "cat",
+    "dog",
+    "sun",
+    "red",
+    "blue",
+    "tree",
+    "fish",
+    "bird",
+    "moon",
+    "star",
+    "car",
+    "book",
+    "cup",
+    "hat",
+)
+LETTERS = "ABCD"
+MC_INSTRUCTION = "Answer the multiple choice question with the letter of the correct option."
+ALPACA_HEADER = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request."
+HELD_OUT_PERCENT = 15  # share of all possible inputs reserved for the held-out split and the MMLU test set
+
+
+@dataclass(frozen=True)
+class Task:
+    subject: str  # MMLU subject name (file stem)
+    instruction: str
+    answer: Callable[[list[str]], str]
+    min_words: int
+    max_words: int
+
+
+TASKS = (
+    Task("word_reversal", "Reverse the order of the words.", lambda w: " ".join(reversed(w)), 2, 4),
+    Task("capitalization", "Write the words in capital letters.", lambda w: " ".join(w).upper(), 1, 3),
+    Task("word_repetition", "Repeat the words twice.", lambda w: " ".join(w + w), 1, 2),
+    Task("word_counting", "How many words are there?", lambda w: str(len(w)), 1, 4),
+)
+
+
+@dataclass(frozen=True)
+class DemoDataPaths:
+    train: Path  # Alpaca-schema parquet
+    heldout: Path  # Alpaca-schema parquet, inputs disjoint from train
+    mmlu: Path  # folder with dev/ and test/ CSVs
+
+
+def _held_out(task: Task, words: list[str]) -> bool:
+    """A stable, seed-independent split of the input space: the same input always lands on the same side."""
+    return zlib.crc32(f"{task.subject}|{' '.join(words)}".encode()) % 100 < HELD_OUT_PERCENT
+
+
+def _sample_words(rng: np.random.Generator, task: Task) -> list[str]:
+    count = int(rng.integers(task.min_words, task.max_words + 1))
+    return [WORDS[i] for i in rng.integers(0, len(WORDS), size=count)]
+
+
+def _sample(rng: np.random.Generator, task: Task, held_out: bool) -> list[str]:
+    while True:
+        words = _sample_words(rng, task)
+        if _held_out(task, words) == held_out:
+            return words
+
+
+def _alpaca_text(instruction: str, input_text: str, output: str) -> str:
+    """The `text` column as in the tatsu-lab/alpaca parquet the recipe downloads."""
+    if input_text:
+        header = ALPACA_HEADER.format(", paired with an input that provides further context")
+        return f"{header}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n{output}"
+    return f"{ALPACA_HEADER.format('')}\n\n### Instruction:\n{instruction}\n\n### Response:\n{output}"
+
+
+def _choices(rng: np.random.Generator, task: Task, words: list[str]) -> tuple[list[str], int]:
+    """The right answer and three distinct wrong ones (near misses first), in a random order."""
+    correct = task.answer(words)
+    near_misses = [" ".join(words), " ".join(words[::-1]), words[0].upper(), str(len(words) + 1)]
+    wrong: list[str] = []
+    for candidate in [*near_misses, *(task.answer(_sample_words(rng, task)) for _ in range(100))]:
+        if candidate != correct and candidate not in wrong and len(wrong) < 3:
+            wrong.append(candidate)
+    position = int(rng.integers(0, 4))
+    return wrong[:position] + [correct] + wrong[position:], position
+
+
+def _question(task: Task, words: list[str]) -> str:
+    return f"{task.instruction} {' '.join(words)}"
+
+
+def _multiple_choice_prompt(question: str, choices: list[str]) -> str:
+    return question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+
+
+def _alpaca_rows(rng: np.random.Generator, count: int, held_out: bool) -> list[dict[str, str]]:
+    rows = []
+    for index in range(count):
+        task = TASKS[index % len(TASKS)]
+        words = _sample(rng, task, held_out)
+        if index % 5 == 4:  # one row in five is a multiple-choice question about the same task family
+            choices, answer = _choices(rng, task, words)
+            instruction, input_text = MC_INSTRUCTION, _multiple_choice_prompt(_question(task, words), choices)
+            output = LETTERS[answer]
+        else:
+            instruction, input_text, output = task.instruction, " ".join(words), task.answer(words)
+        rows.append(
+            {
+                "instruction": instruction,
+                "input": input_text,
+                "output": output,
+                "text": _alpaca_text(instruction, input_text, output),
+            }
+        )
+    return rows
+
+
+def _write_parquet(rows: list[dict[str, str]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {column: [row[column] for row in rows] for column in ("instruction", "input", "output", "text")}
+    )
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_mmlu_csv(rng: np.random.Generator, task: Task, count: int, held_out: bool, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        for _ in range(count):
+            words = _sample(rng, task, held_out)
+            choices, answer = _choices(rng, task, words)
+            writer.writerow([_question(task, words), *choices, LETTERS[answer]])
+    os.replace(tmp, path)
+
+
+def write_demo_data(
+    out_dir: str | os.PathLike,
+    train_rows: int = 4000,
+    heldout_rows: int = 400,
+    mmlu_test_per_subject: int = 50,
+    seed: int = 0,
+) -> DemoDataPaths:
+    """Write the demo data under `out_dir` (same arguments, same bytes) and return where it went."""
+    if min(train_rows, heldout_rows, mmlu_test_per_subject) < 1:
+        raise UserError(
+            "demo-data: --train-rows, --heldout-rows and --mmlu-test-per-subject must be positive"
+        )
+    out = Path(out_dir)
+    paths = DemoDataPaths(out / "alpaca" / "train.parquet", out / "alpaca" / "heldout.parquet", out / "mmlu")
+    for folder in (paths.train.parent, paths.mmlu / "dev", paths.mmlu / "test"):
+        folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    _write_parquet(_alpaca_rows(rng, train_rows, held_out=False), paths.train)
+    _write_parquet(_alpaca_rows(rng, heldout_rows, held_out=True), paths.heldout)
+    for task in TASKS:
+        # 5-shot exemplars come from the training side of the split, test questions from the held-out side.
+        _write_mmlu_csv(rng, task, 5, False, paths.mmlu / "dev" / f"{task.subject}_dev.csv")
+        _write_mmlu_csv(
+            rng, task, mmlu_test_per_subject, True, paths.mmlu / "test" / f"{task.subject}_test.csv"
+        )
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mistral-lightning demo-data",
+        description="Write deterministic synthetic Alpaca-schema parquet (train + held-out) and an MMLU-layout "
+        "folder of multiple-choice questions; nothing is downloaded.",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder (alpaca/{train,heldout}.parquet, mmlu/{dev,test}/)"
+    )
+    parser.add_argument("--train-rows", type=int, default=4000)
+    parser.add_argument("--heldout-rows", type=int, default=400)
+    parser.add_argument("--mmlu-test-per-subject", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = write_demo_data(
+        args.out, args.train_rows, args.heldout_rows, args.mmlu_test_per_subject, args.seed
+    )
+    print(f"wrote {paths.train}\nwrote {paths.heldout}\nwrote {paths.mmlu}/dev and {paths.mmlu}/test")
+    return 0
