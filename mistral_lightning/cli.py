@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mistral_lightning.data.demo_data",
         "write synthetic Alpaca-style and MMLU-style demo data",
     ),
+    "convert": (
+        "mistral_lightning.checkpoint.convert",
+        "convert checkpoints between HF, Megatron/ModelLink and training checkpoints",
+    ),
 }
 
 
