@@ -12,6 +12,25 @@ import sys
 from mistral_lightning.errors import UserError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("mistral_lightning.train_cli", "pretrain or fine-tune (LightningCLI: --config configs/...yaml)"),
+    "validate": (
+        "mistral_lightning.train_cli",
+        "validation loss and perplexity of a checkpoint (LightningCLI)",
+    ),
+    "test": ("mistral_lightning.train_cli", "test loss and perplexity of a checkpoint (LightningCLI)"),
+    "predict": (
+        "mistral_lightning.train_cli",
+        "greedy generation over a datamodule's predict set (LightningCLI)",
+    ),
+    "generate": (
+        "mistral_lightning.generation.cli",
+        "generate text or chat from a checkpoint (KV-cache decoding)",
+    ),
+    "evaluate": ("mistral_lightning.evaluation.cli", "MMLU accuracy per subject and overall (--task mmlu)"),
+    "export": (
+        "mistral_lightning.export",
+        "write a training checkpoint (DCP folder or .ckpt) as an HF folder",
+    ),
     "preprocess": ("mistral_lightning.data.preprocess", "tokenize raw data into Megatron indexed datasets"),
     "demo-data": (
         "mistral_lightning.data.demo_data",
@@ -22,6 +41,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "convert checkpoints between HF, Megatron/ModelLink and training checkpoints",
     ),
 }
+# LightningCLI parses the subcommand itself, so these get it back in front of their arguments.
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _usage() -> str:
@@ -41,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[command][0])
     try:
-        return int(module.main(rest) or 0)
+        return int(module.main([command, *rest] if command in LIGHTNING_SUBCOMMANDS else rest) or 0)
     except UserError as err:
         print(f"mistral-lightning {command}: error: {err}", file=sys.stderr)
         return 2

@@ -114,11 +114,18 @@ class Mistral(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Initialise parameters in place (after building on the meta device and `to_empty`)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                module.weight.normal_(0.0, self.config.initializer_range, generator=generator)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+        for name, param in self.named_parameters():
+            self.init_parameter_(name, param, generator)
+
+    @torch.no_grad()
+    def init_parameter_(
+        self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """Write parameter `name`'s initial value into `tensor` (the parameter, or a full-size copy of a shard)."""
+        if isinstance(self.get_submodule(name.rpartition(".")[0]), RMSNorm):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, self.config.initializer_range, generator=generator)
 
     def hidden_states(
         self,
@@ -146,11 +153,13 @@ class Mistral(nn.Module):
         *,
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        logits_to_keep: int | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab]."""
-        return self.lm_head(
-            self.hidden_states(input_ids, position_ids, document_ids=document_ids, kv_cache=kv_cache)
-        )
+        """Logits [B, T, vocab], or of the last `logits_to_keep` positions only (a prefill needs one)."""
+        hidden = self.hidden_states(input_ids, position_ids, document_ids=document_ids, kv_cache=kv_cache)
+        if logits_to_keep is not None:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
 
     def loss(
         self,
@@ -189,3 +198,10 @@ class Mistral(nn.Module):
         return save_hf_checkpoint(
             self.state_dict(), self.config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes
         )
+
+
+def parameter_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names, in module order, with their shapes: taken from the model itself, on meta."""
+    with torch.device("meta"):
+        model = Mistral(config)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint import megatron
 from mistral_lightning.checkpoint.hf import to_hf_name
-from mistral_lightning.checkpoint.megatron import MegatronLayout, build_tensor, parameter_shapes
+from mistral_lightning.checkpoint.megatron import MegatronLayout, build_tensor
+from mistral_lightning.model import parameter_shapes
 from mistral_lightning.cli import main
 
 # 8 KV heads so that TP8 is possible; vocab 509 is prime, so every TP > 1 pads the vocabulary.

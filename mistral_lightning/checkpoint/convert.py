@@ -23,10 +23,10 @@ from mistral_lightning.checkpoint.megatron import (
     MegatronCheckpoint,
     MegatronLayout,
     WeightSource,
-    parameter_shapes,
     save_megatron,
 )
 from mistral_lightning.config import PRESETS, MistralConfig
+from mistral_lightning.model import parameter_shapes
 
 LOADERS = {"hf": "hf", "llama2_hf": "hf", "megatron": "megatron", "lightning": "lightning"}
 SAVERS = {"hf": "hf", "megatron": "megatron"}

@@ -17,8 +17,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mistral_lightning.checkpoint.hf import CheckpointError
-from mistral_lightning.checkpoint.megatron import Index, load_torch_file, parameter_shapes
+from mistral_lightning.checkpoint.megatron import Index, load_torch_file
 from mistral_lightning.config import ConfigError, MistralConfig
+from mistral_lightning.model import parameter_shapes
 
 DCP_METADATA = ".metadata"
 LIGHTNING_METADATA = "meta.pt"  # ModelParallelStrategy's non-tensor state beside a DCP checkpoint

@@ -21,6 +21,7 @@ import torch
 
 from mistral_lightning.checkpoint.hf import CheckpointError, finish_output_dir, prepare_output_dir
 from mistral_lightning.config import ConfigError, MistralConfig
+from mistral_lightning.model import parameter_shapes
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -40,15 +41,6 @@ class WeightSource(Protocol):
     def read(self, name: str, index: Index | None = None) -> torch.Tensor: ...
 
     def close(self) -> None: ...
-
-
-def parameter_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names, in module order, with their shapes: taken from the model itself, on meta."""
-    from mistral_lightning.model import Mistral
-
-    with torch.device("meta"):
-        model = Mistral(config)
-    return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
 # ---------------------------------------------------------------- per-rank plans
@@ -571,6 +563,5 @@ __all__ = [
     "build_tensor",
     "config_from_args",
     "load_torch_file",
-    "parameter_shapes",
     "save_megatron",
 ]

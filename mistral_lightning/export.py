@@ -1,0 +1,68 @@
+"""`mistral-lightning export`: a training checkpoint (DCP folder or single .ckpt file) -> HF folder.
+
+The HF folder (config.json + safetensors) loads unchanged in `transformers.MistralForCausalLM`.
+Offline export is `convert --loader lightning --saver hf` with the training-side option names; it
+streams one parameter at a time. `export_hf` writes a live (possibly sharded) model for `fit --export_hf_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from mistral_lightning.checkpoint.convert import resolve_model_config, save_hf
+from mistral_lightning.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, HFCheckpointWriter, to_hf_name
+from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
+from mistral_lightning.model import Mistral
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@torch.no_grad()
+def export_hf(
+    model: Mistral, out_dir: str | Path, *, is_writer: bool = True, dtype: torch.dtype | None = None
+) -> None:
+    """Write `model` as an HF folder. Sharded (DTensor) weights are gathered one at a time, so every
+    rank must call this; only the one with `is_writer` writes."""
+    writer = (
+        HFCheckpointWriter(out_dir, model.config, dtype=dtype, overwrite=True) if is_writer else nullcontext()
+    )
+    with writer:
+        for name, tensor in model.state_dict().items():
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if is_writer:
+                writer.add(to_hf_name(name), full)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistral-lightning export", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint: DCP folder or .ckpt file")
+    parser.add_argument("--out", required=True, help="HF folder to write (config.json + safetensors)")
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        help="preset name or HF folder/config.json; default: the architecture stored in the checkpoint",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    source = LightningCheckpoint(args.checkpoint, model_config=resolve_model_config(args.model_config))
+    try:
+        out = save_hf(
+            source,
+            Path(args.out),
+            dtype=DTYPES[args.dtype],
+            max_shard_bytes=DEFAULT_MAX_SHARD_BYTES,
+            overwrite=args.overwrite,
+        )
+    finally:
+        source.close()
+    print(f"wrote {out}")
+    return 0

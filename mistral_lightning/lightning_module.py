@@ -1,0 +1,307 @@
+"""MistralLightningModule: the training, evaluation and prediction steps around the plain `Mistral` module.
+
+The model is built on the meta device in `configure_model`, spread over the strategy's device
+mesh by the plan in `parallel.py`, and only then filled: with each rank's slices of the pretrained
+HF weights, or with a layout-independent random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+from torchmetrics.aggregation import MeanMetric
+
+from mistral_lightning.checkpoint.hf import load_hf_weights
+from mistral_lightning.config import MistralConfig
+from mistral_lightning.errors import UserError
+from mistral_lightning.kernels import IGNORE_INDEX
+from mistral_lightning.model import Mistral
+from mistral_lightning.optim import LRSchedule, build_optimizer, build_scheduler
+from mistral_lightning.parallel import (
+    ActivationCheckpointing,
+    clip_grad_norm_,
+    init_weights,
+    mixed_precision_policy,
+    parallelize,
+)
+
+# Fields that fix tensor shapes: a pretrained folder must agree with `model_config` on all of them.
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf; the run stops before the bad step reaches the weights."""
+
+
+def resolve_model_config(
+    model_config: str | dict | MistralConfig | None, pretrained: str | None
+) -> MistralConfig:
+    """The architecture: a preset name or config, else the pretrained folder's config.json.
+
+    Both may be given (e.g. the 32K recipe's 4096 window over Instruct-v0.2 weights, whose
+    config.json has none); then their tensor shapes must agree.
+    """
+    from_folder = MistralConfig.from_hf(pretrained) if pretrained else None
+    if model_config is None:
+        if from_folder is None:
+            raise UserError(
+                "set model.model_config (a preset name or a config) or model.pretrained (an HF folder)"
+            )
+        return from_folder
+    if isinstance(model_config, str):
+        config = MistralConfig.from_name(model_config)
+    else:
+        config = MistralConfig(**model_config) if isinstance(model_config, dict) else model_config
+    if from_folder is not None:
+        mismatched = [f for f in _SHAPE_FIELDS if getattr(config, f) != getattr(from_folder, f)]
+        if mismatched:
+            details = ", ".join(f"{f}: {getattr(config, f)} vs {getattr(from_folder, f)}" for f in mismatched)
+            raise UserError(
+                f"model.model_config and model.pretrained={pretrained} disagree on tensor shapes ({details}); "
+                "pick the preset that matches the weights, or drop model.model_config to use config.json"
+            )
+    return config
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (e.g. the vocab-parallel loss) as a plain tensor; gradients flow through."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+class MistralLightningModule(L.LightningModule):
+    """Pretraining and fine-tuning of Mistral with tensor, sequence and fully sharded data parallelism.
+
+    Args:
+        model_config: a preset name (see `MistralConfig.from_name`) or a full config; None reads
+            `pretrained`'s config.json.
+        pretrained: an HF folder (config.json + safetensors) to start from; None starts from random weights.
+        lr, min_lr: peak learning rate and the floor the cosine decays to.
+        warmup_fraction: share of the run's optimizer steps spent in linear warmup.
+        lr_schedule: "cosine" (to min_lr at the last step) or "constant" (after warmup).
+        weight_decay, betas, eps: AdamW settings (norm weights get no decay).
+        sequence_parallel: shard norms and the residual stream on the sequence under TP.
+        activation_checkpointing: "none", "full" (recompute each block) or "selective" (keep matmul outputs).
+        compile: `torch.compile` each block.
+        loss_chunk_size: positions per chunk of the LM head + cross-entropy, bounding fp32 logits.
+        max_new_tokens: greedy tokens per prompt in `predict_step`.
+        init_seed: seed of the random initialisation (same weights under any TP/DP layout).
+    """
+
+    def __init__(
+        self,
+        model_config: str | MistralConfig | None = "tiny",
+        pretrained: str | None = None,
+        lr: float = 3e-4,
+        min_lr: float = 3e-5,
+        warmup_fraction: float = 0.01,
+        lr_schedule: LRSchedule = "cosine",
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        sequence_parallel: bool = True,
+        activation_checkpointing: ActivationCheckpointing = "none",
+        compile: bool = False,
+        loss_chunk_size: int = 1024,
+        max_new_tokens: int = 64,
+        init_seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = resolve_model_config(model_config, pretrained)
+        if isinstance(model_config, MistralConfig):
+            # Checkpoint metadata must stay plain data: Lightning reloads it with torch.load(weights_only=True).
+            self.hparams["model_config"] = dataclasses.asdict(model_config)
+        self.model: Mistral | None = None
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    @property
+    def model_name(self) -> str:
+        """How the throughput summary names the model."""
+        if self.hparams.pretrained:
+            return Path(self.hparams.pretrained).name
+        model_config = self.hparams.model_config
+        return model_config if isinstance(model_config, str) else "Mistral"
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:  # already built (e.g. validate after fit)
+            return
+        if self.device_mesh is None:
+            raise UserError(
+                "MistralLightningModule needs a device mesh: set trainer.strategy to "
+                "lightning.pytorch.strategies.ModelParallelStrategy (NPU: mistral_lightning.npu.NPUModelParallelStrategy)"
+            )
+        with torch.device("meta"):
+            model = Mistral(self.config)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        parallelize(
+            model,
+            self.device_mesh,
+            sequence_parallel=self.hparams.sequence_parallel,
+            activation_checkpointing=self.hparams.activation_checkpointing,
+            compile=self.hparams.compile,
+            mp_policy=mixed_precision_policy(self.trainer.precision),
+            seq_length=getattr(datamodule, "seq_length", None),
+        )
+        model.to_empty(device=self.trainer.strategy.root_device)
+        if self.hparams.pretrained:
+            load_hf_weights(model, self.hparams.pretrained)
+        else:
+            init_weights(model, self.hparams.init_seed)
+        self.model = model
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.device_mesh["tensor_parallel"].size()
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seq_len = batch["input_ids"].shape[1]
+        if self.hparams.sequence_parallel and seq_len % self.tensor_parallel_size:
+            raise UserError(
+                f"a batch of {seq_len} positions cannot be split over tensor_parallel_size="
+                f"{self.tensor_parallel_size} for sequence parallelism; make data.seq_length and "
+                "data.pad_to_multiple_of multiples of it, or set model.sequence_parallel: false"
+            )
+        # loss_parallel: under TP the logits are a DTensor sharded on the vocabulary and the
+        # cross-entropy is computed without gathering them; plain tensors are unaffected.
+        with loss_parallel():
+            loss = self.model.loss(
+                batch["input_ids"],
+                batch["labels"],
+                batch.get("position_ids"),
+                document_ids=batch.get("document_ids"),
+                chunk_size=self.hparams.loss_chunk_size,
+            )
+        return _plain(loss)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        # One reduction serves both the logged value (mean over data-parallel ranks) and the finiteness
+        # check, so every rank stops together instead of leaving peers waiting in a collective.
+        mean_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
+        if not torch.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"training loss is {mean_loss.item()} at step {self.global_step} (batch {batch_idx}); stopping "
+                "before this step updates the weights, so the last saved checkpoint is intact. Lower model.lr, "
+                "check the data, or resume from that checkpoint (fit --ckpt_path ...)"
+            )
+        self.log("train/loss", mean_loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
+        loss = self._loss(batch)
+        # Token-weighted, so the epoch value is the mean over all tokens of all ranks.
+        metric.update(loss.detach(), weight=(batch["labels"] != IGNORE_INDEX).sum())
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_loss)
+
+    def _log_eval(self, stage: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        # The metric has already reduced over all ranks; sync_dist only tells Lightning the values agree.
+        self.log_dict(
+            {f"{stage}/loss": loss, f"{stage}/perplexity": loss.exp()},
+            prog_bar=stage == "val",
+            sync_dist=True,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_loss)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[list[int]]:
+        """Greedy continuations (new token ids) of the prompts in `batch["input_ids"]`.
+
+        Rows are token-id lists, or a [B, T] tensor whose `document_ids` (if given) mark padding with -1.
+        """
+        from mistral_lightning.generation import generate
+
+        prompts = batch["input_ids"]
+        if isinstance(prompts, torch.Tensor):
+            keep = (
+                batch["document_ids"] >= 0
+                if "document_ids" in batch
+                else torch.ones_like(prompts, dtype=torch.bool)
+            )
+            prompts = [row[mask].tolist() for row, mask in zip(prompts, keep)]
+        return generate(self.model, prompts, self.hparams.max_new_tokens, eos_id=self.config.eos_token_id)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        # loss_parallel must cover the backward pass too: the chunked loss recomputes the vocab-parallel
+        # cross-entropy there.
+        with loss_parallel():
+            super().backward(loss, *args, **kwargs)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = build_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
+        scheduler = build_scheduler(
+            optimizer,
+            lr=hp.lr,
+            min_lr=hp.min_lr,
+            warmup_fraction=hp.warmup_fraction,
+            total_steps=self.trainer.estimated_stepping_batches,
+            schedule=hp.lr_schedule,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm=None,
+    ) -> None:
+        # Lightning's clipping runs one foreach norm over all gradients, which fails when they live on
+        # different device meshes (TP-sharded matrices and data-parallel-only norms).
+        if gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise UserError("trainer.gradient_clip_algorithm must be 'norm' for this model")
+            grad_norm = clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+            self.log("train/grad_norm", grad_norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The resolved architecture travels with the checkpoint, so `export` needs nothing else.
+        checkpoint["mistral_config"] = dataclasses.asdict(self.config)
+        # Rank 0's random states (only rank 0 writes the metadata; all ranks are seeded alike), as
+        # plain data so that the metadata loads with weights_only=True.
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            random.setstate(states["python"])

@@ -1,0 +1,76 @@
+"""AdamW without weight decay on norms, and the learning-rate schedule: linear warmup, then cosine or constant."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from mistral_lightning.errors import UserError
+
+LRSchedule = Literal["cosine", "constant"]
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
+    """AdamW with two groups: matrices decay, norm weights (the only 1-D parameters) do not.
+
+    The split also keeps each group on one device mesh (TP-sharded matrices vs. replicated norms),
+    which the optimizer's fused per-group updates need.
+    """
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(
+    step: int, *, warmup_steps: int, total_steps: int, min_ratio: float, schedule: LRSchedule
+) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_fraction: float,
+    total_steps: int,
+    schedule: LRSchedule,
+) -> LambdaLR:
+    if schedule not in ("cosine", "constant"):
+        raise UserError(f"model.lr_schedule={schedule!r} is not one of 'cosine', 'constant'")
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise UserError(f"model.warmup_fraction={warmup_fraction} must be in [0, 1)")
+    if not 0.0 <= min_lr <= lr:
+        raise UserError(f"model.min_lr={min_lr} must be between 0 and model.lr={lr}")
+    if total_steps <= 0:
+        raise UserError(
+            "the LR schedule needs a finite number of steps; set trainer.max_steps (or trainer.max_epochs)"
+        )
+    warmup_steps = round(warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        return lr_factor(
+            step,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            min_ratio=min_lr / lr if lr else 0.0,
+            schedule=schedule,
+        )
+
+    return LambdaLR(optimizer, factor)

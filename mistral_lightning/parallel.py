@@ -1,0 +1,230 @@
+"""The parallel plan: how the plain `Mistral` module is spread over a (data_parallel, tensor_parallel) mesh.
+
+Applied from outside the model, as torchtitan does, in this order: tensor/sequence parallelism
+(DTensor), activation checkpointing, `torch.compile` per block, then FSDP2 over the data-parallel
+dimension. Checkpointing and compiling use APIs that keep parameter names unchanged, so HF and
+distributed checkpoints see the same names whatever the plan.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from mistral_lightning.config import MistralConfig
+from mistral_lightning.errors import UserError
+from mistral_lightning.model import Mistral
+
+ActivationCheckpointing = Literal["none", "full", "selective"]
+
+# Selective checkpointing keeps the outputs of the expensive operators and recomputes the cheap,
+# memory-hungry ones (norms, rotary, SwiGLU, casts) in the backward pass.
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def check_parallel_config(
+    config: MistralConfig, tp_size: int, sequence_parallel: bool, seq_length: int | None
+) -> None:
+    """Fail early, naming the option to change, for layouts the plan cannot shard evenly."""
+    if config.num_kv_heads % tp_size:
+        raise UserError(
+            f"tensor_parallel_size={tp_size} does not divide the model's {config.num_kv_heads} KV heads; "
+            "choose a tensor_parallel_size that divides num_kv_heads (trainer.strategy.init_args)"
+        )
+    if config.vocab_size % tp_size:
+        raise UserError(
+            f"tensor_parallel_size={tp_size} does not divide vocab_size={config.vocab_size}; "
+            "the vocab-parallel embedding and LM head need equal shards"
+        )
+    if sequence_parallel and tp_size > 1 and seq_length is not None and seq_length % tp_size:
+        raise UserError(
+            f"sequence parallelism needs the sequence length ({seq_length}) to be divisible by "
+            f"tensor_parallel_size={tp_size}; change data.seq_length or set model.sequence_parallel: false"
+        )
+
+
+def apply_tensor_parallel(model: Mistral, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Megatron-style TP: vocab-parallel embedding and LM head, column-parallel q/k/v/gate/up,
+    row-parallel o/down; with SP the norms and the residual stream are sharded on the sequence."""
+    residual = Shard(1) if sequence_parallel else Replicate()
+    # The LM head yields logits sharded on the vocabulary (a DTensor) for `loss_parallel`; its input is
+    # the final hidden state gathered once, so the chunked loss can slice it like a plain tensor.
+    plan: dict[str, nn.Module] = {
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
+        "lm_head": ColwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False
+        ),
+    }
+    if sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, plan)
+    if sequence_parallel:
+        parallelize_module(
+            model.norm,
+            tp_mesh,
+            PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate()),
+        )
+
+    for block in model.layers:
+        block_plan: dict[str, nn.Module] = {
+            "attn.q": ColwiseParallel(),
+            "attn.k": ColwiseParallel(),
+            "attn.v": ColwiseParallel(),
+            "attn.o": RowwiseParallel(output_layouts=residual),
+            "mlp.gate": ColwiseParallel(),
+            "mlp.up": ColwiseParallel(),
+            "mlp.down": RowwiseParallel(output_layouts=residual),
+        }
+        if sequence_parallel:
+            # Attention(x, cos, sin, document_ids, kv_cache) and FeedForward(x): gather x from the
+            # sequence shards before the column-parallel projections.
+            block_plan.update(
+                {
+                    "attn_norm": SequenceParallel(),
+                    "attn": PrepareModuleInput(
+                        input_layouts=(Shard(1), None, None, None, None),
+                        desired_input_layouts=(Replicate(), None, None, None, None),
+                    ),
+                    "mlp_norm": SequenceParallel(),
+                    "mlp": PrepareModuleInput(
+                        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                    ),
+                }
+            )
+        parallelize_module(block, tp_mesh, block_plan)
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Mistral, mode: ActivationCheckpointing) -> None:
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise UserError(f"model.activation_checkpointing={mode!r} is not one of 'none', 'full', 'selective'")
+    context_fn = (
+        partial(create_selective_checkpoint_contexts, _selective_policy) if mode == "selective" else None
+    )
+    for block in model.layers:
+        # The composable API registers hooks instead of wrapping, so parameter names stay the same.
+        checkpoint(block, context_fn=context_fn)
+
+
+def apply_compile(model: Mistral) -> None:
+    # Module.compile() compiles in place (no `_orig_mod` wrapper), keeping parameter names unchanged.
+    for block in model.layers:
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(model: Mistral, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """FSDP2 per block and for the whole model, sharding parameters over the data-parallel ranks."""
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
+    # The root keeps embedding, final norm and LM head; gathering them once per step is cheapest.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    # Training calls `model.loss(...)`, not `model(...)`: FSDP must gather parameters around it too.
+    register_fsdp_forward_method(model, "loss")
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for Lightning's precision flag: bf16 compute with fp32 master weights and reductions."""
+    if str(precision).startswith("bf16-mixed"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if str(precision).startswith("16-mixed"):
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def parallelize(
+    model: Mistral,
+    mesh: DeviceMesh,
+    *,
+    sequence_parallel: bool = True,
+    activation_checkpointing: ActivationCheckpointing = "none",
+    compile: bool = False,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    seq_length: int | None = None,
+) -> Mistral:
+    """Apply the whole plan to a model built on the meta device; mesh dims: data_parallel, tensor_parallel."""
+    tp_mesh, dp_mesh = mesh["tensor_parallel"], mesh["data_parallel"]
+    check_parallel_config(model.config, tp_mesh.size(), sequence_parallel, seq_length)
+    if tp_mesh.size() > 1:
+        apply_tensor_parallel(model, tp_mesh, sequence_parallel)
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+    # Applied even with one data-parallel rank: parameters become DTensors, which is what Lightning's
+    # distributed checkpoints (and their resharding to another TP size) are built on.
+    apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy())
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a model whose gradients live on several device meshes.
+
+    Norms are taken per mesh (DTensor reduces them over that mesh's shards), then combined, so
+    plain, FSDP-only and FSDP+TP parameters can sit in one model.
+    """
+    from torch.distributed.tensor import DTensor
+
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.nn.utils.get_total_norm(norms)
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+@torch.no_grad()
+def init_weights(model: Mistral, seed: int) -> None:
+    """Random initialisation that does not depend on the layout.
+
+    Each parameter is drawn whole, in name order, from one seeded generator and each rank keeps its
+    own slice, so any TP/DP layout starts from exactly the weights `model.init_weights(generator)`
+    gives an unsharded model (DTensor's own random ops repeat one shard's values on CPU).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        full = torch.empty(param.shape, dtype=param.dtype)
+        model.init_parameter_(name, full, generator)
+        if isinstance(param, DTensor):
+            # src_data_rank=None: every rank holds the full tensor already, so slicing needs no communication.
+            local = distribute_tensor(
+                full, param.device_mesh, param.placements, src_data_rank=None
+            ).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)

@@ -1,0 +1,119 @@
+"""The parallel plan against the single-device model: TP=2 (SP on/off), DP=2 with FSDP2, resharding a
+TP=1 checkpoint to TP=2, and layouts the plan must refuse. Two real processes over gloo, one launch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from training_utils import (  # noqa: F401  (session fixtures)
+    killed_checkpoint,
+    launch,
+    reference,
+    single_thread,
+    toy_data,
+)
+
+from mistral_lightning import Mistral, MistralConfig
+from mistral_lightning.errors import UserError
+from mistral_lightning.parallel import apply_activation_checkpointing, apply_compile, check_parallel_config
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(toy_data, killed_checkpoint, tmp_path_factory) -> dict:  # noqa: F811
+    one_kv_head = dataclasses.asdict(MistralConfig.from_name("tiny", num_kv_heads=1))
+    scenarios = [
+        {"name": "tp2_sp", "data": toy_data, "tensor_parallel": 2},
+        {"name": "tp2_no_sp", "data": toy_data, "tensor_parallel": 2, "module": {"sequence_parallel": False}},
+        {"name": "dp2_fsdp", "data": toy_data, "data_parallel": 2},
+        {"name": "tp2_resumes_tp1", "data": toy_data, "tensor_parallel": 2, "resume": str(killed_checkpoint)},
+        {
+            "name": "kv_heads",
+            "data": toy_data,
+            "tensor_parallel": 2,
+            "module": {"model_config": one_kv_head},
+            "expect_error": True,
+        },
+        {
+            "name": "seq_under_sp",
+            "data": toy_data,
+            "tensor_parallel": 2,
+            "seq_length": 33,
+            "expect_error": True,
+        },
+    ]
+    codes, results, output = launch(scenarios, tmp_path_factory.mktemp("two_ranks"), nprocs=2)
+    assert codes == [0, 0] and results is not None, output
+    return results
+
+
+@pytest.mark.parametrize("run", ["tp2_sp", "tp2_no_sp", "dp2_fsdp"])
+def test_parallel_losses_match_single_device(two_ranks, reference, run):  # noqa: F811
+    losses = two_ranks[run]["losses"]
+    assert len(losses) == len(reference.losses)
+    assert losses[0] == pytest.approx(reference.losses[0], rel=1e-5)
+    assert losses == pytest.approx(reference.losses, rel=1e-4)
+    # The same global batches, in the same order (DP rank 0 holds the first half of each).
+    if run != "dp2_fsdp":
+        assert two_ranks[run]["batches"] == reference.batches
+
+
+def test_tp1_checkpoint_resumes_under_tp2(two_ranks, reference):  # noqa: F811
+    resumed = two_ranks["tp2_resumes_tp1"]
+    assert resumed["batches"] == reference.batches[3:]
+    assert resumed["losses"] == pytest.approx(reference.losses[3:], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [("kv_heads", "does not divide the model's 1 KV heads"), ("seq_under_sp", "sequence length (33)")],
+)
+def test_bad_layout_fails_before_any_step(two_ranks, run, message):
+    assert message in two_ranks[run]["error"]
+    assert two_ranks[run]["steps_started"] == 0
+
+
+def test_layout_checks_name_the_option():
+    config = MistralConfig.from_name("tiny")
+    with pytest.raises(UserError, match="tensor_parallel_size=4 does not divide"):
+        check_parallel_config(config, 4, False, None)
+    with pytest.raises(UserError, match="model.sequence_parallel: false"):
+        check_parallel_config(config, 2, True, 127)
+    check_parallel_config(config, 2, False, 127)  # without SP any length is fine
+
+
+def _loss_and_grads(model: Mistral, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    loss = model.loss(batch, batch.roll(-1, 1), chunk_size=8)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_and_gradients(mode):
+    config = MistralConfig.from_name("tiny")
+    torch.manual_seed(0)
+    plain = Mistral(config)
+    plain.init_weights()
+    checkpointed = Mistral(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed, mode)
+    batch = torch.randint(0, config.vocab_size, (2, 24))
+    loss, grads = _loss_and_grads(plain, batch)
+    loss_ac, grads_ac = _loss_and_grads(checkpointed, batch)
+    torch.testing.assert_close(loss_ac, loss)
+    for grad_ac, grad in zip(grads_ac, grads):
+        torch.testing.assert_close(grad_ac, grad)
+    # Hooks, not wrappers: checkpoints and HF export see unchanged parameter names.
+    assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+
+
+def test_compile_per_block_keeps_parameter_names():
+    model = Mistral(MistralConfig.from_name("tiny"))
+    names = [n for n, _ in model.named_parameters()]
+    apply_compile(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(block._compiled_call_impl is not None for block in model.layers)

@@ -1,0 +1,75 @@
+"""One rank of a test launch: runs the scenarios of a spec file in turn; rank 0 writes what they recorded.
+
+A scenario: {"name", "data", "tensor_parallel", "data_parallel", "module": {...}, "resume": ckpt or null,
+"checkpoint_every": n or null, "kill_at_step": n or null, "seq_length": n, "expect_error": bool}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from training_utils import SEQ_LENGTH, Recorder, datamodule, module, trainer  # noqa: E402
+
+
+class StepCounter(L.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
+class KillAtStep(L.Callback):
+    """Ends the process abruptly when step `step` starts, as a crash or a preemption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os._exit(17)
+
+
+def run(scenario: dict, root: Path) -> dict:
+    recorder, counter = Recorder(), StepCounter()
+    callbacks = [recorder, counter]
+    if scenario.get("kill_at_step"):
+        callbacks.append(KillAtStep(scenario["kill_at_step"]))
+    fit_trainer = trainer(
+        root / scenario["name"],
+        tensor_parallel=scenario.get("tensor_parallel", 1),
+        data_parallel=scenario.get("data_parallel", 1),
+        callbacks=callbacks,
+        checkpoint_every=scenario.get("checkpoint_every"),
+    )
+    data = datamodule(
+        scenario["data"], scenario.get("data_parallel", 1), scenario.get("seq_length", SEQ_LENGTH)
+    )
+    try:
+        fit_trainer.fit(
+            module(**scenario.get("module", {})), datamodule=data, ckpt_path=scenario.get("resume")
+        )
+    except Exception as err:  # noqa: BLE001 (recorded for the test to judge)
+        if not scenario.get("expect_error"):
+            raise
+        return {"error": f"{type(err).__name__}: {err}", "steps_started": counter.steps}
+    return {"losses": recorder.losses, "batches": recorder.batches, "steps_started": counter.steps}
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    torch.set_num_threads(1)
+    results = {scenario["name"]: run(scenario, Path.cwd()) for scenario in spec["scenarios"]}
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        Path(spec["results"]).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

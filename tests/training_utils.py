@@ -1,0 +1,188 @@
+"""Shared pieces of the training tests: toy indexed data, a Trainer factory, a recorder, a process launcher.
+
+Multi-process runs start `train_worker.py` once per rank with the environment torchrun would set
+(Lightning sees LOCAL_RANK and joins them over gloo); each launch runs several scenarios in turn,
+because every launch pays the import time of torch and Lightning again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from mistral_lightning.data.datamodules import PretrainDataModule
+from mistral_lightning.data.indexed import IndexedDatasetWriter
+from mistral_lightning.lightning_module import MistralLightningModule
+
+GLOBAL_BATCH = 2
+SEQ_LENGTH = 32
+STEPS = 6
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def write_toy_pretrain_data(folder: Path) -> str:
+    """Random documents of 20-60 tokens as a Megatron `<prefix>_text_document` dataset."""
+    prefix = str(folder / "toy_text_document")
+    rng = np.random.default_rng(0)
+    writer = IndexedDatasetWriter(prefix, np.uint16)
+    for _ in range(200):
+        writer.add_document(rng.integers(3, 2000, size=int(rng.integers(20, 60))))
+    writer.finalize()
+    return prefix
+
+
+def datamodule(prefix: str, data_parallel: int = 1, seq_length: int = SEQ_LENGTH) -> PretrainDataModule:
+    # Attention across documents keeps every label valid, so a DP=2 mean of per-rank means equals
+    # the DP=1 mean over the same global batch.
+    return PretrainDataModule(
+        [prefix],
+        seq_length=seq_length,
+        micro_batch_size=GLOBAL_BATCH // data_parallel,
+        split="1,0,0",
+        num_workers=0,
+        cross_document_attention=True,
+    )
+
+
+class Recorder(L.Callback):
+    """Per optimizer step: the logged loss (mean over data-parallel ranks) and a fingerprint of the batch."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.batches: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        weights = torch.arange(1, batch["input_ids"].numel() + 1).view_as(batch["input_ids"])
+        self.batches.append(int((batch["input_ids"] * weights).sum()))
+
+
+def trainer(
+    root: Path,
+    *,
+    tensor_parallel: int = 1,
+    data_parallel: int = 1,
+    max_steps: int = STEPS,
+    callbacks: list[L.Callback] = (),
+    checkpoint_every: int | None = None,
+    distributed_checkpoint: bool = True,
+) -> L.Trainer:
+    if checkpoint_every:
+        callbacks = [
+            *callbacks,
+            ModelCheckpoint(
+                dirpath=root / "checkpoints",
+                filename="{step}",
+                every_n_train_steps=checkpoint_every,
+                save_top_k=-1,
+            ),
+        ]
+    return L.Trainer(
+        accelerator="cpu",
+        devices=tensor_parallel * data_parallel,
+        strategy=ModelParallelStrategy(
+            data_parallel_size=data_parallel,
+            tensor_parallel_size=tensor_parallel,
+            save_distributed_checkpoint=distributed_checkpoint,
+        ),
+        precision="32-true",
+        max_steps=max_steps,
+        gradient_clip_val=1.0,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=bool(checkpoint_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+    )
+
+
+def module(**overrides) -> MistralLightningModule:
+    settings = dict(model_config="tiny", lr=1e-3, min_lr=1e-4, warmup_fraction=0.2, init_seed=3)
+    return MistralLightningModule(**{**settings, **overrides})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(
+    scenarios: list[dict], folder: Path, nprocs: int, timeout: float = 300
+) -> tuple[list[int], dict | None, str]:
+    """Run `train_worker.py` on `nprocs` ranks; returns their exit codes, rank 0's results and output."""
+    spec, results = folder / "spec.json", folder / "results.json"
+    spec.write_text(json.dumps({"scenarios": scenarios, "results": str(results)}))
+    port = _free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(nprocs),
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(spec)],
+                env=env,
+                cwd=folder,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    codes = [proc.returncode for proc in procs]
+    return codes, json.loads(results.read_text()) if results.is_file() else None, outputs[0][-6000:]
+
+
+# ---------------------------------------------------------------------- shared fixtures
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> str:
+    return write_toy_pretrain_data(tmp_path_factory.mktemp("toy_data"))
+
+
+@pytest.fixture(scope="session")
+def single_thread():
+    # The workers run one thread each; matching them keeps CPU matmuls bit-identical across processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reference(toy_data, single_thread, tmp_path_factory) -> Recorder:
+    """TP=1, DP=1: STEPS steps straight, in this process."""
+    recorder = Recorder()
+    trainer(tmp_path_factory.mktemp("reference"), callbacks=[recorder]).fit(
+        module(), datamodule=datamodule(toy_data)
+    )
+    return recorder
+
+
+@pytest.fixture(scope="session")
+def killed_checkpoint(toy_data, tmp_path_factory) -> Path:
+    """A TP=1 run checkpointed after step 3 and killed as step 4 starts (in its own process)."""
+    folder = tmp_path_factory.mktemp("killed")
+    scenario = {"name": "killed", "data": toy_data, "checkpoint_every": 3, "kill_at_step": 3}
+    codes, _, output = launch([scenario], folder, nprocs=1)
+    assert codes == [17], output
+    return folder / "killed" / "checkpoints" / "step=3.ckpt"
