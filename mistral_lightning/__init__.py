@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 _PUBLIC = {
     "Mistral": "mistral_lightning.model",
     "MistralConfig": "mistral_lightning.config",
+    "generate": "mistral_lightning.generation",
 }
 
-__all__ = ["Mistral", "MistralConfig"]
+__all__ = ["Mistral", "MistralConfig", "generate"]
 
 if TYPE_CHECKING:
     from mistral_lightning.config import MistralConfig
+    from mistral_lightning.generation import generate
     from mistral_lightning.model import Mistral
 
 

@@ -1,0 +1,158 @@
+"""Prefill and decode speed and peak memory: our `generate` against transformers' `generate`.
+
+    python -m benchmarks.generation_speed [--prompt-tokens 128] [--new-tokens 128] [--batch 1]
+
+One random model (hidden 512, 8 layers, 8 query / 2 KV heads, vocab 32000, float32) is saved once;
+each engine then runs greedy decoding in its own process, so peak memory (VmHWM, the kernel's
+resident high-water mark, reset after loading) is its own; the engines alternate over --rounds
+processes. Times are the best of --repeats runs:
+prefill tokens/s = batch * prompt tokens / time to the first new token;
+decode tokens/s = batch * (new tokens - 1) / (time for all new tokens - time to the first).
+Both run with --threads intra-op threads (default 1) and must produce the same tokens; the script
+prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mistral_lightning.config import MistralConfig
+
+BENCH_CONFIG = MistralConfig(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    sliding_window=4096,
+    max_seq_length=4096,
+)
+
+
+def _memory_kb(field: str) -> int:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status[field].split()[0])
+
+
+def _best_time(run, repeats: int) -> tuple[float, list[list[int]]]:
+    best, tokens = float("inf"), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run()
+        best = min(best, time.perf_counter() - start)
+    return best, tokens
+
+
+def _engine(name: str, folder: str):
+    """A function (prompts, new tokens) -> new token ids, for our model or transformers'."""
+    if name == "ours":
+        from mistral_lightning.generation import generate
+        from mistral_lightning.model import Mistral
+
+        model = Mistral.from_pretrained(folder, torch.float32).eval()
+        return lambda prompts, new: generate(model, prompts, new, eos_id=None)
+    import transformers
+
+    model = transformers.MistralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def run(prompts, new):
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1] :].tolist()
+
+    return run
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    run = _engine(args.engine, args.folder)
+    prompts = torch.randint(
+        3, 32000, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
+    )
+    prompts = prompts.tolist()
+    run(prompts, 8)  # warm-up
+    # Writing 5 to clear_refs resets VmHWM, so the peak below is that of generation, not of loading.
+    Path("/proc/self/clear_refs").write_text("5")
+    loaded_kb = _memory_kb("VmRSS")
+    first, _ = _best_time(lambda: run(prompts, 1), args.repeats)
+    total, tokens = _best_time(lambda: run(prompts, args.new_tokens), args.repeats)
+    result = {
+        "engine": args.engine,
+        "prefill_tokens_per_s": args.batch * args.prompt_tokens / first,
+        "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / (total - first),
+        "peak_rss_mb": _memory_kb("VmHWM") / 1024,
+        "peak_above_loaded_mb": (_memory_kb("VmHWM") - loaded_kb) / 1024,
+        "tokens": tokens,
+    }
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per process")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per engine, alternating")
+    # One thread by default: on a small shared CPU, an intra-op thread pool mostly measures contention.
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.engine:
+        return child(args)
+    common = [f"--prompt-tokens={args.prompt_tokens}", f"--new-tokens={args.new_tokens}"]
+    common += [f"--batch={args.batch}", f"--repeats={args.repeats}", f"--threads={args.threads}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        from mistral_lightning.model import Mistral
+
+        model = Mistral(BENCH_CONFIG)
+        model.init_weights(torch.Generator().manual_seed(0))
+        model.save_pretrained(tmp)
+        del model
+        # Engines alternate over rounds and keep their best round, so load drift on a shared machine
+        # does not favour whichever ran first.
+        rounds: dict[str, list[dict]] = {"ours": [], "transformers": []}
+        for _ in range(args.rounds):
+            for engine in rounds:
+                command = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.generation_speed",
+                    f"--engine={engine}",
+                    f"--folder={tmp}",
+                ]
+                out = subprocess.run(command + common, check=True, capture_output=True, text=True).stdout
+                rounds[engine].append(json.loads(out.strip().splitlines()[-1]))
+    results = {engine: max(runs, key=lambda r: r["decode_tokens_per_s"]) for engine, runs in rounds.items()}
+    same = results["ours"].pop("tokens") == results["transformers"].pop("tokens")
+    print(
+        f"{'engine':<13} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12} {'above loaded MB':>16}"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<13} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
+            f"{r['peak_rss_mb']:>12.1f} {r['peak_above_loaded_mb']:>16.1f}"
+        )
+    speedup = results["ours"]["decode_tokens_per_s"] / results["transformers"]["decode_tokens_per_s"]
+    print(f"decode speed-up over transformers: {speedup:.2f}x (target >= 1.5x); same tokens: {same}")
+    summary = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("engine", "folder")},
+        "results": results,
+    }
+    print(json.dumps(summary | {"decode_speedup": speedup, "same_tokens": same}))
+
+
+if __name__ == "__main__":
+    main()

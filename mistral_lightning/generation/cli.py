@@ -1,0 +1,138 @@
+"""`mistral-lightning generate`: continue a prompt, answer one chat turn, or chat on stdin.
+
+Stop strings are checked on the decoded text as tokens arrive; text is printed as it is
+generated, holding back anything that could still turn out to be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+import torch
+
+from mistral_lightning.data.templates import encode_chat_prompt
+from mistral_lightning.generation.generate import stream_generate
+from mistral_lightning.generation.loading import add_model_arguments, load_model, load_tokenizer
+from mistral_lightning.generation.sampling import GenerationError
+from mistral_lightning.model import Mistral
+from mistral_lightning.tokenizer import Tokenizer
+
+RESET_COMMAND = "/reset"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mistral-lightning generate",
+        description="Generate text with a Mistral checkpoint (greedy by default).",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", help="text to continue; with --chat, the user's message")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="use the Mistral [INST] template; without --prompt, chat interactively (one turn per stdin line, "
+        f"{RESET_COMMAND} forgets the conversation, an empty line or EOF ends it)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling (temperature > 0)")
+    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    parser.add_argument("--prefill-chunk-size", type=int, help="prompt tokens per forward pass")
+    return parser
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(found) if found else None
+
+
+def stream_completion(
+    model: Mistral,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    args: argparse.Namespace,
+    out: TextIO,
+) -> str:
+    """Generate for one prompt, writing text to `out` as it comes; returns the completion (stop string cut)."""
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    holdback = max((len(stop) for stop in args.stop), default=1) - 1
+    tokens: list[int] = []
+    text, shown = "", 0
+    for step in stream_generate(
+        model,
+        [prompt_ids],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+        prefill_chunk_size=args.prefill_chunk_size,
+    ):
+        tokens.append(step[0])
+        text = tokenizer.decode(tokens)
+        stop_at = _first_stop(text, args.stop)
+        if stop_at is not None:
+            text = text[:stop_at]
+            break
+        # An incomplete UTF-8 sequence decodes to U+FFFD until its last byte token arrives.
+        if not text.endswith("\ufffd") and len(text) - holdback > shown:
+            out.write(text[shown : len(text) - holdback])
+            shown = len(text) - holdback
+            out.flush()
+    out.write(text[shown:] + "\n")
+    out.flush()
+    return text
+
+
+def chat_loop(
+    model: Mistral, tokenizer: Tokenizer, args: argparse.Namespace, lines: TextIO, out: TextIO
+) -> None:
+    """Read user turns from `lines`, answer each with the whole conversation as context."""
+    messages: list[dict] = []
+    interactive = lines.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = lines.readline()
+        if not line.strip():
+            return
+        if line.strip() == RESET_COMMAND:
+            messages.clear()
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        try:
+            prompt_ids = encode_chat_prompt(tokenizer, messages)
+            reply = stream_completion(model, tokenizer, prompt_ids, args, out)
+        except GenerationError as error:
+            messages.pop()
+            print(f"error: {error}; type {RESET_COMMAND} to start a new conversation", file=sys.stderr)
+            continue
+        if reply.strip():
+            messages.append({"role": "assistant", "content": reply.strip()})
+        else:
+            messages.pop()  # no answer to record; keep the roles alternating
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is None and not args.chat:
+        parser.error("give --prompt TEXT to continue a text, or --chat to chat interactively")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty; give the text to continue")
+    model = load_model(args.checkpoint, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer_model, args.checkpoint)
+    if args.prompt is None:
+        chat_loop(model, tokenizer, args, sys.stdin, sys.stdout)
+    else:
+        if args.chat:
+            prompt_ids = encode_chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
+        else:
+            prompt_ids = tokenizer.encode(args.prompt, bos=True)
+        stream_completion(model, tokenizer, prompt_ids, args, sys.stdout)
+    return 0

@@ -1,0 +1,95 @@
+"""Prompts for LightningCLI `predict`: a JSONL file, one `{"prompt": ...}` or `{"messages": [...]}` per line.
+
+Batches are `{"index", "prompt", "input_ids"}` with `input_ids` as token-id lists of different
+lengths, which `MistralLightningModule.predict_step` hands to `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from mistral_lightning.data.templates import encode_chat_prompt
+from mistral_lightning.errors import UserError
+from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Each non-blank line as a dict with "prompt" (text) or "messages" (a chat ending on a user turn)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} does not exist; give a JSONL file with one prompt per line")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict) or not (
+            isinstance(record.get("prompt"), str) or isinstance(record.get("messages"), list)
+        ):
+            raise UserError(f'{path}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+        records.append(record)
+    if not records:
+        raise UserError(f"prompts file {path} has no prompts")
+    return records
+
+
+class PromptsDataset(Dataset):
+    """Tokenized prompts; plain prompts get BOS, or the [INST] template when `chat` is set."""
+
+    def __init__(self, records: list[dict[str, Any]], tokenizer: Tokenizer, chat: bool = False) -> None:
+        self.items = []
+        for index, record in enumerate(records):
+            if "messages" in record:
+                messages = record["messages"]
+            elif chat:
+                messages = [{"role": "user", "content": record["prompt"]}]
+            else:
+                messages = None
+            ids = encode_chat_prompt(tokenizer, messages) if messages else tokenizer.encode(record["prompt"])
+            self.items.append({"index": index, "prompt": record.get("prompt", messages), "input_ids": ids})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
+    return {key: [item[key] for item in items] for key in ("index", "prompt", "input_ids")}
+
+
+class PromptsDataModule(L.LightningDataModule):
+    """`predict` data: prompts_file (JSONL), tokenizer_model (default: Mistral v1), chat, batch_size."""
+
+    def __init__(
+        self,
+        prompts_file: str,
+        tokenizer_model: str | None = None,
+        chat: bool = False,
+        batch_size: int = 8,
+    ) -> None:
+        super().__init__()
+        self.prompts_file = prompts_file
+        self.chat = chat
+        self.batch_size = batch_size
+        path = tokenizer_model or default_tokenizer_path()
+        if path is None:
+            raise UserError("data.tokenizer_model is not set and mistral-common is not installed; set it")
+        self.tokenizer = Tokenizer(path)
+        self.dataset: PromptsDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.dataset is None:
+            self.dataset = PromptsDataset(read_prompts(self.prompts_file), self.tokenizer, self.chat)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_prompts)
