@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="preset name or HF folder/config.json; default: the architecture stored in the checkpoint",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the saved weights"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     return parser
 

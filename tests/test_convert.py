@@ -25,8 +25,8 @@ from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint import megatron
 from mistral_lightning.checkpoint.hf import to_hf_name
 from mistral_lightning.checkpoint.megatron import MegatronLayout, build_tensor
-from mistral_lightning.model import parameter_shapes
 from mistral_lightning.cli import main
+from mistral_lightning.model import parameter_shapes
 
 # 8 KV heads so that TP8 is possible; vocab 509 is prime, so every TP > 1 pads the vocabulary.
 ROUND_TRIP = MistralConfig(
