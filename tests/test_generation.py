@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
+from distributed import run_on_ranks
 
 from mistral_lightning import Mistral, MistralConfig, cli
 from mistral_lightning.checkpoint.hf import CheckpointError
@@ -260,46 +258,28 @@ def test_a_training_checkpoint_file_loads_like_the_hf_folder(tiny_checkpoint, tm
 # ---------------------------------------------------------------- tensor parallelism
 
 
-def _tp_worker(rank: int, port: int, folder: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def _generate_under_tensor_parallelism(folder: str) -> list[list[int]]:
+    from torch.distributed.device_mesh import init_device_mesh
 
-        from mistral_lightning.checkpoint.hf import HFCheckpoint, load_hf_weights
-        from mistral_lightning.parallel import parallelize
+    from mistral_lightning.checkpoint.hf import HFCheckpoint, load_hf_weights
+    from mistral_lightning.parallel import parallelize
 
-        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        checkpoint = HFCheckpoint(folder)
-        with torch.device("meta"):
-            model = Mistral(checkpoint.config)
-        # Decoding feeds one token per step, which a sequence-sharded residual stream cannot split.
-        parallelize(model, mesh, sequence_parallel=False)
-        model.to_empty(device="cpu")
-        load_hf_weights(model, checkpoint)
-        results.put((rank, generate(model, PROMPTS, 8, eos_id=None)))
-    finally:
-        torch.distributed.destroy_process_group()
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    checkpoint = HFCheckpoint(folder)
+    with torch.device("meta"):
+        model = Mistral(checkpoint.config)
+    # Decoding feeds one token per step, which a sequence-sharded residual stream cannot split.
+    parallelize(model, mesh, sequence_parallel=False)
+    model.to_empty(device="cpu")
+    load_hf_weights(model, checkpoint)
+    return generate(model, PROMPTS, 8, eos_id=None)
 
 
 def test_generation_under_the_training_tensor_parallel_plan(tmp_path):
     ours = random_model(window=6)
     folder = ours.save_pretrained(tmp_path / "hf")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    workers = [
-        context.Process(target=_tp_worker, args=(rank, port, str(folder), results)) for rank in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert all(worker.exitcode == 0 for worker in workers), "a tensor-parallel worker failed (see its stderr)"
     expected = generate(ours, PROMPTS, 8, eos_id=None)
-    assert dict(results.get(timeout=5) for _ in range(2)) == {0: expected, 1: expected}
+    assert run_on_ranks(_generate_under_tensor_parallelism, str(folder)) == [expected, expected]
 
 
 def test_predict_writes_jsonl_through_lightning(tiny_checkpoint, tokenizer, tokenizer_path, tmp_path):

@@ -4,14 +4,12 @@ answers are known in advance, data-parallel splitting over gloo, and parity with
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import sentencepiece as spm
 import torch
-import torch.multiprocessing as mp
 import transformers
+from distributed import run_on_ranks
 from torch import nn
 
 from mistral_lightning import Mistral, MistralConfig, cli
@@ -162,35 +160,14 @@ def test_malformed_data_names_the_file_and_line(tokenizer, tokenizer_path, tmp_p
         evaluate_mmlu(model, tokenizer, tmp_path / "nodev" / "dev")
 
 
-def _distributed_worker(rank: int, port: int, tokenizer_path: str, data: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        report = evaluate_mmlu(ColourReader(tokenizer_path), Tokenizer(tokenizer_path), data, batch_size=2)
-        results.put((rank, report))
-    finally:
-        torch.distributed.destroy_process_group()
+def _evaluate_on_this_rank(tokenizer_path: str, data: str) -> dict:
+    return evaluate_mmlu(ColourReader(tokenizer_path), Tokenizer(tokenizer_path), data, batch_size=2)
 
 
 def test_questions_are_split_over_data_parallel_ranks(tokenizer, tokenizer_path, tmp_path):
     data = write_mmlu(tmp_path)
     expected = evaluate_mmlu(ColourReader(tokenizer_path), tokenizer, data)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    workers = [
-        context.Process(target=_distributed_worker, args=(rank, port, tokenizer_path, str(data), results))
-        for rank in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert all(worker.exitcode == 0 for worker in workers), "a data-parallel worker failed (see its stderr)"
-    reports = dict(results.get(timeout=5) for _ in range(2))
-    assert reports[0] == reports[1] == expected
+    assert run_on_ranks(_evaluate_on_this_rank, tokenizer_path, str(data)) == [expected, expected]
 
 
 @pytest.fixture(scope="module")

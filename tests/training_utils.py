@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from distributed import free_port
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -114,19 +114,13 @@ def module(**overrides) -> MistralLightningModule:
     return MistralLightningModule(**{**settings, **overrides})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(
     scenarios: list[dict], folder: Path, nprocs: int, timeout: float = 300
 ) -> tuple[list[int], dict | None, str]:
     """Run `train_worker.py` on `nprocs` ranks; returns their exit codes, rank 0's results and output."""
     spec, results = folder / "spec.json", folder / "results.json"
     spec.write_text(json.dumps({"scenarios": scenarios, "results": str(results)}))
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(nprocs):
         env = {

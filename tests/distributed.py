@@ -1,0 +1,42 @@
+"""Run a function on a few gloo ranks in fresh processes and collect what each returns."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, target, args, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, target(*args)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_on_ranks(target, *args, world_size: int = 2, timeout: float = 120) -> list:
+    """`target(*args)` on each rank (a process group is up); returns the results in rank order."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    workers = [
+        context.Process(target=_worker, args=(rank, world_size, port, target, args, results))
+        for rank in range(world_size)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=timeout)
+    assert all(worker.exitcode == 0 for worker in workers), "a worker rank failed (see its stderr)"
+    collected = dict(results.get(timeout=5) for _ in range(world_size))
+    return [collected[rank] for rank in range(world_size)]
