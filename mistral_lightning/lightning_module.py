@@ -137,7 +137,9 @@ class MistralLightningModule(L.LightningModule):
         if self.hparams.pretrained:
             return Path(self.hparams.pretrained).name
         model_config = self.hparams.model_config
-        return model_config if isinstance(model_config, str) else "Mistral"
+        return (
+            model_config if isinstance(model_config, str) else f"Mistral-{self.config.num_params / 1e6:.0f}M"
+        )
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:

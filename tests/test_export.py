@@ -71,7 +71,7 @@ def test_cli_fit_tiny_finetune_config_end_to_end(tmp_path, monkeypatch, caplog):
     with caplog.at_level("INFO"):
         assert cli_main(fit) == 0
     assert "| Device | Model | Iterations | samples/s | tokens/s/p | s/step | memory/p |" in caplog.text
-    assert "| 1 x CPU | tiny | 3 |" in caplog.text
+    assert "| 1 x CPU | Mistral-9M | 3 |" in caplog.text
     # The HF folder written at the end of fit holds the weights of the last checkpoint.
     last = load_trained_model("runs/tiny-finetune/checkpoints/last.ckpt")
     with torch.no_grad():
