@@ -49,14 +49,14 @@ def band_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """SDPA over [B, T, H, D] tensors with an explicit bool mask broadcastable to [B, Hq, Tq, Tk]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=mask,
-        enable_gqa=q.shape[2] != k.shape[2],
-    )
-    return out.transpose(1, 2)
+    return _sdpa(q, k, v, mask)
+
+
+def default_block_size(window: int) -> int:
+    """Query block of the banded attention: a block of B queries meets B + W - 1 keys, of which each query
+    needs W, so smaller blocks waste less of the score matrix, down to where the per-block matmuls get too
+    small to run well: 256 beat 128 and 512 on CPU at W = 512, T = 2K and 8K."""
+    return max(16, min(window, 256))
 
 
 def blocked_sdpa_attention(
@@ -71,34 +71,99 @@ def blocked_sdpa_attention(
     """Portable exact attention whose memory is linear in T for a fixed window.
 
     Queries are split into blocks; a block [s, e) only meets keys [s - window + 1, e), so each
-    SDPA call is at most block x (block + window - 1) whatever T is.
+    score matrix is at most block x (block + window - 1) whatever T is.
     """
     seq_len = q.shape[1]
-    gqa = q.shape[2] != k.shape[2]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if document_ids is None and (window is None or seq_len <= window):
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
-        return out.transpose(1, 2)
-    block = block_size or (window if window is not None else seq_len)
+        return _sdpa(q, k, v, None, is_causal=True)
+    if window is None:
+        return _looped_attention(q, k, v, document_ids, block_size or seq_len)
+    return _banded_attention(q, k, v, window, document_ids, block_size or default_block_size(window))
+
+
+def _sdpa(q, k, v, mask, is_causal=False):
+    """SDPA on [B, T, H, D] tensors (GQA handled natively by the kernel, without repeating k/v)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=is_causal,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as SDPA's additive form (0 / -inf), built once and shared instead of per kernel call."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _band_and_documents(document_ids, q_start, q_end, k_start, k_end, window, positions):
+    mask = band_mask(positions[q_start:q_end], positions[k_start:k_end], window)
+    if document_ids is None:
+        return mask
+    same_doc = document_ids[:, q_start:q_end, None] == document_ids[:, None, k_start:k_end]
+    return (mask & same_doc)[:, None]
+
+
+def _banded_attention(q, k, v, window, document_ids, block):
+    """Sliding-window attention with all full interior query blocks in one batched SDPA call.
+
+    The head (queries whose window reaches before position 0) and a ragged tail are separate calls.
+    Interior block i meets the keys `unfold` selects, an overlapping view of k/v (no copy), and all
+    interior blocks share one [block, block + window - 1] band mask. Compared with one call per block
+    this avoids a zero-filled full-size gradient per k/v slice and a mask conversion per call; the
+    queries are `split`, whose backward is one concatenation.
+    """
+    batch, seq_len = q.shape[:2]
+    positions = torch.arange(seq_len, device=q.device)
+    head = min(seq_len, -(-(window - 1) // block) * block)
+    num_blocks = (seq_len - head) // block
+    body_end = head + num_blocks * block
+    q_head, q_body, q_tail = q.split([head, body_end - head, seq_len - body_end], dim=1)
+    outputs = []
+    if document_ids is None and head <= window:  # no key of the head is out of the window
+        outputs.append(_sdpa(q_head, k[:, :head], v[:, :head], None, is_causal=True))
+    else:
+        head_mask = _band_and_documents(document_ids, 0, head, 0, head, window, positions)
+        outputs.append(_sdpa(q_head, k[:, :head], v[:, :head], _additive(head_mask, q.dtype)))
+    if num_blocks:
+        key_start, keys = head - window + 1, block + window - 1
+
+        def windows(x):  # [B, nb*block + W - 1, ...] -> [B * nb, keys, ...], overlapping
+            return x[:, key_start:body_end].unfold(1, keys, block).movedim(-1, 2).flatten(0, 1)
+
+        mask = band_mask(positions[window - 1 : window - 1 + block], positions[:keys], window)
+        if document_ids is not None:
+            doc_q = document_ids[:, head:body_end].reshape(batch * num_blocks, block, 1)
+            mask = (mask & (doc_q == windows(document_ids)[:, None, :]))[:, None]
+        body = _sdpa(
+            q_body.reshape(batch * num_blocks, block, *q.shape[2:]),
+            windows(k),
+            windows(v),
+            _additive(mask, q.dtype),
+        )
+        outputs.append(body.reshape(batch, num_blocks * block, *q.shape[2:]))
+    if body_end < seq_len:
+        key_start = body_end - window + 1
+        tail_mask = _band_and_documents(
+            document_ids, body_end, seq_len, key_start, seq_len, window, positions
+        )
+        outputs.append(_sdpa(q_tail, k[:, key_start:], v[:, key_start:], _additive(tail_mask, q.dtype)))
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+def _looped_attention(q, k, v, document_ids, block):
+    """Causal attention within documents and no window: query block [s, e) meets keys [0, e)."""
+    seq_len = q.shape[1]
     positions = torch.arange(seq_len, device=q.device)
     outputs = []
     for start in range(0, seq_len, block):
         end = min(start + block, seq_len)
-        key_start = 0 if window is None else max(0, start - window + 1)
-        mask = band_mask(positions[start:end], positions[key_start:end], window)
-        if document_ids is not None:
-            same_doc = document_ids[:, start:end, None] == document_ids[:, None, key_start:end]
-            mask = (mask & same_doc)[:, None]
-        outputs.append(
-            F.scaled_dot_product_attention(
-                qt[:, :, start:end],
-                kt[:, :, key_start:end],
-                vt[:, :, key_start:end],
-                attn_mask=mask,
-                enable_gqa=gqa,
-            )
-        )
-    return torch.cat(outputs, dim=2).transpose(1, 2)
+        mask = _band_and_documents(document_ids, start, end, 0, end, None, positions)
+        outputs.append(_sdpa(q[:, start:end], k[:, :end], v[:, :end], mask))
+    return torch.cat(outputs, dim=1)
 
 
 def _cumulative_lengths(document_ids: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,45 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rotary(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | None = None
 ) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [B, T, 1, D]."""
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1); x: [B, T, H, D], cos/sin: [B, T, 1, D]."""
     if resolve_backend(x, backend) == "npu":
         return torch_npu().npu_rotary_mul(x, cos, sin)
-    return x * cos + _rotate_half(x) * sin
+    return _Rotary.apply(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin half by half, without materialising rotate_half(x); `transposed` applies
+    the transposed rotation (the gradient): g * cos + rotate_half^T(g * sin), rotate_half^T(u) = cat(u2, -u1).
+
+    Every product and sum is rounded once, as in the formulas written with rotate_half (and a + (-b) is
+    exactly a - b), so results are bit-identical to them.
+    """
+    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+    x1, x2 = x.chunk(2, dim=-1)
+    c1, c2 = cos.chunk(2, dim=-1)
+    s1, s2 = sin.chunk(2, dim=-1)
+    o1, o2 = out.chunk(2, dim=-1)
+    if transposed:
+        torch.mul(x1, c1, out=o1).add_(x2 * s2)
+        torch.mul(x2, c2, out=o2).sub_(x1 * s1)
+    else:
+        torch.mul(x1, c1, out=o1).sub_(x2 * s1)
+        torch.mul(x2, c2, out=o2).add_(x1 * s2)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """Saves only cos/sin (autograd's version also allocates rotate_half(x) and its negation each way)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, transposed=True), None, None
