@@ -105,7 +105,7 @@ class MistralLightningModule(L.LightningModule):
 
     def __init__(
         self,
-        model_config: str | MistralConfig | None = "tiny",
+        model_config: str | MistralConfig | None = None,
         pretrained: str | None = None,
         lr: float = 3e-4,
         min_lr: float = 3e-5,

@@ -8,6 +8,8 @@ ModelParallelStrategy (or the NPU variant) for the (data_parallel, tensor_parall
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
@@ -35,6 +37,8 @@ class MistralCLI(LightningCLI):
 
 def main(argv: list[str]) -> int:
     """argv starts with the LightningCLI subcommand (fit, validate, test or predict)."""
+    # The `mistral-lightning` dispatcher hands over its own argv; Lightning would warn that sys.argv differs.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     MistralCLI(
         MistralLightningModule,
         L.LightningDataModule,
