@@ -2,7 +2,7 @@
 
     python -m benchmarks.generation_speed [--prompt-tokens 128] [--new-tokens 128] [--batch 1]
 
-One random model (hidden 512, 8 layers, 8 query / 2 KV heads, vocab 32000, float32) is saved once;
+One random model of the bench config (benchmarks/common.py; window 512, float32) is saved once;
 each engine then runs greedy decoding in its own process, so peak memory (VmHWM, the kernel's
 resident high-water mark, reset after loading) is its own; the engines alternate over --rounds
 processes. Times are the best of --repeats runs:
@@ -24,19 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mistral_lightning.config import MistralConfig
-
-BENCH_CONFIG = MistralConfig(
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_layers=8,
-    num_heads=8,
-    num_kv_heads=2,
-    head_dim=64,
-    sliding_window=4096,
-    max_seq_length=4096,
-)
+from benchmarks.common import BENCH_CONFIG
 
 
 def _memory_kb(field: str) -> int:

@@ -10,6 +10,17 @@ from typing import Any
 
 from mistral_lightning.errors import UserError
 
+# The fields that fix tensor shapes: weights fit a config exactly when these agree.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+)
+
 
 class ConfigError(UserError):
     """A configuration a user wrote (or a config.json on disk) is invalid."""
@@ -37,16 +48,7 @@ class MistralConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_seq_length",
-        ):
+        for name in (*SHAPE_FIELDS, "max_seq_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"MistralConfig.{name} must be a positive integer, got {value!r}")

@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torchmetrics.aggregation import MeanMetric
 
 from mistral_lightning.checkpoint.hf import load_hf_weights
-from mistral_lightning.config import MistralConfig
+from mistral_lightning.config import SHAPE_FIELDS, MistralConfig
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
@@ -31,17 +31,6 @@ from mistral_lightning.parallel import (
     init_weights,
     mixed_precision_policy,
     parallelize,
-)
-
-# Fields that fix tensor shapes: a pretrained folder must agree with `model_config` on all of them.
-_SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
 )
 
 
@@ -69,7 +58,7 @@ def resolve_model_config(
     else:
         config = MistralConfig(**model_config) if isinstance(model_config, dict) else model_config
     if from_folder is not None:
-        mismatched = [f for f in _SHAPE_FIELDS if getattr(config, f) != getattr(from_folder, f)]
+        mismatched = [f for f in SHAPE_FIELDS if getattr(config, f) != getattr(from_folder, f)]
         if mismatched:
             details = ", ".join(f"{f}: {getattr(config, f)} vs {getattr(from_folder, f)}" for f in mismatched)
             raise UserError(

@@ -28,44 +28,51 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
-# Our module names -> HF MistralForCausalLM names; one table serves both directions.
-_NAME_RULES: list[tuple[str, str]] = [
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.attn\.(q|k|v|o)\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
-    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"layers\.(\d+)\.mlp\.(gate|up|down)\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
+# Our parameter names and HF MistralForCausalLM's, with {i} for the layer number; one table serves both ways.
+_NAME_PAIRS: list[tuple[str, str]] = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    *[(f"layers.{{i}}.attn.{p}.weight", f"model.layers.{{i}}.self_attn.{p}_proj.weight") for p in "qkvo"],
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    *[
+        (f"layers.{{i}}.mlp.{p}.weight", f"model.layers.{{i}}.mlp.{p}_proj.weight")
+        for p in ("gate", "up", "down")
+    ],
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 ]
-_HF_RULES: list[tuple[str, str]] = [
-    (r"model\.embed_tokens\.weight", "embed.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight", r"layers.\1.attn.\2.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-]
+
+
+def _rules(source: int) -> list[tuple[re.Pattern, str]]:
+    """Regex rules from one side of _NAME_PAIRS to the other."""
+    rules = []
+    for pair in _NAME_PAIRS:
+        pattern = re.escape(pair[source]).replace(re.escape("{i}"), r"(?P<i>\d+)")
+        rules.append((re.compile(pattern), pair[1 - source]))
+    return rules
+
+
+_TO_HF, _FROM_HF = _rules(0), _rules(1)
 
 
 class CheckpointError(UserError):
     """A checkpoint on disk is missing, incomplete or does not fit the model."""
 
 
-def _translate(name: str, rules: list[tuple[str, str]], kind: str) -> str:
-    for pattern, replacement in rules:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, replacement, name)
+def _translate(name: str, rules: list[tuple[re.Pattern, str]], kind: str) -> str:
+    for pattern, target in rules:
+        match = pattern.fullmatch(name)
+        if match:
+            return target.format(**match.groupdict())
     raise CheckpointError(f"no {kind} name for parameter {name!r}")
 
 
 def to_hf_name(name: str) -> str:
-    return _translate(name, _NAME_RULES, "HF")
+    return _translate(name, _TO_HF, "HF")
 
 
 def from_hf_name(name: str) -> str:
-    return _translate(name, _HF_RULES, "mistral-lightning")
+    return _translate(name, _FROM_HF, "mistral-lightning")
 
 
 class HFCheckpoint:
