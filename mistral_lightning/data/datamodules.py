@@ -7,6 +7,7 @@ The training position (consumed samples) is saved in Lightning checkpoints via `
 
 from __future__ import annotations
 
+import abc
 import functools
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from mistral_lightning.errors import UserError
 INSTRUCTION_SUFFIX = "_packed_{}_document"
 
 
-class _ResumableDataModule(L.LightningDataModule):
+class _ResumableDataModule(L.LightningDataModule, abc.ABC):
     """Shared plumbing: per-split datasets, data-parallel sampling from the strategy, consumed-sample state."""
 
     def __init__(
@@ -50,9 +51,9 @@ class _ResumableDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self._train_sampler: ResumableSampler | None = None
 
+    @abc.abstractmethod
     def build_datasets(self) -> dict[str, Dataset]:
         """Datasets for the non-empty splits among SPLIT_NAMES."""
-        raise NotImplementedError
 
     def prepare_data(self) -> None:
         self.build_datasets()  # runs once per node first, so that the index caches exist before other ranks read

@@ -6,6 +6,7 @@ The main process reads rows in bounded chunks (pyarrow record batches for parque
 
 from __future__ import annotations
 
+import abc
 import argparse
 import glob
 import itertools
@@ -103,7 +104,7 @@ def _as_text(value: object, column: str) -> str:
     return value
 
 
-class Handler:
+class Handler(abc.ABC):
     """Turns rows into token sequences for each output key; `encode_rows` never raises on bad rows."""
 
     output_keys: tuple[str, ...] = INSTRUCTION_KEYS
@@ -122,8 +123,9 @@ class Handler:
         """Columns this handler needs that are absent from `columns`."""
         return [name for name in ("instruction", "output") if name not in columns]
 
+    @abc.abstractmethod
     def encode_row(self, row: dict) -> dict[str, list[int]]:
-        raise NotImplementedError
+        """The named token lists (input_ids, labels, ...) one row becomes."""
 
     def encode_rows(self, rows: list[dict | RowSkip]) -> EncodedChunk:
         samples: list[dict[str, list[int]]] = []
