@@ -2,39 +2,17 @@
 
 The HF folder (config.json + safetensors) loads unchanged in `transformers.MistralForCausalLM`.
 Offline export is `convert --loader lightning --saver hf` with the training-side option names; it
-streams one parameter at a time. `export_hf` writes a live (possibly sharded) model for `fit --export_hf_dir`.
+streams one parameter at a time. (`fit --export_hf_dir` writes the live model with `save_hf_checkpoint`.)
 """
 
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
 from mistral_lightning.checkpoint.convert import resolve_model_config, save_hf
-from mistral_lightning.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, HFCheckpointWriter, to_hf_name
+from mistral_lightning.checkpoint.hf import DEFAULT_MAX_SHARD_BYTES, DTYPES
 from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
-from mistral_lightning.model import Mistral
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@torch.no_grad()
-def export_hf(
-    model: Mistral, out_dir: str | Path, *, is_writer: bool = True, dtype: torch.dtype | None = None
-) -> None:
-    """Write `model` as an HF folder. Sharded (DTensor) weights are gathered one at a time, so every
-    rank must call this; only the one with `is_writer` writes."""
-    writer = (
-        HFCheckpointWriter(out_dir, model.config, dtype=dtype, overwrite=True) if is_writer else nullcontext()
-    )
-    with writer:
-        for name, tensor in model.state_dict().items():
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-            if is_writer:
-                writer.add(to_hf_name(name), full)
 
 
 def build_parser() -> argparse.ArgumentParser:

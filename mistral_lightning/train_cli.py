@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 import mistral_lightning.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
-from mistral_lightning.export import export_hf
+from mistral_lightning.checkpoint.hf import save_hf_checkpoint
 from mistral_lightning.lightning_module import MistralLightningModule
 
 
@@ -31,7 +31,10 @@ class MistralCLI(LightningCLI):
         out_dir = self.config[self.subcommand].get("export_hf_dir")
         if out_dir and self.trainer.state.status == "finished":
             # Every rank takes part in gathering the shards; only global rank 0 writes.
-            export_hf(self.model.model, out_dir, is_writer=self.trainer.is_global_zero)
+            model = self.model.model
+            save_hf_checkpoint(
+                model.state_dict(), model.config, out_dir, is_writer=self.trainer.is_global_zero
+            )
             self.trainer.strategy.barrier()
 
 

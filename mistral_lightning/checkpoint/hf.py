@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ from mistral_lightning.errors import UserError
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# The dtype names the commands accept for saved or loaded weights.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Our parameter names and HF MistralForCausalLM's, with {i} for the layer number; one table serves both ways.
 _NAME_PAIRS: list[tuple[str, str]] = [
@@ -277,14 +279,21 @@ def save_hf_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
     overwrite: bool = True,
+    is_writer: bool = True,
 ) -> Path:
-    """Write our-named parameters (plain tensors or DTensors, gathered here) as an HF folder."""
-    with HFCheckpointWriter(
-        out_dir, config, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
-    ) as w:
+    """Write our-named parameters as an HF folder. DTensors are gathered one at a time, so with a
+    sharded model every rank must call this; only the one with `is_writer` writes."""
+    writer = (
+        HFCheckpointWriter(out_dir, config, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        if is_writer
+        else nullcontext()
+    )
+    with writer:
         for name, tensor in state_dict.items():
-            w.add(to_hf_name(name), tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
-    return w.out_dir
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if is_writer:
+                writer.add(to_hf_name(name), full)
+    return Path(out_dir)
 
 
 __all__ = [

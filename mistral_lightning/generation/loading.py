@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
+from mistral_lightning.checkpoint.hf import DTYPES as CHECKPOINT_DTYPES
 from mistral_lightning.checkpoint.hf import CheckpointError
 from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LightningCheckpoint
 from mistral_lightning.model import Mistral
 from mistral_lightning.tokenizer import HF_TOKENIZER_FILE, Tokenizer, default_tokenizer_path
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": None, **CHECKPOINT_DTYPES}
 
 
 def load_model(checkpoint: str | Path, *, device: str = "cpu", dtype: str = "auto") -> Mistral:
