@@ -311,9 +311,15 @@ def test_demo_data_is_deterministic_correct_and_held_out(tmp_path, tokenizer_pat
 
     train, heldout = (pq.read_table(p).to_pylist() for p in (paths.train, paths.heldout))
     assert list(train[0]) == ["instruction", "input", "output", "text"]
-    plain = [r for r in train + heldout if "\nA. " not in r["input"]]
+    written = [r for r in train if r["instruction"].startswith("Write a multiple choice question")]
+    plain = [r for r in train + heldout if r not in written]
+    assert len(written) == 300 // 5 and len(plain) == 300 - 300 // 5 + 60
     assert all(_solve(f"{r['instruction']} {r['input']}") == r["output"] for r in plain)
-    train_questions = {f"{r['instruction']} {r['input']}" for r in train if "\nA. " not in r["input"]}
+    for row in written:  # MMLU's own layout, ending in the letter of the right choice
+        question, *choices, answer = row["output"].split("\n")
+        assert [c[:3] for c in choices] == ["A. ", "B. ", "C. ", "D. "] and answer[:8] == "Answer: "
+        assert choices["ABCD".index(answer[8:])][3:] == _solve(question)
+    train_questions = {f"{r['instruction']} {r['input']}" for r in train if r not in written}
     assert not train_questions & {f"{r['instruction']} {r['input']}" for r in heldout}
 
     letters = []

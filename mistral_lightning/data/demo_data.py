@@ -1,9 +1,12 @@
 """`mistral-lightning demo-data`: deterministic synthetic data that a tiny model can learn on a CPU in minutes.
 
 Writes an Alpaca-schema parquet (instruction, input, output, text) with train and held-out splits of short
-word tasks, and an MMLU-layout folder of multiple-choice questions about the same tasks. The training split
-also holds multiple-choice rows, so a model fine-tuned on it has seen questions of the MMLU kind. Held-out
-rows and MMLU test questions use inputs that never occur in the training split.
+word tasks, and an MMLU-layout folder of multiple-choice questions about the same tasks. One training row in
+five asks the model to write a multiple-choice question about a task, with its answer, in the MMLU prompt's
+own format ("...\nD. <choice>\nAnswer: B"): the fine-tuning loss then covers the answer letter right after
+"Answer:", the position MMLU scores. (Rows that pose the question in Alpaca's "### Response:" layout did not
+carry over to the 5-shot prompt: a 9M model scored 0.22 against chance 0.25.) Held-out rows and MMLU test
+questions use inputs that never occur in the training split.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_lightning.errors import UserError
+from mistral_lightning.evaluation.mmlu_data import LETTERS, Question, format_question, subject_title
 
 WORDS = (
     "cat",
@@ -36,8 +40,7 @@ WORDS = (
     "cup",
     "hat",
 )
-LETTERS = "ABCD"
-MC_INSTRUCTION = "Answer the multiple choice question with the letter of the correct option."
+MC_INSTRUCTION = "Write a multiple choice question about {}, with its answer."
 ALPACA_HEADER = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request."
 HELD_OUT_PERCENT = 15  # share of all possible inputs reserved for the held-out split and the MMLU test set
 
@@ -103,23 +106,20 @@ def _choices(rng: np.random.Generator, task: Task, words: list[str]) -> tuple[li
     return wrong[:position] + [correct] + wrong[position:], position
 
 
-def _question(task: Task, words: list[str]) -> str:
-    return f"{task.instruction} {' '.join(words)}"
-
-
-def _multiple_choice_prompt(question: str, choices: list[str]) -> str:
-    return question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+def _question(rng: np.random.Generator, task: Task, words: list[str]) -> Question:
+    choices, answer = _choices(rng, task, words)
+    return Question(f"{task.instruction} {' '.join(words)}", tuple(choices), answer, source="demo-data")
 
 
 def _alpaca_rows(rng: np.random.Generator, count: int, held_out: bool) -> list[dict[str, str]]:
+    """Word-task rows; in the training split one row in five writes an MMLU-format question instead."""
     rows = []
     for index in range(count):
         task = TASKS[index % len(TASKS)]
         words = _sample(rng, task, held_out)
-        if index % 5 == 4:  # one row in five is a multiple-choice question about the same task family
-            choices, answer = _choices(rng, task, words)
-            instruction, input_text = MC_INSTRUCTION, _multiple_choice_prompt(_question(task, words), choices)
-            output = LETTERS[answer]
+        if not held_out and index % 5 == 4:
+            instruction, input_text = MC_INSTRUCTION.format(subject_title(task.subject)), ""
+            output = format_question(_question(rng, task, words), with_answer=True).strip()
         else:
             instruction, input_text, output = task.instruction, " ".join(words), task.answer(words)
         rows.append(
@@ -151,8 +151,8 @@ def _write_mmlu_csv(rng: np.random.Generator, task: Task, count: int, held_out: 
         writer = csv.writer(stream)
         for _ in range(count):
             words = _sample(rng, task, held_out)
-            choices, answer = _choices(rng, task, words)
-            writer.writerow([_question(task, words), *choices, LETTERS[answer]])
+            question = _question(rng, task, words)
+            writer.writerow([question.question, *question.choices, LETTERS[question.answer]])
     os.replace(tmp, path)
 
 

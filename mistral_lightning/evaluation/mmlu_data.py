@@ -105,10 +105,13 @@ def format_question(question: Question, with_answer: bool) -> str:
     return text + (f"\nAnswer: {LETTERS[question.answer]}\n\n" if with_answer else "\nAnswer:")
 
 
+def subject_title(subject: str) -> str:
+    """A subject's file stem as the prompt names it: "high_school_physics" -> "high school physics"."""
+    return subject.replace("_", " ")
+
+
 def build_prompt(subject: str, shots: list[Question], question: Question) -> str:
-    header = (
-        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    )
+    header = f"The following are multiple choice questions (with answers) about {subject_title(subject)}.\n\n"
     return (
         header
         + "".join(format_question(shot, with_answer=True) for shot in shots)
