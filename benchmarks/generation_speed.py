@@ -1,15 +1,18 @@
 """Prefill and decode speed and peak memory: our `generate` against transformers' `generate`.
 
-    python -m benchmarks.generation_speed [--prompt-tokens 128] [--new-tokens 128] [--batch 1]
+    python -m benchmarks.generation_speed [--prompt-tokens 128] [--new-tokens 128] [--batch 1] [--dtype bfloat16]
 
-One random model of the bench config (benchmarks/common.py; window 512, float32) is saved once;
-each engine then runs greedy decoding in its own process, so peak memory (VmHWM, the kernel's
+One random model of the bench config (benchmarks/common.py; window 512, bf16 like the training bench,
+or --dtype float32) is saved once. Ours is loaded as `mistral-lightning generate` loads it
+(`load_model`, which packs the linear weights for oneDNN on the CPU); transformers' MistralForCausalLM
+uses its default SDPA attention. Each engine then runs greedy decoding in its own process, so peak memory (VmHWM, the kernel's
 resident high-water mark, reset after loading) is its own; the engines alternate over --rounds
 processes. Times are the best of --repeats runs:
 prefill tokens/s = batch * prompt tokens / time to the first new token;
 decode tokens/s = batch * (new tokens - 1) / (time for all new tokens - time to the first).
-Both run with --threads intra-op threads (default 1) and must produce the same tokens; the script
-prints a table and JSON.
+Both run with --threads intra-op threads (default 1). The script prints a table, JSON, and whether
+both produced the same tokens (in bf16 the engines round differently, so a near-tie in a random
+model's logits can flip a token; in float32 they agree).
 """
 
 from __future__ import annotations
@@ -41,17 +44,17 @@ def _best_time(run, repeats: int) -> tuple[float, list[list[int]]]:
     return best, tokens
 
 
-def _engine(name: str, folder: str):
+def _engine(name: str, folder: str, dtype: str):
     """A function (prompts, new tokens) -> new token ids, for our model or transformers'."""
     if name == "ours":
         from mistral_lightning.generation import generate
-        from mistral_lightning.model import Mistral
+        from mistral_lightning.generation.loading import load_model
 
-        model = Mistral.from_pretrained(folder, torch.float32).eval()
+        model = load_model(folder, device="cpu", dtype=dtype)
         return lambda prompts, new: generate(model, prompts, new, eos_id=None)
     import transformers
 
-    model = transformers.MistralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = transformers.MistralForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
     def run(prompts, new):
         ids = torch.tensor(prompts)
@@ -64,7 +67,7 @@ def _engine(name: str, folder: str):
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    run = _engine(args.engine, args.folder)
+    run = _engine(args.engine, args.folder, args.dtype)
     prompts = torch.randint(
         3, 32000, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
     )
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="processes per engine, alternating")
     # One thread by default: on a small shared CPU, an intra-op thread pool mostly measures contention.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--engine", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -102,12 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         return child(args)
     common = [f"--prompt-tokens={args.prompt_tokens}", f"--new-tokens={args.new_tokens}"]
     common += [f"--batch={args.batch}", f"--repeats={args.repeats}", f"--threads={args.threads}"]
+    common += [f"--dtype={args.dtype}"]
     with tempfile.TemporaryDirectory() as tmp:
         from mistral_lightning.model import Mistral
 
         model = Mistral(BENCH_CONFIG)
         model.init_weights(torch.Generator().manual_seed(0))
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, dtype=getattr(torch, args.dtype))
         del model
         # Engines alternate over rounds and keep their best round, so load drift on a shared machine
         # does not favour whichever ran first.

@@ -10,8 +10,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | N
     """RMSNorm computed in fp32 and cast back before the weight, as HF Mistral does."""
     if resolve_backend(x, backend) == "npu":
         return torch_npu().npu_rms_norm(x, weight, epsilon=eps)[0]
-    if isinstance(x, DTensor) or isinstance(weight, DTensor):
+    if isinstance(x, DTensor) or isinstance(weight, DTensor) or not torch.is_grad_enabled():
         # Sequence-parallel norms see DTensors: plain ops let DTensor derive the gradients' placements.
+        # Without autograd (decoding) the Function's per-call overhead buys nothing.
         return _rms_norm_forward(x, weight, eps)[0]
     return _RMSNorm.apply(x, weight, eps)
 

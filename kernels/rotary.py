@@ -26,6 +26,8 @@ def apply_rotary(
     """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1); x: [B, T, H, D], cos/sin: [B, T, 1, D]."""
     if resolve_backend(x, backend) == "npu":
         return torch_npu().npu_rotary_mul(x, cos, sin)
+    if not torch.is_grad_enabled():  # decoding: skip the Function's per-call overhead
+        return _rotate(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
 

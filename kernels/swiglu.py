@@ -10,7 +10,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
     """silu(gate) * up; on Ascend one fused operator over the concatenated halves."""
     if resolve_backend(gate, backend) == "npu":
         return torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
+    if not torch.is_grad_enabled():  # decoding: skip the Function's per-call overhead
+        return _silu_product(gate, up)
     return _SwiGLU.apply(gate, up)
+
+
+def _silu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -20,7 +26,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _silu_product(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
