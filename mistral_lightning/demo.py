@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -49,14 +50,22 @@ def untrained_model(seed: int) -> Mistral:
     return model.eval()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mistral_lightning.demo", description=__doc__)
-    parser.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
-    parser.add_argument("--heldout", type=int, default=100, help="held-out prompts to answer")
-    args = parser.parse_args(argv)
+def _command(argv: list[str]) -> None:
+    """Run one `mistral-lightning` command as a user would; a failure stops the demo."""
+    if cli_main(argv):
+        raise RuntimeError(f"mistral-lightning {argv[0]} failed in the demo; see its error above")
 
-    if not CONFIG.is_file():
-        parser.error(f"{CONFIG} not found; run the demo from the repository root (make demo)")
+
+@dataclass(frozen=True)
+class DemoScores:
+    heldout_before: float
+    heldout_after: float
+    mmlu_before: float
+    mmlu_after: float
+
+
+def run(max_steps: int | None = None, heldout: int = 100) -> DemoScores:
+    """Every step of the demo, from the current directory (the repository root); returns the scores."""
     out = DATA_DIR
     for folder in (DATA_DIR, RUN_DIR):
         shutil.rmtree(folder, ignore_errors=True)
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "--handler-name",
         "GeneralInstructionHandler",
     ]
-    cli_main([*preprocess, "--append-eod", "--log-interval", "100000"])
+    _command([*preprocess, "--append-eod", "--log-interval", "100000"])
 
     print(f"== 3. fine-tune a 9M-parameter Mistral on CPU (mistral-lightning fit --config {CONFIG})")
     fit = [
@@ -85,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         "--export_hf_dir",
         str(out / "hf"),
     ]
-    if args.max_steps:
-        fit += ["--trainer.max_steps", str(args.max_steps)]
-    cli_main(fit)
+    if max_steps:
+        fit += ["--trainer.max_steps", str(max_steps)]
+    _command(fit)
 
     print("== 4. held-out prompts, greedy, exact match")
-    rows = pq.read_table(paths.heldout).to_pylist()[: args.heldout]
+    rows = pq.read_table(paths.heldout).to_pylist()[:heldout]
     before, _ = heldout_accuracy(untrained_model(seed=1234), tokenizer, rows)
     trained = Mistral.from_pretrained(out / "hf").eval()
     after, examples = heldout_accuracy(trained, tokenizer, rows)
@@ -101,11 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     print("== 5. 5-shot MMLU on the synthetic set (mistral-lightning evaluate)")
     mmlu_before = evaluate_mmlu(untrained_model(seed=1234), tokenizer, paths.mmlu)["accuracy"]
     mmlu_after = evaluate_mmlu(trained, tokenizer, paths.mmlu)["accuracy"]
+    return DemoScores(before, after, mmlu_before, mmlu_after)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mistral_lightning.demo", description=__doc__)
+    parser.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
+    parser.add_argument("--heldout", type=int, default=100, help="held-out prompts to answer")
+    args = parser.parse_args(argv)
+    if not CONFIG.is_file():
+        parser.error(f"{CONFIG} not found; run the demo from the repository root (make demo)")
+    scores = run(args.max_steps, args.heldout)
     print("\n| model | held-out exact match | synthetic MMLU (chance 0.25) |")
     print("| --- | --- | --- |")
-    print(f"| untrained | {before:.2f} | {mmlu_before:.2f} |")
-    print(f"| fine-tuned | {after:.2f} | {mmlu_after:.2f} |")
+    print(f"| untrained | {scores.heldout_before:.2f} | {scores.mmlu_before:.2f} |")
+    print(f"| fine-tuned | {scores.heldout_after:.2f} | {scores.mmlu_after:.2f} |")
     return 0
 
 
