@@ -7,7 +7,8 @@
    (two alternating rounds at the target lengths 2048 and 8192, one elsewhere);
 3. CPU MFU at seq 2048 from those;
 4. preprocessing throughput (benchmarks/preprocess_throughput.py).
-`--quick` runs the same harness on the tiny model at short lengths (seconds; its figures mean nothing).
+Ours trains with `model.compile: true` (torch.compile per block), `--no-compile` for eager.
+`--quick` runs the same harness on the tiny model at short lengths, eager (seconds; its figures mean nothing).
 About 15 minutes on a quiet 2-core machine; figures from a busy machine are lower, ratios less so.
 """
 
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke-run the harness on the tiny model")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="ours: torch.compile per block"
+    )
     args = parser.parse_args(argv)
     out = args.results_dir
     if args.quick:
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         activation_checkpointing=checkpointing,
         peak_tflops=peaks[0],
         steps=steps,
+        compile=args.compile and not args.quick,
     )
     peaks.append(matmul_peak_tflops(1024 if args.quick else 4096))
     peak = max(peaks)

@@ -1,11 +1,12 @@
 """Training tokens/s and peak memory: ours through the real `fit` loop against transformers, side by side.
 
-    python -m benchmarks.train_throughput [--seq 2048 8192 32768] [--rounds 2] [--peak-tflops X]
+    python -m benchmarks.train_throughput [--seq 2048 8192 32768] [--rounds 2] [--peak-tflops X] [--no-compile]
 
 Both sides read the same data (random tokens in a Megatron indexed dataset, through PretrainDataModule),
 use the same AdamW (`mistral_lightning.optim.build_optimizer`, same hyper-parameters), bf16 weights and
 batch 1. Ours is `mistral-lightning fit` (LightningCLI, ModelParallelStrategy, ThroughputMonitor and
-MemoryMonitor on); transformers' MistralForCausalLM (SDPA attention) runs a plain loop. Each measurement
+MemoryMonitor on), with `model.compile: true` unless --no-compile; transformers' MistralForCausalLM
+(SDPA attention) runs a plain eager loop, as in the performance issue's reference table. Each measurement
 is a fresh process (its own peak RSS); the pair alternates within the run (ours, transformers, ours, ...)
 and the best round of each is reported, with their ratio. Tokens/s leaves out the first step (one-off
 allocation), as ThroughputMonitor does. Transformers is skipped where it would not fit in memory.
@@ -94,6 +95,7 @@ def fit_config(
     out: str,
     activation_checkpointing: str,
     peak_tflops: float | None,
+    compile: bool,
 ) -> dict:
     """The LightningCLI config of `mistral-lightning fit` for one measurement (JSON is valid YAML)."""
     return {
@@ -107,6 +109,7 @@ def fit_config(
             "lr_schedule": "constant",
             "warmup_fraction": 0.0,
             "activation_checkpointing": activation_checkpointing,
+            "compile": compile,
         },
         "data": {
             "class_path": "mistral_lightning.data.datamodules.PretrainDataModule",
@@ -160,6 +163,7 @@ def run_ours(args: argparse.Namespace) -> None:
                     args.out,
                     args.activation_checkpointing,
                     args.peak_tflops,
+                    args.compile,
                 )
             )
         )
@@ -237,10 +241,15 @@ def measure(
     activation_checkpointing: str = "none",
     peak_tflops: float | None = None,
     threads: int | None = None,
+    compile: bool = True,
 ) -> dict:
     """One measurement in a fresh process; `impl` is "ours" or "transformers"."""
     args = [impl, "--seq", str(seq_length), "--data", data_prefix, "--steps", str(steps), "--model", model]
-    args += ["--activation-checkpointing", activation_checkpointing]
+    args += [
+        "--activation-checkpointing",
+        activation_checkpointing,
+        "--compile" if compile else "--no-compile",
+    ]
     if peak_tflops:
         args += ["--peak-tflops", str(peak_tflops)]
     load = os.getloadavg()[0]
@@ -270,6 +279,7 @@ def compare(
     peak_tflops: float | None = None,
     steps: int | None = None,
     threads: int | None = None,
+    compile: bool = True,
 ) -> list[dict]:
     """Ours and (where it fits) transformers at each length, alternating round by round."""
     rows = []
@@ -292,12 +302,14 @@ def compare(
                             activation_checkpointing=checkpointing if impl == "ours" else "none",
                             peak_tflops=peak_tflops,
                             threads=threads,
+                            compile=compile,
                         )
                     )
             ours, theirs = summarize(runs["ours"]), summarize(runs["transformers"])
             row = {
                 "seq_length": seq_length,
                 "activation_checkpointing": checkpointing,
+                "ours_compiled": compile,
                 "ours": ours,
                 "transformers": theirs,
             }
@@ -320,6 +332,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--activation-checkpointing", default=None, help="ours: none | full | selective (default: per length)"
     )
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (see benchmarks.cpu_mfu)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: fit with model.compile true (torch.compile per block; the first, untimed step compiles)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (default: all cores)"
     )
@@ -349,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         peak_tflops=args.peak_tflops,
         steps=args.steps,
         threads=args.threads,
+        compile=args.compile,
     )
     save_json(
         "train_throughput",

@@ -136,8 +136,11 @@ def apply_activation_checkpointing(model: Mistral, mode: ActivationCheckpointing
 
 def apply_compile(model: Mistral) -> None:
     # Module.compile() compiles in place (no `_orig_mod` wrapper), keeping parameter names unchanged.
+    # Static shapes: with dynamic shapes, torch 2.13's inductor fails on the attention block on the CPU
+    # ("mul expected 2 arguments, got 3"). Each new batch length compiles once more: with padded SFT
+    # batches, pad to a coarse multiple (data.pad_to_multiple_of) or pack them.
     for block in model.layers:
-        block.compile(fullgraph=False)
+        block.compile(fullgraph=False, dynamic=False)
 
 
 def apply_fsdp(model: Mistral, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:

@@ -62,11 +62,12 @@ def test_markdown_and_plot(tmp_path):
 
 def test_fit_config_runs_our_callbacks_on_the_real_data_path():
     config = fit_config(
-        {"num_layers": 1}, "data/x_text_document", 2048, 3, "/tmp/w", "/tmp/o.json", "none", 0.2
+        {"num_layers": 1}, "data/x_text_document", 2048, 3, "/tmp/w", "/tmp/o.json", "none", 0.2, True
     )
     callbacks = [cb["class_path"].rsplit(".", 1)[-1] for cb in config["trainer"]["callbacks"]]
     assert callbacks == ["ThroughputMonitor", "MemoryMonitor", "ResultWriter"]
     assert config["data"]["class_path"].endswith("PretrainDataModule")
+    assert config["model"]["compile"] is True
 
 
 def test_gpu_layer_count_fills_the_device():

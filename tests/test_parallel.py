@@ -111,9 +111,20 @@ def test_activation_checkpointing_keeps_loss_and_gradients(mode):
     assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
 
 
-def test_compile_per_block_keeps_parameter_names():
-    model = Mistral(MistralConfig.from_name("tiny"))
-    names = [n for n, _ in model.named_parameters()]
-    apply_compile(model)
-    assert [n for n, _ in model.named_parameters()] == names
-    assert all(block._compiled_call_impl is not None for block in model.layers)
+def test_compile_per_block_keeps_parameter_names_loss_and_gradients():
+    config = MistralConfig.from_name("tiny")
+    torch.manual_seed(0)
+    eager = Mistral(config)
+    eager.init_weights()
+    compiled = Mistral(config)
+    compiled.load_state_dict(eager.state_dict())
+    apply_compile(compiled)
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    assert all(block._compiled_call_impl is not None for block in compiled.layers)
+    # Longer than the window, so the banded attention path is traced too.
+    batch = torch.randint(0, config.vocab_size, (2, config.sliding_window + 40))
+    loss, grads = _loss_and_grads(eager, batch)
+    loss_compiled, grads_compiled = _loss_and_grads(compiled, batch)
+    torch.testing.assert_close(loss_compiled, loss)
+    for grad_compiled, grad in zip(grads_compiled, grads):
+        torch.testing.assert_close(grad_compiled, grad)
