@@ -86,7 +86,7 @@ class MistralLightningModule(L.LightningModule):
         weight_decay, betas, eps: AdamW settings (norm weights get no decay).
         sequence_parallel: shard norms and the residual stream on the sequence under TP.
         activation_checkpointing: "none", "full" (recompute each block) or "selective" (keep matmul outputs).
-        compile: `torch.compile` each block.
+        compile: `torch.compile` each block and the loss's softmax/gradient step.
         loss_chunk_size: positions per chunk of the LM head + cross-entropy, bounding fp32 logits.
         max_new_tokens: greedy tokens per prompt in `predict_step`.
         init_seed: seed of the random initialisation (same weights under any TP/DP layout).
@@ -179,6 +179,7 @@ class MistralLightningModule(L.LightningModule):
                 batch.get("position_ids"),
                 document_ids=batch.get("document_ids"),
                 chunk_size=self.hparams.loss_chunk_size,
+                compiled=self.hparams.compile,
             )
         return _plain(loss)
 

@@ -169,10 +169,14 @@ class Mistral(nn.Module):
         *,
         document_ids: torch.Tensor | None = None,
         chunk_size: int = 1024,
+        compiled: bool = False,
     ) -> torch.Tensor:
-        """Mean cross-entropy against already-shifted labels (-100 ignored), without whole-sequence fp32 logits."""
+        """Mean cross-entropy against already-shifted labels (-100 ignored), without whole-sequence fp32 logits.
+
+        compiled: fuse the loss's elementwise work with torch.compile (set with the blocks' compile).
+        """
         hidden = self.hidden_states(input_ids, position_ids, document_ids=document_ids)
-        return chunked_cross_entropy(hidden, self.lm_head, labels, chunk_size)
+        return chunked_cross_entropy(hidden, self.lm_head, labels, chunk_size, compiled)
 
     # ------------------------------------------------------------------ HF checkpoints
     @classmethod

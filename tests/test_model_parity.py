@@ -82,16 +82,16 @@ def test_position_ids_are_respected(tmp_path):
     assert (ours(input_ids, position_ids) - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("head_kind", ["fused-linear", "generic-module"])
+@pytest.mark.parametrize("head_kind", ["fused-linear", "fused-linear-compiled", "generic-module"])
 @pytest.mark.parametrize("chunk", [1, 7, 60, 128])
 def test_chunked_loss_and_grads_equal_plain_cross_entropy(head_kind, chunk):
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(16, 50, bias=False, dtype=torch.float64)
-    head = linear if head_kind == "fused-linear" else (lambda x: linear(x))
+    head = linear if head_kind.startswith("fused-linear") else (lambda x: linear(x))
     hidden = torch.randn(2, 30, 16, dtype=torch.float64, generator=gen, requires_grad=True)
     labels = torch.randint(0, 50, (2, 30), generator=gen)
     labels[:, ::3] = -100
-    loss = chunked_cross_entropy(hidden, head, labels, chunk)
+    loss = chunked_cross_entropy(hidden, head, labels, chunk, compiled=head_kind.endswith("compiled"))
     grads = torch.autograd.grad(2.5 * loss, (hidden, linear.weight))
     reference = F.cross_entropy(linear(hidden).flatten(0, 1), labels.flatten(), ignore_index=-100)
     expected_grads = torch.autograd.grad(2.5 * reference, (hidden, linear.weight))
