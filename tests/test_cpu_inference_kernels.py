@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from test_generation import random_model
 
-from mistral_lightning import Mistral, MistralConfig, generate
+from mistral_lightning import generate
 from mistral_lightning.kernels import apply_rotary, masked_attention, pack_linear_weights, rms_norm, swiglu
 from mistral_lightning.kernels.packed_linear import PackedLinear, can_pack
 
@@ -26,23 +27,10 @@ def test_packed_linear_equals_the_product(dtype, rows):
 
 
 def test_packing_swaps_every_linear_and_greedy_decoding_still_equals_transformers(tmp_path):
-    config = MistralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        sliding_window=6,
-        max_seq_length=128,
-        initializer_range=0.2,
-    )
-    model = Mistral(config)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model = random_model(window=6)
     folder = model.save_pretrained(tmp_path / "hf")
     theirs = transformers.MistralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    assert pack_linear_weights(model.eval()) == 2 * 7 + 1
+    assert pack_linear_weights(model) == 2 * 7 + 1
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     prompt = [1, 100, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
     reference = theirs.generate(
