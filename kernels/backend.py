@@ -41,3 +41,8 @@ def torch_npu() -> ModuleType:
             "the 'npu' kernel backend needs torch_npu; install mistral-lightning[npu] on an Ascend machine "
             f"or set {BACKEND_ENV}=portable"
         ) from err
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX) rather than emulating them."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

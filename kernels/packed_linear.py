@@ -13,13 +13,15 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from mistral_lightning.kernels.backend import cpu_has_bf16_matmul
+
 
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether oneDNN can pack this weight here: a local CPU tensor in fp32, or bf16 where the CPU supports it."""
     if isinstance(weight, DTensor) or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return cpu_has_bf16_matmul()
     return weight.dtype == torch.float32
 
 
