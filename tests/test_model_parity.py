@@ -102,6 +102,17 @@ def test_chunked_loss_and_grads_equal_plain_cross_entropy(head_kind, chunk):
         torch.testing.assert_close(chunked_cross_entropy(hidden, head, labels, chunk), reference)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_loss_without_any_label_is_zero_with_zero_gradients(compiled):
+    linear = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(1, 9, 16, requires_grad=True)
+    loss = chunked_cross_entropy(hidden, linear, torch.full((1, 9), -100), 4, compiled=compiled)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, linear.weight))
+    assert loss.item() == 0.0
+    assert not grad_hidden.any() and not grad_weight.any()
+    assert grad_weight.shape == linear.weight.shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_hf_round_trip_is_bit_identical(dtype, tmp_path):
     config = tiny_config(2, 16)
