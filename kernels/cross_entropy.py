@@ -90,9 +90,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             total += loss
             if needs_grad:
                 kept_grad[start : start + chunk_size] = grad_logits @ weight
-                # Accumulated in the weight's dtype: a bf16 addmm_ sums in fp32 and rounds once per chunk, like
-                # adding bf16 products into an fp32 buffer, without the buffer's fill, casts and extra passes
-                # (~85 ms per 2K step on the bench config's [32000, 512] head).
+                # Accumulated in the weight's dtype: a bf16 addmm_ adds each chunk's product in fp32 and rounds
+                # the running sum once per chunk (an fp32 buffer instead rounded each chunk's bf16 product: as
+                # many roundings), without the buffer's fill, casts and extra passes (~85 ms per 2K step on
+                # the bench config's [32000, 512] head).
                 if grad_weight is None:
                     grad_weight = grad_logits.t() @ chunk
                 else:
