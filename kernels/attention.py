@@ -36,22 +36,19 @@ def sliding_window_attention(
         return _npu_attention(q, k, v, window, document_ids)
     if chosen == "flash":
         return _flash_attention(q, k, v, window, document_ids)
-    if _banded_cpu_kernel_applies(q, window, document_ids):
-        return banded_cpu_attention(q, k, v, window, block_size)
+    if _banded_cpu_kernel_applies(q, window):
+        return banded_cpu_attention(q, k, v, window, document_ids=document_ids, block=block_size)
     return blocked_sdpa_attention(q, k, v, window, document_ids=document_ids, block_size=block_size)
 
 
-def _banded_cpu_kernel_applies(
-    q: torch.Tensor, window: int | None, document_ids: torch.Tensor | None
-) -> bool:
+def _banded_cpu_kernel_applies(q: torch.Tensor, window: int | None) -> bool:
     """bf16 on a CPU with native bf16 matmuls, past the first window (below it, SDPA's causal kernel skips
     the upper triangle and was faster: 12 vs 19 ms at T = W = 512). In fp32 the banded kernel's plain matmuls
-    were 1.8x slower than SDPA's flash kernel, and packed documents take the SDPA path."""
+    were 1.8x slower than SDPA's flash kernel."""
     return (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
         and window is not None
-        and document_ids is None
         and q.shape[1] > window
         and cpu_has_bf16_matmul()
     )

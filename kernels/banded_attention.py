@@ -5,9 +5,9 @@ bf16 on a 2-core AVX512-BF16 machine, where a plain bf16 `bmm` of the same shape
 are cut into blocks of `block` (64); block i meets the `keys` = S * block keys ending at its last query (S
 blocks, enough for the window), so each score matrix is one dense `baddbmm` with the band as an additive bias,
 then a fused softmax and a `bmm`. All query heads sharing a KV head go into one matmul (GQA without repeating
-k/v). Only q, k and v are saved: backward recomputes the probabilities block by block, so memory stays linear
-in T. Blocks are processed in chunks of about CHUNK_QUERIES queries, which bounds the transient score matrices
-and keeps them in cache.
+k/v). Packed documents add a same-document test to each block's mask. Only q, k and v are saved: backward
+recomputes the probabilities block by block, so memory stays linear in T. Blocks are processed in chunks of
+about CHUNK_QUERIES queries, which bounds the transient score matrices and keeps them in cache.
 
 Both passes are registered as custom ops, so torch.compile calls these kernels instead of re-deriving the
 softmax in generated code (which ran 2x slower on the CPU).
@@ -24,6 +24,8 @@ DEFAULT_BLOCK = 64  # 64 beat 32, 128 and 256 at W = 512, T = 2K (fewer wasted s
 # Queries per chunk: small enough that a chunk's scores stay in cache between the matmul, the softmax and the
 # next matmul (one bench-config layer at T = 8K: 172 ms with 512, 273 ms with 4096; 2K: 45 vs 75 ms).
 CHUNK_QUERIES = 512
+# Document ids of the zero keys before position 0 and of the padding after T (real ids are >= -1: -1 pads).
+_BEFORE_START_DOCUMENT, _AFTER_END_DOCUMENT = -3, -2
 
 
 @dataclass(frozen=True)
@@ -78,23 +80,45 @@ class _Band:
         for start in range(head, self.num_blocks, step):
             yield start, min(start + step, self.num_blocks)
 
-    def bias(self, start: int, end: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def bias(
+        self, start: int, end: int, dtype: torch.dtype, documents: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         """Additive mask (0 / -inf) broadcastable to a chunk's scores [B * n * Hkv, G * block, keys]."""
-        shared = start >= self.segments - 1  # past the head, every block's mask is the same
-        blocks = (
-            torch.arange(self.segments - 1, self.segments, device=device)
-            if shared
-            else torch.arange(start, end, device=device)
+        device = documents[0].device if documents else None
+        shared = start >= self.segments - 1  # past the head, the band's mask is the same for every block
+        blocks = torch.arange(
+            self.segments - 1 if shared else start, self.segments if shared else end, device=device
         )
         query = blocks[:, None, None] * self.block + torch.arange(self.block, device=device)[None, :, None]
         key = blocks[:, None, None] * self.block - self.left_pad + torch.arange(self.keys, device=device)
-        visible = (key <= query) & (key > query - self.window) & (key >= 0)
-        bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-        bias = bias[:, None, None, None].expand(-1, self.batch, self.kv_heads, self.group, -1, -1)
-        if shared:
-            return bias[0, 0, 0].reshape(self.group * self.block, self.keys)
-        # Chunk rows are ordered (batch, block, kv head): see `blocked_queries`.
-        return bias.transpose(0, 1).reshape(-1, self.group * self.block, self.keys)
+        visible = (key <= query) & (key > query - self.window) & (key >= 0)  # [blocks, block, keys]
+        if documents is None and shared:
+            return _additive(visible[0], dtype).repeat(self.group, 1)
+        if documents is not None:
+            query_docs, key_docs = documents
+            visible = visible & (query_docs[:, start:end, :, None] == key_docs[:, start:end, None, :])
+        bias = _additive(visible.expand(self.batch, end - start, self.block, self.keys), dtype)
+        # Chunk rows are ordered (batch, block, kv head), each row (query head in the group, query): see
+        # `_blocked_queries`.
+        bias = bias[:, :, None, None].expand(-1, -1, self.kv_heads, self.group, -1, -1)
+        return bias.reshape(-1, self.group * self.block, self.keys)
+
+    def documents(self, document_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Document ids of each block's queries [B, nb, block] and keys [B, nb, keys]. Keys before position 0
+        get an id no query has; padding after T gets its own, so a padding query still sees itself."""
+        if document_ids is None:
+            return None
+        pad = self.padded_len - self.seq_len
+        queries = F.pad(document_ids, (0, pad), value=_AFTER_END_DOCUMENT)
+        keys = F.pad(document_ids, (self.left_pad, 0), value=_BEFORE_START_DOCUMENT)
+        keys = F.pad(keys, (0, pad), value=_AFTER_END_DOCUMENT)
+        return queries.view(self.batch, self.num_blocks, self.block), keys.unfold(1, self.keys, self.block)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, float("-inf")
+    )
 
 
 def _blocked_queries(x: torch.Tensor, band: _Band) -> torch.Tensor:
@@ -155,31 +179,44 @@ def _probabilities(q_rows, k_rows, bias, scale):
 
 @torch.library.custom_op("mistral_lightning::banded_attention", mutates_args=())
 def _banded_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    document_ids: torch.Tensor | None,
+    window: int,
+    block: int,
 ) -> torch.Tensor:
     band = _Band.of(q, k, window, block)
     scale = band.head_dim**-0.5
     queries, keys, values = _blocked_queries(q, band), _key_windows(k, band), _key_windows(v, band)
+    documents = band.documents(document_ids)
     out = torch.empty_like(queries)
     for start, end in band.chunks():
-        bias = band.bias(start, end, q.dtype, q.device)
+        bias = band.bias(start, end, q.dtype, documents)
         probs = _probabilities(_rows(queries, start, end), _rows(keys, start, end), bias, scale)
         out[:, start:end] = torch.bmm(probs, _rows(values, start, end)).view(out[:, start:end].shape)
     return _unblocked_queries(out, band)
 
 
 @_banded_attention_forward.register_fake
-def _(q, k, v, window, block):
+def _(q, k, v, document_ids, window, block):
     return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("mistral_lightning::banded_attention_backward", mutates_args=())
 def _banded_attention_backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    document_ids: torch.Tensor | None,
+    window: int,
+    block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     band = _Band.of(q, k, window, block)
     scale = band.head_dim**-0.5
     queries, keys, values = _blocked_queries(q, band), _key_windows(k, band), _key_windows(v, band)
+    documents = band.documents(document_ids)
     grad_out = _blocked_queries(grad.to(q.dtype), band)
     grad_q = torch.empty_like(queries)
     grad_k, grad_v = _WindowGradient(band, k), _WindowGradient(band, v)
@@ -190,7 +227,7 @@ def _banded_attention_backward(
             _rows(values, start, end),
         )
         grad_rows = _rows(grad_out, start, end)
-        probs = _probabilities(q_rows, k_rows, band.bias(start, end, q.dtype, q.device), scale)
+        probs = _probabilities(q_rows, k_rows, band.bias(start, end, q.dtype, documents), scale)
         grad_v.add(start, torch.bmm(probs.transpose(1, 2), grad_rows))
         # The fused softmax backward autograd itself uses: probs * (grad_probs - rowsum(grad_probs * probs)).
         grad_scores = torch._softmax_backward_data(
@@ -202,25 +239,33 @@ def _banded_attention_backward(
 
 
 @_banded_attention_backward.register_fake
-def _(grad, q, k, v, window, block):
+def _(grad, q, k, v, document_ids, window, block):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.window, ctx.block = inputs
-    ctx.save_for_backward(q, k, v)
+    q, k, v, document_ids, ctx.window, ctx.block = inputs
+    ctx.save_for_backward(q, k, v, document_ids)
 
 
 def _backward(ctx, grad):
-    q, k, v = ctx.saved_tensors
-    return (*_banded_attention_backward(grad, q, k, v, ctx.window, ctx.block), None, None)
+    q, k, v, document_ids = ctx.saved_tensors
+    grads = _banded_attention_backward(grad, q, k, v, document_ids, ctx.window, ctx.block)
+    return (*grads, None, None, None)
 
 
 _banded_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def banded_cpu_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    document_ids: torch.Tensor | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention over the last `window` positions; [B, T, Hq, D] q, [B, T, Hkv, D] k/v, no documents."""
-    return _banded_attention_forward(q, k, v, window, block or DEFAULT_BLOCK)
+    """Causal attention over the last `window` positions of the query's own document (`document_ids` [B, T],
+    optional); [B, T, Hq, D] q, [B, T, Hkv, D] k/v."""
+    return _banded_attention_forward(q, k, v, document_ids, window, block or DEFAULT_BLOCK)

@@ -10,9 +10,9 @@ from mistral_lightning.kernels import banded_attention, sliding_window_attention
 from mistral_lightning.kernels.banded_attention import banded_cpu_attention
 
 
-def assert_matches_dense(q, k, v, window, block, **tolerance):
-    out = banded_cpu_attention(q, k, v, window, block)
-    expected = dense_reference(*(x.double() for x in (q, k, v)), window)
+def assert_matches_dense(q, k, v, window, block, document_ids=None, **tolerance):
+    out = banded_cpu_attention(q, k, v, window, document_ids=document_ids, block=block)
+    expected = dense_reference(*(x.double() for x in (q, k, v)), window, document_ids)
     torch.testing.assert_close(out.double(), expected, **tolerance)
     grad_out = torch.randn_like(out)
     ours = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -49,27 +49,41 @@ def test_one_query_head_per_kv_head_and_batch_rows_stay_separate():
     assert_matches_dense(q, k, v, 6, 4)
 
 
-def test_bf16_through_the_dispatcher_matches_dense_within_bf16_rounding():
+@pytest.mark.parametrize("window", [3, 8])
+def test_documents_keep_attention_inside_each_document(window, monkeypatch):
+    monkeypatch.setattr(banded_attention, "CHUNK_QUERIES", 8)
+    seq_len = 29
+    document_ids = torch.tensor(
+        [[0] * 6 + [1] * 9 + [2] * 10 + [-1] * 4, [0] * 29]  # -1: padding, as the SFT collator writes it
+    )
+    assert_matches_dense(*random_qkv(seq_len), window, 4, document_ids)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_through_the_dispatcher_matches_dense_within_bf16_rounding(packed):
     # Whichever kernel this CPU dispatches bf16 to (the banded one needs native bf16 matmuls), past the window.
     q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in random_qkv(70, heads=4, head_dim=32))
-    out = sliding_window_attention(q, k, v, 16)
-    expected = dense_reference(*(x.double() for x in (q, k, v)), 16)
+    document_ids = torch.tensor([[0] * 30 + [1] * 40, [0] * 50 + [1] * 20]) if packed else None
+    out = sliding_window_attention(q, k, v, 16, document_ids=document_ids)
+    expected = dense_reference(*(x.double() for x in (q, k, v)), 16, document_ids)
     torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
 
 
 def test_custom_ops_pass_torch_library_checks():
     q, k, v = random_qkv(19)
-    torch.library.opcheck(banded_attention._banded_attention_forward, (q, k, v, 8, 4))
-    # The backward op runs inside autograd's backward pass (no double backward): plain tensors.
-    inputs = [torch.randn_like(q)] + [x.detach() for x in (q, k, v)]
-    torch.library.opcheck(banded_attention._banded_attention_backward, (*inputs, 8, 4))
+    documents = torch.tensor([[0] * 7 + [1] * 12] * 2)
+    for document_ids in (None, documents):
+        torch.library.opcheck(banded_attention._banded_attention_forward, (q, k, v, document_ids, 8, 4))
+        # The backward op runs inside autograd's backward pass (no double backward): plain tensors.
+        inputs = [torch.randn_like(q)] + [x.detach() for x in (q, k, v)]
+        torch.library.opcheck(banded_attention._banded_attention_backward, (*inputs, document_ids, 8, 4))
 
 
 def test_compiled_calls_the_same_kernels_without_graph_breaks():
     q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in random_qkv(40, head_dim=32))
 
     def attention(q, k, v):
-        return banded_cpu_attention(q, k, v, 8, 4)
+        return banded_cpu_attention(q, k, v, 8, block=4)
 
     compiled = torch.compile(attention, fullgraph=True, dynamic=False)
     grad_out = torch.randn_like(q)
