@@ -81,10 +81,11 @@ class _Band:
             yield start, min(start + step, self.num_blocks)
 
     def bias(
-        self, start: int, end: int, dtype: torch.dtype, documents: tuple[torch.Tensor, torch.Tensor] | None
+        self, start: int, end: int, like: torch.Tensor, documents: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        """Additive mask (0 / -inf) broadcastable to a chunk's scores [B * n * Hkv, G * block, keys]."""
-        device = documents[0].device if documents else None
+        """Additive mask (0 / -inf) in like's dtype, broadcastable to a chunk's scores [B * n * Hkv, G * block,
+        keys]."""
+        dtype, device = like.dtype, like.device
         shared = start >= self.segments - 1  # past the head, the band's mask is the same for every block
         blocks = torch.arange(
             self.segments - 1 if shared else start, self.segments if shared else end, device=device
@@ -192,7 +193,7 @@ def _banded_attention_forward(
     documents = band.documents(document_ids)
     out = torch.empty_like(queries)
     for start, end in band.chunks():
-        bias = band.bias(start, end, q.dtype, documents)
+        bias = band.bias(start, end, q, documents)
         probs = _probabilities(_rows(queries, start, end), _rows(keys, start, end), bias, scale)
         out[:, start:end] = torch.bmm(probs, _rows(values, start, end)).view(out[:, start:end].shape)
     return _unblocked_queries(out, band)
@@ -227,7 +228,7 @@ def _banded_attention_backward(
             _rows(values, start, end),
         )
         grad_rows = _rows(grad_out, start, end)
-        probs = _probabilities(q_rows, k_rows, band.bias(start, end, q.dtype, documents), scale)
+        probs = _probabilities(q_rows, k_rows, band.bias(start, end, q, documents), scale)
         grad_v.add(start, torch.bmm(probs.transpose(1, 2), grad_rows))
         # The fused softmax backward autograd itself uses: probs * (grad_probs - rowsum(grad_probs * probs)).
         grad_scores = torch._softmax_backward_data(
