@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from mistral_lightning.kernels.backend import cpu_has_bf16_matmul, resolve_backend, torch_npu
 from mistral_lightning.kernels.banded_attention import banded_cpu_attention
+from mistral_lightning.kernels.masks import additive_mask, band_mask
 
 # Ascend's band mode takes a compressed 2048x2048 upper-triangular mask instead of a full [T, T] one.
 _NPU_COMPRESSED_MASK_SIZE = 2048
@@ -52,15 +53,6 @@ def _banded_cpu_kernel_applies(q: torch.Tensor, window: int | None) -> bool:
         and q.shape[1] > window
         and cpu_has_bf16_matmul()
     )
-
-
-def band_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Bool [Tq, Tk]: True where query position i may attend key position j."""
-    diff = query_positions[:, None] - key_positions[None, :]
-    visible = diff >= 0
-    if window is not None:
-        visible &= diff < window
-    return visible
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,11 +106,6 @@ def _sdpa(q, k, v, mask, is_causal=False):
     return out.transpose(1, 2)
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as SDPA's additive form (0 / -inf), built once and shared instead of per kernel call."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
 def _band_and_documents(document_ids, q_start, q_end, k_start, k_end, window, positions):
     mask = band_mask(positions[q_start:q_end], positions[k_start:k_end], window)
     if document_ids is None:
@@ -147,7 +134,7 @@ def _banded_attention(q, k, v, window, document_ids, block):
         outputs.append(_sdpa(q_head, k[:, :head], v[:, :head], None, is_causal=True))
     else:
         head_mask = _band_and_documents(document_ids, 0, head, 0, head, window, positions)
-        outputs.append(_sdpa(q_head, k[:, :head], v[:, :head], _additive(head_mask, q.dtype)))
+        outputs.append(_sdpa(q_head, k[:, :head], v[:, :head], additive_mask(head_mask, q.dtype)))
     if num_blocks:
         key_start, keys = head - window + 1, block + window - 1
 
@@ -162,7 +149,7 @@ def _banded_attention(q, k, v, window, document_ids, block):
             q_body.reshape(batch * num_blocks, block, *q.shape[2:]),
             windows(k),
             windows(v),
-            _additive(mask, q.dtype),
+            additive_mask(mask, q.dtype),
         )
         outputs.append(body.reshape(batch, num_blocks * block, *q.shape[2:]))
     if body_end < seq_len:
@@ -170,7 +157,7 @@ def _banded_attention(q, k, v, window, document_ids, block):
         tail_mask = _band_and_documents(
             document_ids, body_end, seq_len, key_start, seq_len, window, positions
         )
-        outputs.append(_sdpa(q_tail, k[:, key_start:], v[:, key_start:], _additive(tail_mask, q.dtype)))
+        outputs.append(_sdpa(q_tail, k[:, key_start:], v[:, key_start:], additive_mask(tail_mask, q.dtype)))
     return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mistral_lightning.kernels.masks import additive_mask, band_mask
+
 DEFAULT_BLOCK = 64  # 64 beat 32, 128 and 256 at W = 512, T = 2K (fewer wasted scores vs. smaller matmuls)
 # Queries per chunk: small enough that a chunk's scores stay in cache between the matmul, the softmax and the
 # next matmul (one bench-config layer at T = 8K: 172 ms with 512, 273 ms with 4096; 2K: 45 vs 75 ms).
@@ -67,6 +69,10 @@ class _Band:
         return self.keys - self.block
 
     @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    @property
     def padded_len(self) -> int:
         return self.num_blocks * self.block
 
@@ -90,15 +96,15 @@ class _Band:
         blocks = torch.arange(
             self.segments - 1 if shared else start, self.segments if shared else end, device=device
         )
-        query = blocks[:, None, None] * self.block + torch.arange(self.block, device=device)[None, :, None]
-        key = blocks[:, None, None] * self.block - self.left_pad + torch.arange(self.keys, device=device)
-        visible = (key <= query) & (key > query - self.window) & (key >= 0)  # [blocks, block, keys]
+        query = blocks[:, None] * self.block + torch.arange(self.block, device=device)
+        key = blocks[:, None] * self.block - self.left_pad + torch.arange(self.keys, device=device)
+        visible = band_mask(query, key, self.window) & (key >= 0)[:, None, :]  # [blocks, block, keys]
         if documents is None and shared:
-            return _additive(visible[0], dtype).repeat(self.group, 1)
+            return additive_mask(visible[0], dtype).repeat(self.group, 1)
         if documents is not None:
             query_docs, key_docs = documents
             visible = visible & (query_docs[:, start:end, :, None] == key_docs[:, start:end, None, :])
-        bias = _additive(visible.expand(self.batch, end - start, self.block, self.keys), dtype)
+        bias = additive_mask(visible.expand(self.batch, end - start, self.block, self.keys), dtype)
         # Chunk rows are ordered (batch, block, kv head), each row (query head in the group, query): see
         # `_blocked_queries`.
         bias = bias[:, :, None, None].expand(-1, -1, self.kv_heads, self.group, -1, -1)
@@ -114,12 +120,6 @@ class _Band:
         keys = F.pad(document_ids, (self.left_pad, 0), value=_BEFORE_START_DOCUMENT)
         keys = F.pad(keys, (0, pad), value=_AFTER_END_DOCUMENT)
         return queries.view(self.batch, self.num_blocks, self.block), keys.unfold(1, self.keys, self.block)
-
-
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
-        ~visible, float("-inf")
-    )
 
 
 def _blocked_queries(x: torch.Tensor, band: _Band) -> torch.Tensor:
@@ -178,6 +178,13 @@ def _probabilities(q_rows, k_rows, bias, scale):
     return torch.softmax(torch.baddbmm(bias, q_rows, k_rows.transpose(1, 2), alpha=scale), dim=-1)
 
 
+def _blocked_inputs(q, k, v, document_ids, window, block):
+    """What both passes start from: the layout, blocked queries, key/value windows and windowed document ids."""
+    band = _Band.of(q, k, window, block)
+    keys, values = _key_windows(k, band), _key_windows(v, band)
+    return band, _blocked_queries(q, band), keys, values, band.documents(document_ids)
+
+
 @torch.library.custom_op("mistral_lightning::banded_attention", mutates_args=())
 def _banded_attention_forward(
     q: torch.Tensor,
@@ -187,14 +194,11 @@ def _banded_attention_forward(
     window: int,
     block: int,
 ) -> torch.Tensor:
-    band = _Band.of(q, k, window, block)
-    scale = band.head_dim**-0.5
-    queries, keys, values = _blocked_queries(q, band), _key_windows(k, band), _key_windows(v, band)
-    documents = band.documents(document_ids)
+    band, queries, keys, values, documents = _blocked_inputs(q, k, v, document_ids, window, block)
     out = torch.empty_like(queries)
     for start, end in band.chunks():
         bias = band.bias(start, end, q, documents)
-        probs = _probabilities(_rows(queries, start, end), _rows(keys, start, end), bias, scale)
+        probs = _probabilities(_rows(queries, start, end), _rows(keys, start, end), bias, band.scale)
         out[:, start:end] = torch.bmm(probs, _rows(values, start, end)).view(out[:, start:end].shape)
     return _unblocked_queries(out, band)
 
@@ -214,10 +218,7 @@ def _banded_attention_backward(
     window: int,
     block: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    band = _Band.of(q, k, window, block)
-    scale = band.head_dim**-0.5
-    queries, keys, values = _blocked_queries(q, band), _key_windows(k, band), _key_windows(v, band)
-    documents = band.documents(document_ids)
+    band, queries, keys, values, documents = _blocked_inputs(q, k, v, document_ids, window, block)
     grad_out = _blocked_queries(grad.to(q.dtype), band)
     grad_q = torch.empty_like(queries)
     grad_k, grad_v = _WindowGradient(band, k), _WindowGradient(band, v)
@@ -228,14 +229,16 @@ def _banded_attention_backward(
             _rows(values, start, end),
         )
         grad_rows = _rows(grad_out, start, end)
-        probs = _probabilities(q_rows, k_rows, band.bias(start, end, q, documents), scale)
+        probs = _probabilities(q_rows, k_rows, band.bias(start, end, q, documents), band.scale)
         grad_v.add(start, torch.bmm(probs.transpose(1, 2), grad_rows))
         # The fused softmax backward autograd itself uses: probs * (grad_probs - rowsum(grad_probs * probs)).
         grad_scores = torch._softmax_backward_data(
             torch.bmm(grad_rows, v_rows.transpose(1, 2)), probs, -1, probs.dtype
         )
-        grad_q[:, start:end] = torch.bmm(grad_scores, k_rows).mul_(scale).view(grad_q[:, start:end].shape)
-        grad_k.add(start, torch.bmm(grad_scores.transpose(1, 2), q_rows).mul_(scale))
+        grad_q[:, start:end] = (
+            torch.bmm(grad_scores, k_rows).mul_(band.scale).view(grad_q[:, start:end].shape)
+        )
+        grad_k.add(start, torch.bmm(grad_scores.transpose(1, 2), q_rows).mul_(band.scale))
     return _unblocked_queries(grad_q, band), grad_k.result(k.dtype), grad_v.result(v.dtype)
 
 
