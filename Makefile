@@ -34,6 +34,10 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mistral_lightning kernels callbacks benchmarks tests
 	$(VENV)/bin/ruff format --check mistral_lightning kernels callbacks benchmarks tests
+	# The layers contract reads an installed copy: kernels/ and callbacks/ join the package only at install.
+	rm -rf build/import-graph
+	$(PY) -m pip install -q --no-deps --no-build-isolation --target build/import-graph .
+	cd build/import-graph && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --config $(CURDIR)/pyproject.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

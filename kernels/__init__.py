@@ -2,7 +2,7 @@
 
 from mistral_lightning.kernels.attention import masked_attention, sliding_window_attention
 from mistral_lightning.kernels.backend import BACKEND_ENV, resolve_backend
-from mistral_lightning.kernels.cross_entropy import IGNORE_INDEX, chunked_cross_entropy
+from mistral_lightning.kernels.cross_entropy import chunked_cross_entropy
 from mistral_lightning.kernels.packed_linear import pack_linear_weights
 from mistral_lightning.kernels.rms_norm import rms_norm
 from mistral_lightning.kernels.rotary import apply_rotary, rope_cos_sin
@@ -10,7 +10,6 @@ from mistral_lightning.kernels.swiglu import swiglu
 
 __all__ = [
     "BACKEND_ENV",
-    "IGNORE_INDEX",
     "apply_rotary",
     "chunked_cross_entropy",
     "masked_attention",

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from mistral_lightning.labels import IGNORE_INDEX
 
 
 def _loss_and_logit_grad_in_place(logits, target, acc_dtype, grad_dtype):

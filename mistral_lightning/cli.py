@@ -33,7 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "preprocess": ("mistral_lightning.data.preprocess", "tokenize raw data into Megatron indexed datasets"),
     "demo-data": (
-        "mistral_lightning.data.demo_data",
+        "mistral_lightning.demo_data",
         "write synthetic Alpaca-style and MMLU-style demo data",
     ),
     "convert": (

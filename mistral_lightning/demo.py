@@ -19,9 +19,9 @@ import yaml
 
 from mistral_lightning import Mistral, MistralConfig, generate
 from mistral_lightning.cli import main as cli_main
-from mistral_lightning.data.demo_data import write_demo_data
-from mistral_lightning.data.templates import alpaca_prompt
+from mistral_lightning.demo_data import write_demo_data
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu
+from mistral_lightning.prompts import alpaca_prompt
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 
 # The tiny config reads demo_output/data and writes runs/tiny-finetune, relative to the repository root.

@@ -22,7 +22,7 @@ from torchmetrics.aggregation import MeanMetric
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import SHAPE_FIELDS, MistralConfig
 from mistral_lightning.errors import UserError
-from mistral_lightning.kernels import IGNORE_INDEX
+from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
 from mistral_lightning.optim import LRSchedule, build_optimizer, build_scheduler
 from mistral_lightning.parallel import (

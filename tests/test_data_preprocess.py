@@ -286,8 +286,8 @@ def _solve(question: str) -> str:
 def test_demo_data_is_deterministic_correct_and_held_out(tmp_path, tokenizer_path):
     import csv
 
-    from mistral_lightning.data.demo_data import main as demo_main
-    from mistral_lightning.data.demo_data import write_demo_data
+    from mistral_lightning.demo_data import main as demo_main
+    from mistral_lightning.demo_data import write_demo_data
 
     assert (
         demo_main(

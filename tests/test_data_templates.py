@@ -10,7 +10,7 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_lightning.data.templates import (
+from mistral_lightning.prompts import (
     IGNORE_INDEX,
     TemplateError,
     encode_alpaca,

@@ -161,7 +161,7 @@ def test_chat_prompt_ids_equal_mistral_common_v1(tokenizer):
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from mistral_lightning.data.templates import encode_chat_prompt
+    from mistral_lightning.prompts import encode_chat_prompt
 
     turns = ["What is the capital of France?", "Paris.", "And of Italy, in one word?"]
     messages = [
@@ -203,7 +203,7 @@ def test_generate_command_prints_the_greedy_completion(tiny_checkpoint, tokenize
 def test_interactive_chat_reads_turns_from_stdin(
     tiny_checkpoint, tokenizer, tokenizer_path, capsys, monkeypatch
 ):
-    from mistral_lightning.data.templates import encode_chat_prompt
+    from mistral_lightning.prompts import encode_chat_prompt
 
     model, folder = tiny_checkpoint
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nTell me more\n\n"))

@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from mistral_lightning.data.indexed import IndexedDataset
-from mistral_lightning.data.templates import IGNORE_INDEX
 from mistral_lightning.errors import UserError
+from mistral_lightning.labels import IGNORE_INDEX
 
 SPLIT_NAMES = ("train", "validation", "test")
 PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}

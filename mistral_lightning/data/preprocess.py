@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from mistral_lightning.data.indexed import LABEL_DTYPE, IndexedDatasetWriter, bin_path, idx_path, token_dtype
-from mistral_lightning.data.templates import TemplateError, encode_alpaca, encode_mistral_chat
 from mistral_lightning.errors import UserError
+from mistral_lightning.prompts import TemplateError, encode_alpaca, encode_mistral_chat
 from mistral_lightning.tokenizer import Tokenizer, TokenizerError
 
 HANDLERS = ("GeneralPretrainHandler", "GeneralInstructionHandler", "MistralInstructionHandler")

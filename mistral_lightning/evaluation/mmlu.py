@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from mistral_lightning.data.templates import encode_chat_prompt
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu_data import (
     LETTERS,
@@ -27,6 +26,7 @@ from mistral_lightning.evaluation.mmlu_data import (
     load_mmlu,
 )
 from mistral_lightning.generation import generate, next_token_logits
+from mistral_lightning.prompts import encode_chat_prompt
 from mistral_lightning.tokenizer import Tokenizer
 
 SCORING_MODES = ("logits", "generate")

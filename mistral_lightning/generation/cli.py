@@ -12,11 +12,11 @@ from typing import TextIO
 
 import torch
 
-from mistral_lightning.data.templates import encode_chat_prompt
 from mistral_lightning.generation.generate import stream_generate
 from mistral_lightning.generation.loading import add_model_arguments, load_model, load_tokenizer
 from mistral_lightning.generation.sampling import GenerationError
 from mistral_lightning.model import Mistral
+from mistral_lightning.prompts import encode_chat_prompt
 from mistral_lightning.tokenizer import Tokenizer
 
 RESET_COMMAND = "/reset"

@@ -13,8 +13,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from mistral_lightning.data.templates import encode_chat_prompt
 from mistral_lightning.errors import UserError
+from mistral_lightning.prompts import encode_chat_prompt
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 
 

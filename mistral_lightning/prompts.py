@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mistral_lightning.errors import UserError
+from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100
 
 # ModelLink's AlpacaTemplate (GeneralInstructionHandler), kept verbatim so datasets match the recipe's.
 ALPACA_SYSTEM = (
