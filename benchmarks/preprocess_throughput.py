@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mistral_lightning.data.preprocess import PreprocessConfig, preprocess
+from mistral_lightning.data.preprocess.config import PreprocessConfig
+from mistral_lightning.data.preprocess.pipeline import preprocess
 from mistral_lightning.tokenizer import default_tokenizer_path
 
 VOCABULARY = (

@@ -31,7 +31,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mistral_lightning.export",
         "write a training checkpoint (DCP folder or .ckpt) as an HF folder",
     ),
-    "preprocess": ("mistral_lightning.data.preprocess", "tokenize raw data into Megatron indexed datasets"),
+    "preprocess": (
+        "mistral_lightning.data.preprocess.cli",
+        "tokenize raw data into Megatron indexed datasets",
+    ),
     "demo-data": (
         "mistral_lightning.demo_data",
         "write synthetic Alpaca-style and MMLU-style demo data",

@@ -19,7 +19,8 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, UserMess
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_lightning.data.preprocess import PreprocessError, main
+from mistral_lightning.data.preprocess.cli import main
+from mistral_lightning.data.preprocess.config import PreprocessError
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello world.", "A second, longer document about cats and dogs.", "短い文書"]

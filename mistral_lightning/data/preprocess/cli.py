@@ -1,0 +1,103 @@
+"""`mistral-lightning preprocess`: the options (ModelLink's preprocess_data.py spellings) and main(argv)."""
+
+from __future__ import annotations
+
+import argparse
+
+from mistral_lightning.data.preprocess.config import PreprocessConfig
+from mistral_lightning.data.preprocess.handlers import HANDLER_CLASSES
+from mistral_lightning.data.preprocess.pipeline import preprocess
+from mistral_lightning.data.preprocess.summary import format_summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mistral-lightning preprocess",
+        description="Tokenize parquet/jsonl/json data into Megatron indexed datasets (.bin/.idx).",
+    )
+    parser.add_argument(
+        "--input", required=True, help="a .parquet/.jsonl/.json file, a folder of them, or a glob"
+    )
+    tokenizer = parser.add_mutually_exclusive_group(required=True)
+    tokenizer.add_argument(
+        "--tokenizer-model", help="sentencepiece .model file, or an HF folder with tokenizer.model"
+    )
+    tokenizer.add_argument(
+        "--tokenizer-name-or-path", dest="tokenizer_model", help="same as --tokenizer-model"
+    )
+    parser.add_argument(
+        "--tokenizer-type",
+        choices=("PretrainedFromHF", "SentencePieceTokenizer"),
+        default="PretrainedFromHF",
+        help="accepted for recipe compatibility; both read tokenizer.model",
+    )
+    parser.add_argument(
+        "--tokenizer-not-use-fast",
+        action="store_true",
+        help="accepted for recipe compatibility; sentencepiece is the slow HF tokenizer already",
+    )
+    parser.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes <prefix>_<key>_document (pretrain) or <prefix>_packed_{input_ids,"
+        "attention_mask,labels}_document (instruction) .bin/.idx",
+    )
+    parser.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="text columns for GeneralPretrainHandler, one dataset each (default: text)",
+    )
+    parser.add_argument(
+        "--handler-name",
+        choices=tuple(HANDLER_CLASSES),
+        default="GeneralPretrainHandler",
+        help="GeneralPretrainHandler: plain text; GeneralInstructionHandler: Alpaca template over "
+        "instruction/input/output; MistralInstructionHandler: [INST] template over a 'messages' "
+        "column (list of {role, content}) or instruction/input/output",
+    )
+    parser.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="append EOS to every document/sample (the Mistral template always ends answers with EOS)",
+    )
+    parser.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="rows whose token count exceeds this are handled per --overlong and counted in the "
+        "summary (default: no limit; pretraining packing cuts documents anyway)",
+    )
+    parser.add_argument(
+        "--overlong",
+        choices=("skip", "truncate"),
+        default="skip",
+        help="skip (default) drops rows longer than --seq-length; truncate keeps their first "
+        "--seq-length tokens",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tokenizer processes; the output is byte-identical for any value",
+    )
+    parser.add_argument("--log-interval", type=int, default=100, help="rows between progress reports")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = PreprocessConfig(
+        input=args.input,
+        tokenizer_model=args.tokenizer_model,
+        output_prefix=args.output_prefix,
+        handler_name=args.handler_name,
+        json_keys=tuple(args.json_keys),
+        append_eod=args.append_eod,
+        seq_length=args.seq_length,
+        overlong=args.overlong,
+        workers=args.workers,
+        log_interval=args.log_interval,
+    )
+    print(format_summary(preprocess(config)))
+    return 0

@@ -1,0 +1,25 @@
+"""The options of one preprocessing run, and the error raised when they or the input are wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mistral_lightning.errors import UserError
+
+
+class PreprocessError(UserError):
+    """Bad input or options; the message says what to fix."""
+
+
+@dataclass
+class PreprocessConfig:
+    input: str
+    tokenizer_model: str
+    output_prefix: str
+    handler_name: str = "GeneralPretrainHandler"
+    json_keys: tuple[str, ...] = ("text",)
+    append_eod: bool = False
+    seq_length: int | None = None
+    overlong: str = "skip"
+    workers: int = 1
+    log_interval: int = 100

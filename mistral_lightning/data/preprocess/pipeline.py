@@ -1,0 +1,107 @@
+"""preprocess(): read chunks, encode them in `--workers` processes, write the documents in input order.
+
+Results are taken in submission order, so the output bytes never depend on the worker count; each
+encoded chunk brings its own origin back for the summary.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Iterator
+from multiprocessing.pool import AsyncResult
+from pathlib import Path
+
+from mistral_lightning.data.indexed import IndexedDatasetWriter, bin_path, idx_path
+from mistral_lightning.data.preprocess.chunks import EncodedChunk, RowChunk
+from mistral_lightning.data.preprocess.config import PreprocessConfig, PreprocessError
+from mistral_lightning.data.preprocess.handlers import HANDLER_CLASSES, Handler, create_handler
+from mistral_lightning.data.preprocess.progress import Progress
+from mistral_lightning.data.preprocess.readers import expand_inputs, read_chunks, total_rows
+from mistral_lightning.data.preprocess.summary import PreprocessSummary
+
+_worker_handler: Handler | None = None
+
+
+def _init_worker(config: PreprocessConfig) -> None:
+    global _worker_handler
+    _worker_handler = create_handler(config)
+
+
+def _encode_in_worker(chunk: RowChunk) -> EncodedChunk:
+    return _worker_handler.encode(chunk)
+
+
+def encode_in_order(
+    chunks: Iterator[RowChunk], config: PreprocessConfig, handler: Handler
+) -> Iterator[EncodedChunk]:
+    """Encode chunks in order; with workers, keep at most 2 chunks per worker in flight to bound memory."""
+    if config.workers == 1:
+        for chunk in chunks:
+            yield handler.encode(chunk)
+        return
+    # fork shares the already-imported modules; spawn (other platforms) re-imports them in each worker.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with context.Pool(config.workers, initializer=_init_worker, initargs=(config,)) as pool:
+        in_flight: deque[AsyncResult] = deque()
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(in_flight) >= 2 * config.workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+def _check_options(config: PreprocessConfig) -> None:
+    if config.handler_name not in HANDLER_CLASSES:
+        raise PreprocessError(
+            f"--handler-name {config.handler_name!r} is unknown; choose one of {', '.join(HANDLER_CLASSES)}"
+        )
+    if config.workers < 1:
+        raise PreprocessError(f"--workers must be at least 1, got {config.workers}")
+    if config.seq_length is not None and config.seq_length < 2:
+        raise PreprocessError(f"--seq-length must be at least 2, got {config.seq_length}")
+
+
+def _read_all(files: list[Path], handler: Handler, summary: PreprocessSummary) -> Iterator[RowChunk]:
+    """Every file's chunks in turn; a file that yields none is noted as empty."""
+    for path in files:
+        empty = True
+        for chunk in read_chunks(path, handler):
+            empty = False
+            yield chunk
+        if empty:
+            summary.empty_files.append(str(path))
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    """Tokenize `config.input` into the indexed datasets the handler's `dataset_prefixes()` names."""
+    _check_options(config)
+    handler = create_handler(config)
+    files = expand_inputs(config.input)
+    summary = PreprocessSummary(files=len(files))
+    progress = Progress(config.log_interval, total_rows(files))
+    prefixes = handler.dataset_prefixes()
+    Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    writers = {key: IndexedDatasetWriter(prefix, handler.dtypes[key]) for key, prefix in prefixes.items()}
+    try:
+        for encoded in encode_in_order(_read_all(files, handler, summary), config, handler):
+            summary.add(encoded)
+            for key, writer in writers.items():
+                writer.add_documents(encoded.flat[key], encoded.lengths[key])
+            progress.update(summary)
+        if summary.documents == 0:
+            raise PreprocessError(summary.nothing_written_message(config.input))
+        for writer in writers.values():
+            writer.finalize()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    summary.seconds = time.perf_counter() - start
+    progress.update(summary, final=True)
+    summary.outputs = [str(p) for prefix in prefixes.values() for p in (bin_path(prefix), idx_path(prefix))]
+    return summary
