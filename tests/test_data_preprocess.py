@@ -215,6 +215,20 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tokenizer_path, capsys):
     assert len(_read(tmp_path / "out_text_document")) == 2
 
 
+def test_skipped_rows_are_located_by_their_chunk_origin(tmp_path, tokenizer_path, capsys):
+    """Each chunk brings its file and first row back from the worker, so later chunks and files are named right."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_jsonl(folder / "a.jsonl", [{"text": "first file"}] * 10)
+    rows = [{"text": f"row {n}"} for n in range(1, 2501)]
+    rows[1499] = {"text": None}  # row 1500: inside the second chunk of b.jsonl
+    _write_jsonl(folder / "b.jsonl", rows)
+    _run(tokenizer_path, folder, tmp_path / "out", "--workers", "2", "--log-interval", "10000")
+    summary = capsys.readouterr().out
+    assert f"{folder / 'b.jsonl'} row 1500: null or missing field (text)" in summary
+    assert "documents written: 2509" in summary
+
+
 def test_truncate_policy_cuts_to_seq_length(tmp_path, tokenizer_path, capsys):
     data = _write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 50}, {"text": "short"}])
     _run(
@@ -269,6 +283,26 @@ def test_cli_reports_errors_without_traceback(tmp_path, tokenizer_path):
     )
     assert result.returncode == 2
     assert "nope.parquet matches no file" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["preprocess", "demo-data"])
+def test_help_loads_neither_torch_nor_lightning(command):
+    """Data commands must not pay for torch at start-up: --help imports the whole command, never torch."""
+    script = (
+        "import sys\n"
+        "from mistral_lightning.cli import main\n"
+        "try:\n"
+        f"    main([{command!r}, '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'pytorch_lightning'}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    assert "usage: mistral-lightning" in result.stdout
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 def _solve(question: str) -> str:
