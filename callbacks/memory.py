@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import resource
-import sys
-
 import lightning as L
 import torch
 
-
-def peak_memory(device: torch.device) -> dict[str, int]:
-    """Peak bytes so far on `device`: allocator figures on accelerators, the process's peak RSS on CPU."""
-    if device.type == "cpu":
-        # ru_maxrss is in KiB on Linux and in bytes on macOS.
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"peak_rss": rss if sys.platform == "darwin" else rss * 1024}
-    backend = getattr(torch, device.type)  # torch.cuda, or torch.npu once torch_npu is imported
-    return {
-        "peak_allocated": backend.max_memory_allocated(device),
-        "peak_reserved": backend.max_memory_reserved(device),
-    }
+from mistral_lightning.devices import peak_memory
 
 
 class MemoryMonitor(L.Callback):

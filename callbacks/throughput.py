@@ -1,6 +1,6 @@
 """ThroughputMonitor: s/step, samples/s, tokens/s/p, TFLOPs per device and MFU, as the recipe reports them.
 
-Definitions (DESIGN section 4): tokens/s/p = global batch * sequence length / step time / number of
+Definitions (docs/ARCHITECTURE.md, "Throughput and memory"): tokens/s/p = global batch * sequence length / step time / number of
 devices, all devices included (TP ranks too); samples/s = global batch / step time. The ranks of one
 tensor-parallel group see the same batch, so a batch is counted once per data-parallel replica.
 Model FLOPs per token ~ 6 * (non-embedding parameters, LM head included) + 12 * layers * attention
@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from time import perf_counter
 
 import lightning as L
-import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.utilities import rank_zero_info
 
 from mistral_lightning.callbacks.memory import MemoryMonitor
 from mistral_lightning.config import MistralConfig
+from mistral_lightning.devices import device_name, synchronize
+from mistral_lightning.distributed import data_parallel_layout
 
 # Dense bf16 peak TFLOPs per device, matched as a substring of the device name (first match wins).
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -31,12 +32,6 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.5),
     ("A100", 312.0),
 )
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cpu":
-        return "CPU"
-    return getattr(torch, device.type).get_device_name(device)
 
 
 def lookup_peak_tflops(name: str) -> float | None:
@@ -61,12 +56,6 @@ class _Totals:
     flops: float = 0.0
 
 
-def _synchronize(device: torch.device) -> None:
-    # Kernels run asynchronously on accelerators: wait for them before reading the clock.
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
-
-
 class ThroughputMonitor(L.Callback):
     """Logs throughput every optimizer step (rolling over `window_size` steps) and prints the recipe's
     summary row at the end of `fit`.
@@ -87,8 +76,7 @@ class ThroughputMonitor(L.Callback):
     # ------------------------------------------------------------------ layout
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.world_size = trainer.world_size
-        sampler_kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        self.replicas = int(sampler_kwargs.get("num_replicas", self.world_size))
+        self.replicas = data_parallel_layout(trainer.strategy)[0]
         self.devices_per_replica = self.world_size // self.replicas
         self.device = trainer.strategy.root_device
         self.device_name = device_name(self.device)
@@ -118,7 +106,7 @@ class ThroughputMonitor(L.Callback):
         totals.flops += training_flops_per_token(pl_module.config, seq_len) * batch_size * seq_len
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients for this optimizer step
-        _synchronize(self.device)
+        synchronize(self.device)
         totals.time = perf_counter() - self._start
         totals.steps += 1
         self._rolling.update(**self._since(self._previous, totals))

@@ -27,6 +27,7 @@ from mistral_lightning.data.datasets import (
     split_bounds,
 )
 from mistral_lightning.data.indexed import IndexedDataset, idx_path
+from mistral_lightning.distributed import data_parallel_layout
 from mistral_lightning.errors import UserError
 
 INSTRUCTION_SUFFIX = "_packed_{}_document"
@@ -64,9 +65,7 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
 
     def _data_parallel(self) -> tuple[int, int]:
         """(size, rank) of data parallelism; tensor-parallel peers report the same rank, so they get the same batch."""
-        strategy = getattr(self.trainer, "strategy", None)
-        kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+        return data_parallel_layout(getattr(self.trainer, "strategy", None))
 
     def _dataloader(self, split: str, sampler: ResumableSampler) -> DataLoader:
         return DataLoader(

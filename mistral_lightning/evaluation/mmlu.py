@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from mistral_lightning.distributed import gather_unique, rank_and_world_size
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu_data import (
     LETTERS,
@@ -91,21 +92,6 @@ def _predict(
     return [LETTERS.index(letter) if letter in LETTERS else -1 for letter in letters]
 
 
-def _data_parallel_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather(items: list[_Item]) -> list[_Item]:
-    """Every rank's scored items, on every rank, in question order (duplicates, e.g. from TP peers, merged)."""
-    if _data_parallel_rank()[1] > 1:
-        shards: list[list[_Item] | None] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shards, items)
-        items = [item for shard in shards for item in shard]
-    return sorted({item.index: item for item in items}.values(), key=lambda item: item.index)
-
-
 def _summary(items: list[_Item], subjects: list[Subject]) -> tuple[float, dict[str, dict]]:
     """Micro-averaged accuracy and per-subject accuracy, with torchmetrics (items are already gathered)."""
     overall = MeanMetric(sync_on_compute=False)
@@ -147,7 +133,7 @@ def evaluate_mmlu(
     pairs = [(subject.name, question) for subject in loaded for question in subject.test]
     items = [_Item(index, name, question) for index, (name, question) in enumerate(pairs)]
     by_name = {subject.name: subject for subject in loaded}
-    rank, world_size = _data_parallel_rank()
+    rank, world_size = rank_and_world_size()
     mine = items[rank::world_size]
     for item in mine:
         item.prompt_ids, item.shots = _prompt_ids(
@@ -162,7 +148,7 @@ def evaluate_mmlu(
         )
         for item, prediction in zip(batch, predictions):
             item.prediction, item.prompt_ids = prediction, None
-    scored = _gather(mine)
+    scored = gather_unique(mine, key=lambda item: item.index)
     accuracy, per_subject = _summary(scored, loaded)
     return {
         "task": "mmlu",

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from mistral_lightning.distributed import gather_unique
 from mistral_lightning.errors import UserError
 
 
@@ -45,14 +45,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
             self._rows.append({"index": index, "prompt": prompt, "completion": completion})
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module, predictions, batch_indices) -> None:
-        rows = self._rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[list[dict] | None] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for shard in gathered for row in shard]
+        unique = gather_unique(self._rows, key=lambda row: row["index"])
         self._rows = []
         if trainer.is_global_zero:
-            unique = sorted({row["index"]: row for row in rows}.values(), key=lambda row: row["index"])
             self.output_file.parent.mkdir(parents=True, exist_ok=True)
             with self.output_file.open("w", encoding="utf-8") as file:
                 for row in unique:

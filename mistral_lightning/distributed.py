@@ -1,0 +1,35 @@
+"""The few cross-rank questions the application asks outside the parallel plan: who am I, who are my
+data-parallel peers, and what did every rank produce."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def data_parallel_layout(strategy: Any) -> tuple[int, int]:
+    """(replicas, replica rank) of a Lightning strategy; tensor-parallel peers share a replica rank."""
+    kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+    replicas = kwargs.get("num_replicas", getattr(strategy, "world_size", 1))
+    return int(replicas), int(kwargs.get("rank", getattr(strategy, "global_rank", 0)))
+
+
+def gather_unique(items: list[T], key: Callable[[T], Hashable]) -> list[T]:
+    """Every rank's items on every rank, one per key (tensor-parallel peers produce the same ones),
+    sorted by key."""
+    if rank_and_world_size()[1] > 1:
+        shards: list[list[T] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, items)
+        items = [item for shard in shards for item in shard]
+    return sorted({key(item): item for item in items}.values(), key=key)
