@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mistral_lightning.errors import UserError
 
 # The fields that fix tensor shapes: weights fit a config exactly when these agree.
@@ -22,8 +24,30 @@ SHAPE_FIELDS = (
 )
 
 
+# The dtypes weights are saved or loaded in, each under its short and its torch spelling.
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
 class ConfigError(UserError):
     """A configuration a user wrote (or a config.json on disk) is invalid."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype a name in DTYPES stands for."""
+    if name not in DTYPES:
+        spellings = {}
+        for alias, dtype in DTYPES.items():
+            spellings.setdefault(dtype, []).append(alias)
+        accepted = ", ".join("/".join(aliases) for aliases in spellings.values())
+        raise ConfigError(f"unknown dtype {name!r}; use one of {accepted}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -183,3 +207,65 @@ PRESETS: dict[str, MistralConfig] = {
         max_seq_length=512,
     ),
 }
+
+
+def parameter_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names, in the model's module order, with their shapes."""
+    hidden, ffn = config.hidden_size, config.intermediate_size
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (config.vocab_size, hidden)}
+    for i in range(config.num_layers):
+        layer = f"layers.{i}"
+        shapes[f"{layer}.attn_norm.weight"] = (hidden,)
+        shapes[f"{layer}.attn.q.weight"] = (q_rows, hidden)
+        shapes[f"{layer}.attn.k.weight"] = (kv_rows, hidden)
+        shapes[f"{layer}.attn.v.weight"] = (kv_rows, hidden)
+        shapes[f"{layer}.attn.o.weight"] = (hidden, q_rows)
+        shapes[f"{layer}.mlp_norm.weight"] = (hidden,)
+        shapes[f"{layer}.mlp.gate.weight"] = (ffn, hidden)
+        shapes[f"{layer}.mlp.up.weight"] = (ffn, hidden)
+        shapes[f"{layer}.mlp.down.weight"] = (hidden, ffn)
+    shapes["norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes
+
+
+def resolve_model_config(
+    model_config: str | Path | dict | MistralConfig | None, pretrained: str | Path | None = None
+) -> MistralConfig:
+    """The architecture: `model_config` (a preset name, an HF folder or config.json, a dict of fields or a
+    MistralConfig), else the config.json of the `pretrained` HF folder.
+
+    Both may be given (e.g. the 32K recipe's 4096 window over Instruct-v0.2 weights, whose
+    config.json has none); then their tensor shapes must agree.
+    """
+    from_folder = MistralConfig.from_hf(pretrained) if pretrained else None
+    if model_config is None:
+        if from_folder is None:
+            raise ConfigError(
+                "no model config: set model.model_config (a preset name or a config) or model.pretrained "
+                "(an HF folder)"
+            )
+        return from_folder
+    if isinstance(model_config, MistralConfig):
+        config = model_config
+    elif isinstance(model_config, dict):
+        config = MistralConfig(**model_config)
+    elif str(model_config) in PRESETS:
+        config = MistralConfig.from_name(str(model_config))
+    elif Path(model_config).exists():
+        config = MistralConfig.from_hf(model_config)
+    else:
+        raise ConfigError(
+            f"model config {str(model_config)!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor an "
+            "existing HF folder or config.json"
+        )
+    if from_folder is not None:
+        mismatched = [f for f in SHAPE_FIELDS if getattr(config, f) != getattr(from_folder, f)]
+        if mismatched:
+            details = ", ".join(f"{f}: {getattr(config, f)} vs {getattr(from_folder, f)}" for f in mismatched)
+            raise ConfigError(
+                f"model.model_config and model.pretrained={pretrained} disagree on tensor shapes ({details}); "
+                "pick the preset that matches the weights, or drop model.model_config to use config.json"
+            )
+    return config

@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torchmetrics.aggregation import MeanMetric
 
 from mistral_lightning.checkpoint.hf import load_hf_weights
-from mistral_lightning.config import SHAPE_FIELDS, MistralConfig
+from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
@@ -36,36 +36,6 @@ from mistral_lightning.parallel import (
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; the run stops before the bad step reaches the weights."""
-
-
-def resolve_model_config(
-    model_config: str | dict | MistralConfig | None, pretrained: str | None
-) -> MistralConfig:
-    """The architecture: a preset name or config, else the pretrained folder's config.json.
-
-    Both may be given (e.g. the 32K recipe's 4096 window over Instruct-v0.2 weights, whose
-    config.json has none); then their tensor shapes must agree.
-    """
-    from_folder = MistralConfig.from_hf(pretrained) if pretrained else None
-    if model_config is None:
-        if from_folder is None:
-            raise UserError(
-                "set model.model_config (a preset name or a config) or model.pretrained (an HF folder)"
-            )
-        return from_folder
-    if isinstance(model_config, str):
-        config = MistralConfig.from_name(model_config)
-    else:
-        config = MistralConfig(**model_config) if isinstance(model_config, dict) else model_config
-    if from_folder is not None:
-        mismatched = [f for f in SHAPE_FIELDS if getattr(config, f) != getattr(from_folder, f)]
-        if mismatched:
-            details = ", ".join(f"{f}: {getattr(config, f)} vs {getattr(from_folder, f)}" for f in mismatched)
-            raise UserError(
-                f"model.model_config and model.pretrained={pretrained} disagree on tensor shapes ({details}); "
-                "pick the preset that matches the weights, or drop model.model_config to use config.json"
-            )
-    return config
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
