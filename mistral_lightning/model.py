@@ -9,7 +9,7 @@ whose local head counts are a fraction of the config's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from mistral_lightning.kernels import (
     sliding_window_attention,
     swiglu,
 )
+
+if TYPE_CHECKING:
+    from mistral_lightning.checkpoint.base import WeightSource
 
 
 class KVCache(Protocol):
@@ -178,34 +181,48 @@ class Mistral(nn.Module):
         hidden = self.hidden_states(input_ids, position_ids, document_ids=document_ids)
         return chunked_cross_entropy(hidden, self.lm_head, labels, chunk_size, compiled)
 
-    # ------------------------------------------------------------------ HF checkpoints
+    # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(
-        cls, hf_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        cls,
+        source: str | Path | WeightSource,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> Mistral:
-        """Build from an HF folder (config.json + safetensors); dtype defaults to the checkpoint's own."""
-        from mistral_lightning.checkpoint.hf import HFCheckpoint, load_hf_weights
+        """Build from an HF folder (config.json + safetensors) or any checkpoint WeightSource, which is
+        closed afterwards; dtype defaults to the checkpoint's own."""
+        from mistral_lightning.checkpoint.base import fill_model
+        from mistral_lightning.checkpoint.hf import HFCheckpoint
 
-        checkpoint = HFCheckpoint(hf_dir)
-        with torch.device("meta"):
-            model = cls(checkpoint.config).to(dtype or checkpoint.dtype)
-        model.to_empty(device=device or "cpu")
-        load_hf_weights(model, checkpoint)
+        checkpoint = HFCheckpoint(source) if isinstance(source, (str, Path)) else source
+        try:
+            with torch.device("meta"):
+                model = cls(checkpoint.config).to(dtype or checkpoint.dtype)
+            model.to_empty(device=device or "cpu")
+            fill_model(model, checkpoint)
+        finally:
+            checkpoint.close()
         return model
 
     def save_pretrained(
-        self, out_dir: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None
+        self,
+        out_dir: str | Path,
+        dtype: torch.dtype | None = None,
+        max_shard_bytes: int | None = None,
+        *,
+        is_writer: bool = True,
     ) -> Path:
-        """Write config.json and safetensors shards that transformers.MistralForCausalLM loads unchanged."""
-        from mistral_lightning.checkpoint.hf import save_hf_checkpoint
+        """Write config.json and safetensors shards that transformers.MistralForCausalLM loads unchanged,
+        replacing `out_dir`. Sharded (DTensor) parameters are gathered one at a time, so every rank
+        must call this; only the one with `is_writer` writes."""
+        from mistral_lightning.checkpoint.base import ModelWeights
+        from mistral_lightning.checkpoint.hf import save_hf
 
-        return save_hf_checkpoint(
-            self.state_dict(), self.config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes
+        return save_hf(
+            ModelWeights(self),
+            out_dir,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=True,
+            is_writer=is_writer,
         )
-
-
-def parameter_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names, in module order, with their shapes: taken from the model itself, on meta."""
-    with torch.device("meta"):
-        model = Mistral(config)
-    return {name: tuple(param.shape) for name, param in model.named_parameters()}

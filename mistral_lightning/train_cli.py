@@ -14,7 +14,6 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 import mistral_lightning.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
-from mistral_lightning.checkpoint.hf import save_hf_checkpoint
 from mistral_lightning.lightning_module import MistralLightningModule
 
 
@@ -31,10 +30,7 @@ class MistralCLI(LightningCLI):
         out_dir = self.config[self.subcommand].get("export_hf_dir")
         if out_dir and self.trainer.state.status == "finished":
             # Every rank takes part in gathering the shards; only global rank 0 writes.
-            model = self.model.model
-            save_hf_checkpoint(
-                model.state_dict(), model.config, out_dir, is_writer=self.trainer.is_global_zero
-            )
+            self.model.model.save_pretrained(out_dir, is_writer=self.trainer.is_global_zero)
             self.trainer.strategy.barrier()
 
 

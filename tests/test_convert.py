@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint import megatron
 from mistral_lightning.checkpoint.hf import to_hf_name
-from mistral_lightning.checkpoint.megatron import MegatronLayout, build_tensor
+from mistral_lightning.checkpoint.megatron_layout import MegatronLayout, build_tensor
 from mistral_lightning.cli import main
-from mistral_lightning.model import parameter_shapes
+from mistral_lightning.config import parameter_shapes
 
 # 8 KV heads so that TP8 is possible; vocab 509 is prime, so every TP > 1 pads the vocabulary.
 ROUND_TRIP = MistralConfig(
@@ -286,6 +286,23 @@ def test_release_checkpoint_and_dtype_option(hf_dir, tmp_path):
     assert _convert(f"--loader megatron --saver hf --load-dir {mg} --save-dir {out} --params-dtype fp32") == 0
     got, want = _hf_tensors(out), _hf_tensors(hf_dir)
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k].float()) for k in want)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("fp32", torch.float32),
+        ("float32", torch.float32),
+        ("fp16", torch.float16),
+        ("float16", torch.float16),
+    ],
+)
+def test_params_dtype_takes_both_spellings(hf_dir, tmp_path, name, dtype):
+    out = tmp_path / "hf"
+    assert _convert(f"--loader hf --saver hf --load-dir {hf_dir} --save-dir {out} --params-dtype {name}") == 0
+    got, want = _hf_tensors(out), _hf_tensors(hf_dir)
+    assert all(got[k].dtype == dtype and torch.equal(got[k], want[k].to(dtype)) for k in want)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------- the `lightning` loader

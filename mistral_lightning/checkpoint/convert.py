@@ -10,49 +10,26 @@ accepted too (`--loader llama2_hf`, `--model-type GPT`, `--tokenizer-model`,
 from __future__ import annotations
 
 import argparse
-import itertools
-import re
+import functools
 import time
 from pathlib import Path
 
-import torch
-
-from mistral_lightning.checkpoint.hf import CheckpointError, HFCheckpoint, HFCheckpointWriter, to_hf_name
+from mistral_lightning.checkpoint.base import CheckpointError, WeightSource, check_shapes
+from mistral_lightning.checkpoint.hf import HFCheckpoint, save_hf
 from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
-from mistral_lightning.checkpoint.megatron import (
-    MegatronCheckpoint,
-    MegatronLayout,
-    WeightSource,
-    save_megatron,
+from mistral_lightning.checkpoint.megatron import MegatronCheckpoint, save_megatron
+from mistral_lightning.checkpoint.megatron_layout import MegatronLayout
+from mistral_lightning.config import (
+    DTYPES,
+    MistralConfig,
+    parameter_shapes,
+    parse_dtype,
+    resolve_model_config,
 )
-from mistral_lightning.config import PRESETS, MistralConfig
-from mistral_lightning.model import parameter_shapes
 
 LOADERS = {"hf": "hf", "llama2_hf": "hf", "megatron": "megatron", "lightning": "lightning"}
 SAVERS = {"hf": "hf", "megatron": "megatron"}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MG2HG = "mg2hg"  # ModelLink writes Megatron -> HF results into this subfolder of --save-dir
-
-
-class HFSource:
-    """An HF folder as a WeightSource: our names in, lazily read (slices of) HF tensors out."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.checkpoint = HFCheckpoint(path)
-        self.config = self.checkpoint.config
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.checkpoint.shape(to_hf_name(name))
-
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
-        try:
-            return self.checkpoint.read(to_hf_name(name), index)
-        finally:
-            # Unmap the files, so that pages read for earlier tensors do not pile up in RSS.
-            self.checkpoint.close()
-
-    def close(self) -> None:
-        self.checkpoint.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,61 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_model_config(value: str | None) -> MistralConfig | None:
-    if value is None:
-        return None
-    if value in PRESETS:
-        return MistralConfig.from_name(value)
-    if not Path(value).exists():
-        raise CheckpointError(
-            f"--model-config {value}: neither a preset ({', '.join(sorted(PRESETS))}) nor an existing HF "
-            "folder or config.json"
-        )
-    return MistralConfig.from_hf(value)
-
-
 def open_source(loader: str, path: str, model_config: MistralConfig | None, trust: bool) -> WeightSource:
     if loader == "hf":
-        return HFSource(path)
+        return HFCheckpoint(path)
     if loader == "megatron":
         return MegatronCheckpoint(path, model_config=model_config, trust_pickle=trust)
     return LightningCheckpoint(path, model_config=model_config, trust_pickle=trust)
 
 
-def check_shapes(source: WeightSource, where: str) -> None:
-    """Catch a config that does not fit the weights before anything is written."""
-    for name, shape in parameter_shapes(source.config).items():
-        if tuple(source.shape(name)) != shape:
-            raise CheckpointError(
-                f"{where}: {name} has shape {list(source.shape(name))} but the config expects {list(shape)}; "
-                "does config.json (or --model-config) match the weights?"
-            )
-
-
-def save_hf(
-    source: WeightSource, save_dir: Path, *, dtype: torch.dtype, max_shard_bytes: int, overwrite: bool
-) -> Path:
-    """Stream parameters into safetensors shards, reporting progress once per layer."""
-
-    def layer_of(name: str) -> int | None:
-        match = re.match(r"layers\.(\d+)\.", name)
-        return int(match.group(1)) if match else None
-
-    with HFCheckpointWriter(
-        save_dir, source.config, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
-    ) as writer:
-        for layer, names in itertools.groupby(parameter_shapes(source.config), key=layer_of):
-            for name in names:
-                writer.add(to_hf_name(name), source.read(name))
-            if layer is not None:
-                print(f"[{layer + 1}/{source.config.num_layers}] layer {layer} converted", flush=True)
-    return writer.out_dir
-
-
 def convert(args: argparse.Namespace) -> Path:
     loader, saver = LOADERS[args.loader], SAVERS[args.saver]
     save_dir = Path(args.save_dir)
-    model_config = resolve_model_config(args.model_config)
+    model_config = None if args.model_config is None else resolve_model_config(args.model_config)
     if args.save_model_type == "save_huggingface_llama":
         # The recipe passes the original HF folder: ModelLink takes its config and writes into mg2hg/.
         saver = "hf"
@@ -203,17 +137,17 @@ def convert(args: argparse.Namespace) -> Path:
 
     source = open_source(loader, args.load_dir, model_config, args.trust_checkpoint)
     try:
-        check_shapes(source, args.load_dir)
+        check_shapes(source, parameter_shapes(source.config))
         # Without --params-dtype keep the source's dtype (ModelLink's fp16 default would silently round bf16).
-        dtype = (
-            DTYPES[args.params_dtype]
-            if args.params_dtype
-            else source.read("embed.weight", (slice(0, 1),)).dtype
-        )
+        dtype = parse_dtype(args.params_dtype) if args.params_dtype else source.dtype
         if saver == "hf":
-            max_shard_bytes = int(args.max_shard_size_gb * 1024**3)
             return save_hf(
-                source, save_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=args.overwrite
+                source,
+                save_dir,
+                dtype=dtype,
+                max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
+                overwrite=args.overwrite,
+                progress=functools.partial(print, flush=True),
             )
         # Unset Megatron options keep the source checkpoint's values (or the ModelLink defaults).
         inherited = source.layout if isinstance(source, MegatronCheckpoint) else MegatronLayout(source.config)

@@ -1,18 +1,18 @@
 """HF checkpoints: config.json plus model.safetensors or sharded safetensors with an index.
 
-Reading is lazy and can fill only a slice of each tensor, so a tensor-parallel (or FSDP) rank
+Reading is lazy and can return only a slice of each tensor, so a tensor-parallel (or FSDP) rank
 reads just its own shard and no rank ever holds the full model. Writing produces folders that
 `transformers.MistralForCausalLM.from_pretrained` loads unchanged.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -21,16 +21,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mistral_lightning.config import ConfigError, MistralConfig
-from mistral_lightning.errors import UserError
+from mistral_lightning.checkpoint.base import (
+    CheckpointError,
+    Index,
+    WeightSource,
+    fill_model,
+    finish_output_dir,
+    prepare_output_dir,
+)
+from mistral_lightning.config import MistralConfig, parameter_shapes
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-# The dtype names the commands accept for saved or loaded weights.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Our parameter names and HF MistralForCausalLM's, with {i} for the layer number; one table serves both ways.
+# Our parameter names and HF MistralForCausalLM's, with {i} for the layer number.
 _NAME_PAIRS: list[tuple[str, str]] = [
     ("embed.weight", "model.embed_tokens.weight"),
     ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
@@ -43,42 +48,23 @@ _NAME_PAIRS: list[tuple[str, str]] = [
     ("norm.weight", "model.norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
 ]
-
-
-def _rules(source: int) -> list[tuple[re.Pattern, str]]:
-    """Regex rules from one side of _NAME_PAIRS to the other."""
-    rules = []
-    for pair in _NAME_PAIRS:
-        pattern = re.escape(pair[source]).replace(re.escape("{i}"), r"(?P<i>\d+)")
-        rules.append((re.compile(pattern), pair[1 - source]))
-    return rules
-
-
-_TO_HF, _FROM_HF = _rules(0), _rules(1)
-
-
-class CheckpointError(UserError):
-    """A checkpoint on disk is missing, incomplete or does not fit the model."""
-
-
-def _translate(name: str, rules: list[tuple[re.Pattern, str]], kind: str) -> str:
-    for pattern, target in rules:
-        match = pattern.fullmatch(name)
-        if match:
-            return target.format(**match.groupdict())
-    raise CheckpointError(f"no {kind} name for parameter {name!r}")
+_TO_HF = [
+    (re.compile(re.escape(ours).replace(re.escape("{i}"), r"(?P<i>\d+)")), theirs)
+    for ours, theirs in _NAME_PAIRS
+]
 
 
 def to_hf_name(name: str) -> str:
-    return _translate(name, _TO_HF, "HF")
-
-
-def from_hf_name(name: str) -> str:
-    return _translate(name, _FROM_HF, "mistral-lightning")
+    """Our parameter name -> the HF tensor name, e.g. 'layers.0.attn.q.weight' -> 'model.layers.0.self_attn.q_proj.weight'."""
+    for pattern, target in _TO_HF:
+        match = pattern.fullmatch(name)
+        if match:
+            return target.format(**match.groupdict())
+    raise CheckpointError(f"no HF name for parameter {name!r}")
 
 
 class HFCheckpoint:
-    """A lazily read HF folder: names, shapes and (sliced) tensors without loading whole files."""
+    """An HF folder as a WeightSource: our parameter names in, lazily read (slices of) HF tensors out."""
 
     def __init__(self, hf_dir: str | Path) -> None:
         self.path = Path(hf_dir)
@@ -112,91 +98,48 @@ class HFCheckpoint:
             "convert .bin checkpoints to safetensors first"
         )
 
-    def _handle(self, name: str):
-        if name not in self._file_of:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        file = self._file_of[name]
-        if str(file) not in self._handles:
-            self._handles[str(file)] = self._stack.enter_context(safe_open(file, "pt"))
-        return self._handles[str(file)]
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+    def _handle(self, hf_name: str):
+        if hf_name not in self._file_of:
+            raise CheckpointError(f"{self.path}: tensor {hf_name!r} is missing from the checkpoint")
+        file = str(self._file_of[hf_name])
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(file, "pt"))
+        return self._handles[file]
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the embedding, taken as the checkpoint's dtype."""
-        return self.read("model.embed_tokens.weight", (slice(0, 1),)).dtype
+        return self.read("embed.weight", (slice(0, 1),)).dtype
 
-    def read(self, name: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
-        """The tensor `name`, or only `tensor[index]` read from disk (lazily, via safetensors slices)."""
-        if index is None:
-            return self._handle(name).get_tensor(name)
-        return self._handle(name).get_slice(name)[index]
+    def stored_name(self, name: str) -> str:
+        return to_hf_name(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        hf_name = to_hf_name(name)
+        return tuple(self._handle(hf_name).get_slice(hf_name).get_shape())
+
+    def read(self, name: str, index: Index | None = None) -> torch.Tensor:
+        """Our parameter `name`, or only `[index]` of it, read from disk (via safetensors slices)."""
+        hf_name = to_hf_name(name)
+        try:
+            handle = self._handle(hf_name)
+            return handle.get_tensor(hf_name) if index is None else handle.get_slice(hf_name)[index]
+        finally:
+            # Unmap the files, so that pages read for earlier tensors do not pile up in RSS.
+            self.close()
 
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
 
 
-def _local_index(param: torch.Tensor) -> tuple[slice, ...] | None:
-    """For a DTensor parameter, the slice of the global tensor this rank holds; None for a plain tensor."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
-        return None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local_shape, offset = compute_local_shape_and_global_offset(
-        param.shape, param.device_mesh, param.placements
-    )
-    return tuple(slice(start, start + size) for start, size in zip(offset, local_shape))
-
-
-@torch.no_grad()
 def load_hf_weights(model: nn.Module, checkpoint: HFCheckpoint | str | Path) -> None:
-    """Copy HF weights into `model`'s parameters in place, reading only each rank's slice of DTensors."""
+    """Fill `model` from an HF folder in place; a DTensor parameter reads only its rank's slice."""
     if not isinstance(checkpoint, HFCheckpoint):
         checkpoint = HFCheckpoint(checkpoint)
     try:
-        for name, param in model.named_parameters():
-            hf_name = to_hf_name(name)
-            stored_shape = checkpoint.shape(hf_name)
-            if stored_shape != tuple(param.shape):
-                raise CheckpointError(
-                    f"{checkpoint.path}: tensor {hf_name!r} has shape {list(stored_shape)} but the model expects "
-                    f"{list(param.shape)}; does config.json match the weights?"
-                )
-            index = _local_index(param)
-            if index is None:
-                param.copy_(checkpoint.read(hf_name))
-            else:
-                param.to_local().copy_(checkpoint.read(hf_name, index))
+        fill_model(model, checkpoint)
     finally:
         checkpoint.close()
-
-
-def prepare_output_dir(out_dir: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
-    """Check the target and make a sibling temporary folder to write into; rename it at the end."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise CheckpointError(
-            f"{out_dir}: exists and is not empty; choose another folder or pass --overwrite"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    return out_dir, tmp_dir
-
-
-def finish_output_dir(tmp_dir: Path, out_dir: Path) -> Path:
-    """Publish a fully written folder in one rename, so an interrupted write never looks complete."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return out_dir
 
 
 class HFCheckpointWriter:
@@ -271,40 +214,54 @@ class HFCheckpointWriter:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
-def save_hf_checkpoint(
-    state_dict: Mapping[str, torch.Tensor],
-    config: MistralConfig,
+def _layer_of(name: str) -> int | None:
+    match = re.match(r"layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def save_hf(
+    source: WeightSource,
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
     is_writer: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write our-named parameters as an HF folder. DTensors are gathered one at a time, so with a
-    sharded model every rank must call this; only the one with `is_writer` writes."""
+    """Write `source` as an HF folder, tensor by tensor, so peak memory stays near one shard.
+
+    dtype None keeps each tensor's own. A sharded model (ModelWeights) is gathered one tensor at a
+    time, so every rank must call this; only the one with `is_writer` writes. `progress` hears of
+    each finished layer.
+    """
     writer = (
-        HFCheckpointWriter(out_dir, config, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        HFCheckpointWriter(
+            out_dir, source.config, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+        )
         if is_writer
         else nullcontext()
     )
+    num_layers = source.config.num_layers
     with writer:
-        for name, tensor in state_dict.items():
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-            if is_writer:
-                writer.add(to_hf_name(name), full)
-    return Path(out_dir)
+        for layer, names in itertools.groupby(parameter_shapes(source.config), key=_layer_of):
+            for name in names:
+                tensor = source.read(name)
+                if is_writer:
+                    writer.add(to_hf_name(name), tensor)
+            if layer is not None and progress is not None:
+                progress(f"[{layer + 1}/{num_layers}] layer {layer} converted")
+    return writer.out_dir if is_writer else Path(out_dir)
 
 
 __all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "SAFETENSORS_FILE",
+    "SAFETENSORS_INDEX",
     "CheckpointError",
-    "ConfigError",
     "HFCheckpoint",
     "HFCheckpointWriter",
-    "finish_output_dir",
-    "from_hf_name",
     "load_hf_weights",
-    "prepare_output_dir",
-    "save_hf_checkpoint",
+    "save_hf",
     "to_hf_name",
 ]

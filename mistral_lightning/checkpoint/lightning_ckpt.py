@@ -16,10 +16,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from mistral_lightning.checkpoint.hf import CheckpointError
-from mistral_lightning.checkpoint.megatron import Index, load_torch_file
-from mistral_lightning.config import ConfigError, MistralConfig
-from mistral_lightning.model import parameter_shapes
+from mistral_lightning.checkpoint.base import CheckpointError, Index, check_shapes, load_torch_file
+from mistral_lightning.config import ConfigError, MistralConfig, parameter_shapes
 
 DCP_METADATA = ".metadata"
 LIGHTNING_METADATA = "meta.pt"  # ModelParallelStrategy's non-tensor state beside a DCP checkpoint
@@ -86,13 +84,7 @@ class LightningCheckpoint:
             self._keys, self._meta = self._dcp_index()
         else:
             self._keys = self._match(self._state)
-        for name, key in self._keys.items():
-            if self.shape(name) != self._shapes[name]:
-                raise CheckpointError(
-                    f"{self.path}: {key} has shape {list(self.shape(name))} but the model config expects "
-                    f"{list(self._shapes[name])}; does the config (--model-config, the recorded "
-                    f"{RECORDED_CONFIG} or config.json) match?"
-                )
+        check_shapes(self, self._shapes)
 
     def _dcp_index(self) -> tuple[dict[str, str], dict[str, TensorStorageMetadata]]:
         metadata = dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata
@@ -114,6 +106,15 @@ class LightningCheckpoint:
                 f"model.{missing[0]}); found keys like {sorted(state)[:3]}"
             )
         return {name: keys[name] for name in self._shapes}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self._state is not None:
+            return self._state[self._keys["embed.weight"]].dtype
+        return self._meta["embed.weight"].properties.dtype
+
+    def stored_name(self, name: str) -> str:
+        return self._keys[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._state is not None:

@@ -8,28 +8,31 @@ from pathlib import Path
 
 import torch
 
-from mistral_lightning.checkpoint.hf import DTYPES as CHECKPOINT_DTYPES
-from mistral_lightning.checkpoint.hf import CheckpointError
+from mistral_lightning.checkpoint.base import CheckpointError
+from mistral_lightning.checkpoint.hf import HFCheckpoint
 from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LightningCheckpoint
+from mistral_lightning.config import DTYPES, parse_dtype
 from mistral_lightning.kernels import pack_linear_weights
 from mistral_lightning.model import Mistral
 from mistral_lightning.tokenizer import HF_TOKENIZER_FILE, Tokenizer, default_tokenizer_path
 
-DTYPES = {"auto": None, **CHECKPOINT_DTYPES}
+AUTO_DTYPE = "auto"  # keep the checkpoint's own dtype
 
 
-def load_model(checkpoint: str | Path, *, device: str = "cpu", dtype: str = "auto") -> Mistral:
-    """An eval-mode Mistral for inference; dtype "auto" keeps the checkpoint's own dtype.
+def load_model(checkpoint: str | Path, *, device: str = "cpu", dtype: str = AUTO_DTYPE) -> Mistral:
+    """An eval-mode Mistral for inference; dtype is a name in config.DTYPES, or "auto" for the checkpoint's own.
 
     On the CPU its linear weights are packed for oneDNN (kernels/packed_linear.py): several times faster
     decoding, but the model can then no longer be trained or saved.
     """
-    model = _load(Path(checkpoint), device, dtype)
+    torch_dtype = None if dtype == AUTO_DTYPE else parse_dtype(dtype)
+    model = Mistral.from_pretrained(_open(Path(checkpoint)), torch_dtype, device).eval()
     pack_linear_weights(model)
     return model
 
 
-def _load(path: Path, device: str, dtype: str) -> Mistral:
+def _open(path: Path) -> HFCheckpoint | LightningCheckpoint:
+    """The weights at `path`: an HF folder, or a `fit` checkpoint (DCP folder or single file)."""
     if not path.exists():
         raise CheckpointError(
             f"{path}: no such file or folder; pass an HF model folder (config.json + *.safetensors) "
@@ -41,22 +44,8 @@ def _load(path: Path, device: str, dtype: str) -> Mistral:
                 f"{path}: holds neither config.json + *.safetensors (an HF model) nor {DCP_METADATA} (a `fit` "
                 "checkpoint), so there are no weights to load; point --checkpoint at the folder that has them"
             )
-        return Mistral.from_pretrained(path, DTYPES[dtype], device).eval()
-    return _from_training_checkpoint(LightningCheckpoint(path), device, DTYPES[dtype]).eval()
-
-
-@torch.no_grad()
-def _from_training_checkpoint(source: LightningCheckpoint, device: str, dtype: torch.dtype | None) -> Mistral:
-    try:
-        with torch.device("meta"):
-            model = Mistral(source.config)
-        model.to_empty(device=device)
-        for name, param in model.named_parameters():
-            tensor = source.read(name)
-            param.data = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    finally:
-        source.close()
-    return model
+        return HFCheckpoint(path)
+    return LightningCheckpoint(path)
 
 
 def load_tokenizer(tokenizer_model: str | Path | None, checkpoint: str | Path) -> Tokenizer:
@@ -89,5 +78,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="auto", help="auto: the checkpoint's dtype"
+        "--dtype",
+        choices=[AUTO_DTYPE, *DTYPES],
+        default=AUTO_DTYPE,
+        help="dtype of the loaded weights; auto: the checkpoint's own",
     )
