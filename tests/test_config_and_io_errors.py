@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint.hf import CheckpointError
-from mistral_lightning.config import ConfigError
+from mistral_lightning.config import ConfigError, parameter_shapes, parse_dtype, resolve_model_config
+from mistral_lightning.generation.loading import add_model_arguments, load_model
 
 
 def test_presets_follow_the_published_configs():
@@ -99,3 +101,56 @@ def test_cli_reports_user_errors_in_one_line():
     assert result.returncode == 2
     assert "unknown command 'no-such-command'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- one dtype table, one config resolver
+
+DTYPE_SPELLINGS = [
+    ("fp32", torch.float32),
+    ("float32", torch.float32),
+    ("bf16", torch.bfloat16),
+    ("bfloat16", torch.bfloat16),
+    ("fp16", torch.float16),
+    ("float16", torch.float16),
+]
+
+
+@pytest.mark.parametrize(("name", "dtype"), DTYPE_SPELLINGS)
+def test_both_dtype_spellings_parse(name, dtype):
+    assert parse_dtype(name) is dtype
+
+
+def test_unknown_dtype_names_every_accepted_spelling():
+    with pytest.raises(ConfigError, match="'half'.*fp32/float32, bf16/bfloat16, fp16/float16"):
+        parse_dtype("half")
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("bf16", torch.bfloat16), ("float16", torch.float16)])
+def test_inference_commands_take_both_dtype_spellings(tmp_path, name, dtype):
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(saved_tiny(tmp_path)), "--dtype", name])
+    assert load_model(args.checkpoint, dtype=args.dtype).embed.weight.dtype == dtype
+
+
+def test_parameter_shapes_follow_the_model():
+    config = MistralConfig.from_name("tiny", num_kv_heads=1, intermediate_size=100)
+    model = Mistral(config)
+    assert parameter_shapes(config) == {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert list(parameter_shapes(config)) == [name for name, _ in model.named_parameters()]
+
+
+def test_model_config_from_a_preset_a_folder_or_the_pretrained_folder(tmp_path):
+    folder = saved_tiny(tmp_path)
+    tiny_64 = MistralConfig.from_name("tiny", vocab_size=64)
+    assert resolve_model_config("tiny") == MistralConfig.from_name("tiny")
+    assert resolve_model_config(str(folder)) == tiny_64
+    assert resolve_model_config(folder / "config.json") == tiny_64
+    assert resolve_model_config(None, folder) == tiny_64
+    assert resolve_model_config({"vocab_size": 64, "num_layers": 1}).num_layers == 1
+    with pytest.raises(ConfigError, match="'mistral-9b': neither a preset.*tiny"):
+        resolve_model_config("mistral-9b")
+    with pytest.raises(ConfigError, match="vocab_size: 32000 vs 64"):
+        resolve_model_config("tiny", folder)
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        resolve_model_config(None, None)

@@ -3,13 +3,16 @@ the model that was trained."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from training_utils import datamodule, module, single_thread, toy_data, trainer  # noqa: F401
 from transformers import MistralForCausalLM
 
+from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.generation.loading import load_model as load_trained_model
 from mistral_lightning.tokenizer import default_tokenizer_path
@@ -39,6 +42,30 @@ def test_fit_then_export_loads_in_transformers(toy_data, single_thread, tmp_path
     with torch.no_grad():
         expected = trained.model(_ids())
     torch.testing.assert_close(_hf_logits(out, _ids()), expected, rtol=1e-4, atol=1e-4)
+
+
+def _training_checkpoint(tmp_path: Path) -> tuple[Mistral, Path]:
+    """A single-file checkpoint as `fit` writes it, without training."""
+    model = Mistral(MistralConfig.from_name("tiny", vocab_size=64))
+    state = {f"model.{key}": tensor for key, tensor in model.state_dict().items()}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "mistral_config": dataclasses.asdict(model.config)}, path)
+    return model, path
+
+
+@pytest.mark.parametrize(
+    ("dtype_option", "dtype"),
+    [([], torch.bfloat16), (["--dtype", "bf16"], torch.bfloat16), (["--dtype", "fp32"], torch.float32)]
+    + [(["--dtype", "float32"], torch.float32), (["--dtype", "float16"], torch.float16)],
+    ids=["default", "bf16", "fp32", "float32", "float16"],
+)
+def test_export_dtype_takes_both_spellings(tmp_path, dtype_option, dtype):
+    model, checkpoint = _training_checkpoint(tmp_path)
+    out = tmp_path / "hf"
+    assert cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(out), *dtype_option]) == 0
+    tensors = load_file(out / "model.safetensors")
+    assert {tensor.dtype for tensor in tensors.values()} == {dtype}
+    assert torch.equal(tensors["lm_head.weight"], model.lm_head.weight.detach().to(dtype))
 
 
 def test_export_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
