@@ -26,12 +26,8 @@ from mistral_lightning.callbacks import lookup_peak_tflops, training_flops_per_t
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.kernels import resolve_backend
 from mistral_lightning.model import Mistral
-from mistral_lightning.optim import build_optimizer
+from mistral_lightning.optim import OptimizerConfig, build_optimizer
 from mistral_lightning.parallel import apply_activation_checkpointing
-
-TINY_SHAPES = dict(
-    hidden_size=64, intermediate_size=192, num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=64
-)
 
 
 def pick_device(dry_run: bool) -> torch.device:
@@ -76,7 +72,7 @@ def train(config: MistralConfig, args: argparse.Namespace, device: torch.device,
     model.to_empty(device=device)
     model.init_weights()
     apply_activation_checkpointing(model, args.activation_checkpointing)
-    optimizer = build_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = build_optimizer(model, OptimizerConfig())
     tokens = torch.randint(3, config.vocab_size, (1, args.seq + 1), device=device)
     input_ids, labels = tokens[:, :-1], tokens[:, 1:]
     if device.type != "cpu":
@@ -111,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.dry_run)
     full = MistralConfig.from_name("mistral-7b-32k", max_seq_length=max(32768, args.seq))
     if args.dry_run:
-        full = full.replace(**TINY_SHAPES)
+        # The tiny preset's widths at the 7B's depth: the full-model estimate still covers 32 layers.
+        full = MistralConfig.from_name("tiny", num_layers=full.num_layers)
         args.seq, args.layers, args.steps = min(args.seq, 256), args.layers or 2, min(args.steps, 2)
     layers = args.layers
     if layers is None:

@@ -5,7 +5,7 @@
 Both sides read the same data (random tokens in a Megatron indexed dataset, through PretrainDataModule),
 use the same AdamW (`mistral_lightning.optim.build_optimizer`, same hyper-parameters), bf16 weights and
 batch 1. Ours is `mistral-lightning fit` (LightningCLI, ModelParallelStrategy, ThroughputMonitor and
-MemoryMonitor on), with `model.compile: true` unless --no-compile; transformers' MistralForCausalLM
+MemoryMonitor on), with `model.parallel.compile: true` unless --no-compile; transformers' MistralForCausalLM
 (SDPA attention) runs a plain eager loop, as in the performance issue's reference table. Each measurement
 is a fresh process (its own peak RSS); the pair alternates within the run (ours, transformers, ours, ...)
 and the best round of each is reported, with their ratio. Tokens/s leaves out the first step (one-off
@@ -42,11 +42,15 @@ from mistral_lightning.callbacks import (
     peak_memory,
 )
 from mistral_lightning.config import MistralConfig
+from mistral_lightning.optim import OptimizerConfig, ScheduleConfig
 
-OPTIMIZER = {"lr": 3e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8}
+# The module's default AdamW settings, given to both sides.
+OPTIMIZER = OptimizerConfig()
+# No warmup or decay: the transformers loop runs at a fixed LR too.
+SCHEDULE = ScheduleConfig(kind="constant", warmup_fraction=0.0)
 DATA_SEED = 1234
-# Transformers' attention memory grows with T^2 although the window is fixed (17 GB at 16K on the bench
-# config), and a 16K step takes over a minute: by default it runs up to 8K only.
+# Transformers' attention memory and step time grow with T^2 although the window is fixed: by default it
+# runs up to 8K only (the figures at 16K: results/notes.md).
 TRANSFORMERS_MAX_SEQ = 8192
 # Ours at lengths whose activations would not fit the 8 GB target otherwise (parallel.py's option).
 OURS_ACTIVATION_CHECKPOINTING: dict[int, str] = {}
@@ -102,14 +106,9 @@ def fit_config(
         "seed_everything": 0,
         "model": {
             "model_config": model_config,
-            "lr": OPTIMIZER["lr"],
-            "weight_decay": OPTIMIZER["weight_decay"],
-            "betas": list(OPTIMIZER["betas"]),
-            "eps": OPTIMIZER["eps"],
-            "lr_schedule": "constant",
-            "warmup_fraction": 0.0,
-            "activation_checkpointing": activation_checkpointing,
-            "compile": compile,
+            "optimizer": dataclasses.asdict(OPTIMIZER),
+            "schedule": dataclasses.asdict(SCHEDULE),
+            "parallel": {"activation_checkpointing": activation_checkpointing, "compile": compile},
         },
         "data": {
             "class_path": "mistral_lightning.data.datamodules.PretrainDataModule",
@@ -196,7 +195,7 @@ def run_transformers(args: argparse.Namespace) -> None:
     torch.set_default_dtype(torch.bfloat16)  # built in bf16, as bf16-true builds ours
     model = transformers.MistralForCausalLM(hf_config).train()
     torch.set_default_dtype(torch.float32)
-    optimizer = build_optimizer(model, **OPTIMIZER)
+    optimizer = build_optimizer(model, OPTIMIZER)
     timed_from = None
     for step in range(args.steps):
         batch = next(batches)
@@ -336,7 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="ours: fit with model.compile true (torch.compile per block; the first, untimed step compiles)",
+        help="ours: fit with model.parallel.compile true (torch.compile per block; the first, untimed step compiles)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (default: all cores)"

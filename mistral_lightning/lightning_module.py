@@ -24,9 +24,9 @@ from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
-from mistral_lightning.optim import LRSchedule, build_optimizer, build_scheduler
+from mistral_lightning.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from mistral_lightning.parallel import (
-    ActivationCheckpointing,
+    ParallelConfig,
     clip_grad_norm_,
     init_weights,
     mixed_precision_policy,
@@ -43,6 +43,11 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def _settings(cls: type, value: Any) -> Any:
+    """A settings group as its dataclass, from the dataclass itself or a dict of its fields."""
+    return value if isinstance(value, cls) else cls(**value)
+
+
 class MistralLightningModule(L.LightningModule):
     """Pretraining and fine-tuning of Mistral with tensor, sequence and fully sharded data parallelism.
 
@@ -50,13 +55,9 @@ class MistralLightningModule(L.LightningModule):
         model_config: a preset name (see `MistralConfig.from_name`) or a full config; None reads
             `pretrained`'s config.json.
         pretrained: an HF folder (config.json + safetensors) to start from; None starts from random weights.
-        lr, min_lr: peak learning rate and the floor the cosine decays to.
-        warmup_fraction: share of the run's optimizer steps spent in linear warmup.
-        lr_schedule: "cosine" (to min_lr at the last step) or "constant" (after warmup).
-        weight_decay, betas, eps: AdamW settings (norm weights get no decay).
-        sequence_parallel: shard norms and the residual stream on the sequence under TP.
-        activation_checkpointing: "none", "full" (recompute each block) or "selective" (keep matmul outputs).
-        compile: `torch.compile` each block and the loss's softmax/gradient step.
+        optimizer: AdamW's lr, weight_decay, betas and eps (norm weights get no decay).
+        schedule: warmup_fraction, then kind "cosine" (to min_lr at the last step) or "constant".
+        parallel: sequence_parallel, activation_checkpointing and compile (the mesh sizes are the strategy's).
         loss_chunk_size: positions per chunk of the LM head + cross-entropy, bounding fp32 logits.
         max_new_tokens: greedy tokens per prompt in `predict_step`.
         init_seed: seed of the random initialisation (same weights under any TP/DP layout).
@@ -66,16 +67,10 @@ class MistralLightningModule(L.LightningModule):
         self,
         model_config: str | MistralConfig | None = None,
         pretrained: str | None = None,
-        lr: float = 3e-4,
-        min_lr: float = 3e-5,
-        warmup_fraction: float = 0.01,
-        lr_schedule: LRSchedule = "cosine",
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        sequence_parallel: bool = True,
-        activation_checkpointing: ActivationCheckpointing = "none",
-        compile: bool = False,
+        # The groups are frozen dataclasses, so one shared default instance is safe.
+        optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
+        schedule: ScheduleConfig = ScheduleConfig(),  # noqa: B008
+        parallel: ParallelConfig = ParallelConfig(),  # noqa: B008
         loss_chunk_size: int = 1024,
         max_new_tokens: int = 64,
         init_seed: int = 42,
@@ -83,9 +78,16 @@ class MistralLightningModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = resolve_model_config(model_config, pretrained)
+        # A checkpoint's hyper-parameters come back as dicts (load_from_checkpoint).
+        self.optimizer_config = _settings(OptimizerConfig, optimizer)
+        self.schedule_config = _settings(ScheduleConfig, schedule)
+        self.parallel_config = _settings(ParallelConfig, parallel)
+        # Checkpoint metadata must stay plain data: Lightning reloads it with torch.load(weights_only=True).
         if isinstance(model_config, MistralConfig):
-            # Checkpoint metadata must stay plain data: Lightning reloads it with torch.load(weights_only=True).
             self.hparams["model_config"] = dataclasses.asdict(model_config)
+        self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
+        self.hparams["schedule"] = dataclasses.asdict(self.schedule_config)
+        self.hparams["parallel"] = dataclasses.asdict(self.parallel_config)
         self.model: Mistral | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -115,9 +117,9 @@ class MistralLightningModule(L.LightningModule):
         parallelize(
             model,
             self.device_mesh,
-            sequence_parallel=self.hparams.sequence_parallel,
-            activation_checkpointing=self.hparams.activation_checkpointing,
-            compile=self.hparams.compile,
+            sequence_parallel=self.parallel_config.sequence_parallel,
+            activation_checkpointing=self.parallel_config.activation_checkpointing,
+            compile=self.parallel_config.compile,
             mp_policy=mixed_precision_policy(self.trainer.precision),
             seq_length=getattr(datamodule, "seq_length", None),
         )
@@ -134,11 +136,11 @@ class MistralLightningModule(L.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         seq_len = batch["input_ids"].shape[1]
-        if self.hparams.sequence_parallel and seq_len % self.tensor_parallel_size:
+        if self.parallel_config.sequence_parallel and seq_len % self.tensor_parallel_size:
             raise UserError(
                 f"a batch of {seq_len} positions cannot be split over tensor_parallel_size="
                 f"{self.tensor_parallel_size} for sequence parallelism; make data.seq_length and "
-                "data.pad_to_multiple_of multiples of it, or set model.sequence_parallel: false"
+                "data.pad_to_multiple_of multiples of it, or set model.parallel.sequence_parallel: false"
             )
         # loss_parallel: under TP the logits are a DTensor sharded on the vocabulary and the
         # cross-entropy is computed without gathering them; plain tensors are unaffected.
@@ -149,7 +151,7 @@ class MistralLightningModule(L.LightningModule):
                 batch.get("position_ids"),
                 document_ids=batch.get("document_ids"),
                 chunk_size=self.hparams.loss_chunk_size,
-                compiled=self.hparams.compile,
+                compiled=self.parallel_config.compile,
             )
         return _plain(loss)
 
@@ -162,7 +164,7 @@ class MistralLightningModule(L.LightningModule):
         if not torch.isfinite(mean_loss):
             raise NonFiniteLossError(
                 f"training loss is {mean_loss.item()} at step {self.global_step} (batch {batch_idx}); stopping "
-                "before this step updates the weights, so the last saved checkpoint is intact. Lower model.lr, "
+                "before this step updates the weights, so the last saved checkpoint is intact. Lower model.optimizer.lr, "
                 "check the data, or resume from that checkpoint (fit --ckpt_path ...)"
             )
         self.log("train/loss", mean_loss, prog_bar=True)
@@ -221,15 +223,12 @@ class MistralLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = build_optimizer(self.model, hp.lr, hp.weight_decay, tuple(hp.betas), hp.eps)
+        optimizer = build_optimizer(self.model, self.optimizer_config)
         scheduler = build_scheduler(
             optimizer,
-            lr=hp.lr,
-            min_lr=hp.min_lr,
-            warmup_fraction=hp.warmup_fraction,
+            self.schedule_config,
+            lr=self.optimizer_config.lr,
             total_steps=self.trainer.estimated_stepping_batches,
-            schedule=hp.lr_schedule,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -14,9 +15,27 @@ from mistral_lightning.errors import UserError
 LRSchedule = Literal["cosine", "constant"]
 
 
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
-) -> torch.optim.AdamW:
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """`model.optimizer`: AdamW's settings; `lr` is the peak the schedule warms up to."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """`model.schedule`: linear warmup over `warmup_fraction` of the run's optimizer steps, then
+    `kind` "cosine" (down to `min_lr` at the last step) or "constant"."""
+
+    kind: LRSchedule = "cosine"
+    warmup_fraction: float = 0.01
+    min_lr: float = 3e-5
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW with two groups: matrices decay, norm weights (the only 1-D parameters) do not.
 
     The split also keeps each group on one device mesh (TP-sharded matrices vs. replicated norms),
@@ -25,11 +44,12 @@ def build_optimizer(
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [
-        {"params": decay, "weight_decay": weight_decay},
+        {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # fused: one kernel per group instead of a Python loop of small ops per (DTensor) parameter.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    # tuple(): betas read back from a checkpoint's hyper-parameters may be a list.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True)
 
 
 def lr_factor(
@@ -45,33 +65,30 @@ def lr_factor(
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    lr: float,
-    min_lr: float,
-    warmup_fraction: float,
-    total_steps: int,
-    schedule: LRSchedule,
+    optimizer: torch.optim.Optimizer, config: ScheduleConfig, *, lr: float, total_steps: int
 ) -> LambdaLR:
-    if schedule not in ("cosine", "constant"):
-        raise UserError(f"model.lr_schedule={schedule!r} is not one of 'cosine', 'constant'")
-    if not 0.0 <= warmup_fraction < 1.0:
-        raise UserError(f"model.warmup_fraction={warmup_fraction} must be in [0, 1)")
-    if not 0.0 <= min_lr <= lr:
-        raise UserError(f"model.min_lr={min_lr} must be between 0 and model.lr={lr}")
+    """The schedule as a multiplier of the peak `lr` over `total_steps` optimizer steps."""
+    if config.kind not in ("cosine", "constant"):
+        raise UserError(f"model.schedule.kind={config.kind!r} is not one of 'cosine', 'constant'")
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise UserError(f"model.schedule.warmup_fraction={config.warmup_fraction} must be in [0, 1)")
+    if not 0.0 <= config.min_lr <= lr:
+        raise UserError(
+            f"model.schedule.min_lr={config.min_lr} must be between 0 and model.optimizer.lr={lr}"
+        )
     if total_steps <= 0:
         raise UserError(
             "the LR schedule needs a finite number of steps; set trainer.max_steps (or trainer.max_epochs)"
         )
-    warmup_steps = round(warmup_fraction * total_steps)
+    warmup_steps = round(config.warmup_fraction * total_steps)
 
     def factor(step: int) -> float:
         return lr_factor(
             step,
             warmup_steps=warmup_steps,
             total_steps=total_steps,
-            min_ratio=min_lr / lr if lr else 0.0,
-            schedule=schedule,
+            min_ratio=config.min_lr / lr if lr else 0.0,
+            schedule=config.kind,
         )
 
     return LambdaLR(optimizer, factor)

@@ -8,6 +8,7 @@ distributed checkpoints see the same names whatever the plan.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
@@ -32,6 +33,21 @@ from mistral_lightning.errors import UserError
 from mistral_lightning.model import Mistral
 
 ActivationCheckpointing = Literal["none", "full", "selective"]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """`model.parallel`: the plan's options; the mesh sizes are the strategy's (trainer.strategy.init_args).
+
+    sequence_parallel: shard the norms and the residual stream on the sequence under TP.
+    activation_checkpointing: "none", "full" (recompute each block) or "selective" (keep matmul outputs).
+    compile: `torch.compile` each block (and the loss's softmax/gradient step).
+    """
+
+    sequence_parallel: bool = True
+    activation_checkpointing: ActivationCheckpointing = "none"
+    compile: bool = False
+
 
 # Selective checkpointing keeps the outputs of the expensive operators and recomputes the cheap,
 # memory-hungry ones (norms, rotary, SwiGLU, casts) in the backward pass.
@@ -62,7 +78,7 @@ def check_parallel_config(
     if sequence_parallel and tp_size > 1 and seq_length is not None and seq_length % tp_size:
         raise UserError(
             f"sequence parallelism needs the sequence length ({seq_length}) to be divisible by "
-            f"tensor_parallel_size={tp_size}; change data.seq_length or set model.sequence_parallel: false"
+            f"tensor_parallel_size={tp_size}; change data.seq_length or set model.parallel.sequence_parallel: false"
         )
 
 
@@ -125,7 +141,9 @@ def apply_activation_checkpointing(model: Mistral, mode: ActivationCheckpointing
     if mode == "none":
         return
     if mode not in ("full", "selective"):
-        raise UserError(f"model.activation_checkpointing={mode!r} is not one of 'none', 'full', 'selective'")
+        raise UserError(
+            f"model.parallel.activation_checkpointing={mode!r} is not one of 'none', 'full', 'selective'"
+        )
     context_fn = (
         partial(create_selective_checkpoint_contexts, _selective_policy) if mode == "selective" else None
     )
@@ -166,9 +184,9 @@ def parallelize(
     model: Mistral,
     mesh: DeviceMesh,
     *,
-    sequence_parallel: bool = True,
-    activation_checkpointing: ActivationCheckpointing = "none",
-    compile: bool = False,
+    sequence_parallel: bool = ParallelConfig.sequence_parallel,
+    activation_checkpointing: ActivationCheckpointing = ParallelConfig.activation_checkpointing,
+    compile: bool = ParallelConfig.compile,
     mp_policy: MixedPrecisionPolicy | None = None,
     seq_length: int | None = None,
 ) -> Mistral:

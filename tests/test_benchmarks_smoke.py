@@ -67,7 +67,7 @@ def test_fit_config_runs_our_callbacks_on_the_real_data_path():
     callbacks = [cb["class_path"].rsplit(".", 1)[-1] for cb in config["trainer"]["callbacks"]]
     assert callbacks == ["ThroughputMonitor", "MemoryMonitor", "ResultWriter"]
     assert config["data"]["class_path"].endswith("PretrainDataModule")
-    assert config["model"]["compile"] is True
+    assert config["model"]["parallel"]["compile"] is True
 
 
 def test_gpu_layer_count_fills_the_device():

@@ -27,7 +27,12 @@ def two_ranks(toy_data, killed_checkpoint, tmp_path_factory) -> dict:  # noqa: F
     one_kv_head = dataclasses.asdict(MistralConfig.from_name("tiny", num_kv_heads=1))
     scenarios = [
         {"name": "tp2_sp", "data": toy_data, "tensor_parallel": 2},
-        {"name": "tp2_no_sp", "data": toy_data, "tensor_parallel": 2, "module": {"sequence_parallel": False}},
+        {
+            "name": "tp2_no_sp",
+            "data": toy_data,
+            "tensor_parallel": 2,
+            "module": {"parallel": {"sequence_parallel": False}},
+        },
         {"name": "dp2_fsdp", "data": toy_data, "data_parallel": 2},
         {"name": "tp2_resumes_tp1", "data": toy_data, "tensor_parallel": 2, "resume": str(killed_checkpoint)},
         {
@@ -80,7 +85,7 @@ def test_layout_checks_name_the_option():
     config = MistralConfig.from_name("tiny")
     with pytest.raises(UserError, match="tensor_parallel_size=4 does not divide"):
         check_parallel_config(config, 4, False, None)
-    with pytest.raises(UserError, match="model.sequence_parallel: false"):
+    with pytest.raises(UserError, match="model.parallel.sequence_parallel: false"):
         check_parallel_config(config, 2, True, 127)
     check_parallel_config(config, 2, False, 127)  # without SP any length is fine
 

@@ -28,7 +28,7 @@ from mistral_lightning.data.datamodules import InstructionDataModule
 from mistral_lightning.errors import UserError
 from mistral_lightning.generation.loading import load_model as load_trained_model
 from mistral_lightning.lightning_module import NonFiniteLossError
-from mistral_lightning.optim import build_optimizer, lr_factor
+from mistral_lightning.optim import OptimizerConfig, build_optimizer, lr_factor
 
 
 def test_resume_after_kill_repeats_the_straight_run_exactly(reference, killed_checkpoint, toy_data, tmp_path):  # noqa: F811
@@ -90,7 +90,7 @@ def test_pretrained_folder_with_mismatched_shapes_fails_before_any_step(toy_data
 
 def test_no_weight_decay_on_norms():
     model = Mistral(MistralConfig.from_name("tiny"))
-    decay, no_decay = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8).param_groups
+    decay, no_decay = build_optimizer(model, OptimizerConfig(1e-3, 0.1, (0.9, 0.95), 1e-8)).param_groups
     norm_weights = {id(p) for name, p in model.named_parameters() if "norm" in name}
     assert {id(p) for p in no_decay["params"]} == norm_weights and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from mistral_lightning.data.datamodules import PretrainDataModule
 from mistral_lightning.data.indexed import IndexedDatasetWriter
 from mistral_lightning.lightning_module import MistralLightningModule
+from mistral_lightning.optim import OptimizerConfig, ScheduleConfig
 
 GLOBAL_BATCH = 2
 SEQ_LENGTH = 32
@@ -110,7 +111,12 @@ def trainer(
 
 
 def module(**overrides) -> MistralLightningModule:
-    settings = dict(model_config="tiny", lr=1e-3, min_lr=1e-4, warmup_fraction=0.2, init_seed=3)
+    settings = dict(
+        model_config="tiny",
+        optimizer=OptimizerConfig(lr=1e-3),
+        schedule=ScheduleConfig(warmup_fraction=0.2, min_lr=1e-4),
+        init_seed=3,
+    )
     return MistralLightningModule(**{**settings, **overrides})
 
 
