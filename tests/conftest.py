@@ -1,8 +1,14 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures; the helpers they are built from live in training_utils.py.
+
+Defined here, each session fixture runs at most once per session, whichever test modules use it.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 
@@ -18,3 +24,45 @@ def tokenizer_path() -> str:
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path: str) -> Tokenizer:
     return Tokenizer(tokenizer_path)
+
+
+# ---------------------------------------------------------------------- training
+# training_utils is imported inside the fixtures: it loads Lightning, which most test modules never need.
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> str:
+    from training_utils import write_toy_pretrain_data
+
+    return write_toy_pretrain_data(tmp_path_factory.mktemp("toy_data"))
+
+
+@pytest.fixture(scope="session")
+def single_thread():
+    # The workers run one thread each; matching them keeps CPU matmuls bit-identical across processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reference(toy_data, single_thread, tmp_path_factory):
+    """TP=1, DP=1: STEPS steps straight, in this process; returns its `Recorder`."""
+    from training_utils import Recorder, datamodule, module, trainer
+
+    recorder = Recorder()
+    trainer(tmp_path_factory.mktemp("reference"), callbacks=[recorder]).fit(
+        module(), datamodule=datamodule(toy_data)
+    )
+    return recorder
+
+
+@pytest.fixture(scope="session")
+def killed_checkpoint(toy_data, tmp_path_factory) -> Path:
+    """A TP=1 run checkpointed after step 3 and killed as step 4 starts (in its own process)."""
+    from training_utils import launch
+
+    folder = tmp_path_factory.mktemp("killed")
+    scenario = {"name": "killed", "data": toy_data, "checkpoint_every": 3, "kill_at_step": 3}
+    codes, _, output = launch([scenario], folder, nprocs=1)
+    assert codes == [17], output
+    return folder / "killed" / "checkpoints" / "step=3.ckpt"

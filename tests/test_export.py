@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_utils import datamodule, module, single_thread, toy_data, trainer  # noqa: F401
+from training_utils import datamodule, module, trainer
 from transformers import MistralForCausalLM
 
 from mistral_lightning import Mistral, MistralConfig

@@ -7,13 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from training_utils import (  # noqa: F401  (session fixtures)
-    killed_checkpoint,
-    launch,
-    reference,
-    single_thread,
-    toy_data,
-)
+from training_utils import launch
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.errors import UserError
@@ -23,7 +17,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(toy_data, killed_checkpoint, tmp_path_factory) -> dict:  # noqa: F811
+def two_ranks(toy_data, killed_checkpoint, tmp_path_factory) -> dict:
     one_kv_head = dataclasses.asdict(MistralConfig.from_name("tiny", num_kv_heads=1))
     scenarios = [
         {"name": "tp2_sp", "data": toy_data, "tensor_parallel": 2},
@@ -56,7 +50,7 @@ def two_ranks(toy_data, killed_checkpoint, tmp_path_factory) -> dict:  # noqa: F
 
 
 @pytest.mark.parametrize("run", ["tp2_sp", "tp2_no_sp", "dp2_fsdp"])
-def test_parallel_losses_match_single_device(two_ranks, reference, run):  # noqa: F811
+def test_parallel_losses_match_single_device(two_ranks, reference, run):
     losses = two_ranks[run]["losses"]
     assert len(losses) == len(reference.losses)
     assert losses[0] == pytest.approx(reference.losses[0], rel=1e-5)
@@ -66,7 +60,7 @@ def test_parallel_losses_match_single_device(two_ranks, reference, run):  # noqa
         assert two_ranks[run]["batches"] == reference.batches
 
 
-def test_tp1_checkpoint_resumes_under_tp2(two_ranks, reference):  # noqa: F811
+def test_tp1_checkpoint_resumes_under_tp2(two_ranks, reference):
     resumed = two_ranks["tp2_resumes_tp1"]
     assert resumed["batches"] == reference.batches[3:]
     assert resumed["losses"] == pytest.approx(reference.losses[3:], rel=1e-4)

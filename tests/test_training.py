@@ -10,16 +10,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from training_utils import (  # noqa: F401  (session fixtures)
-    Recorder,
-    datamodule,
-    killed_checkpoint,
-    module,
-    reference,
-    single_thread,
-    toy_data,
-    trainer,
-)
+from training_utils import Recorder, datamodule, module, trainer
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint.hf import CheckpointError
@@ -31,7 +22,7 @@ from mistral_lightning.lightning_module import NonFiniteLossError
 from mistral_lightning.optim import OptimizerConfig, build_optimizer, lr_factor
 
 
-def test_resume_after_kill_repeats_the_straight_run_exactly(reference, killed_checkpoint, toy_data, tmp_path):  # noqa: F811
+def test_resume_after_kill_repeats_the_straight_run_exactly(reference, killed_checkpoint, toy_data, tmp_path):
     recorder = Recorder()
     trainer(tmp_path, callbacks=[recorder]).fit(
         module(), datamodule=datamodule(toy_data), ckpt_path=killed_checkpoint
@@ -47,7 +38,7 @@ class PoisonWeightsAtStep(L.Callback):
                 pl_module.model.lm_head.weight.to_local().fill_(float("nan"))
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(toy_data, single_thread, tmp_path):  # noqa: F811
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(toy_data, single_thread, tmp_path):
     fit_trainer = trainer(tmp_path, callbacks=[PoisonWeightsAtStep()], checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 2"):
         fit_trainer.fit(module(), datamodule=datamodule(toy_data))
@@ -72,7 +63,7 @@ def test_missing_data_prefix_fails_before_any_step(tmp_path):
     assert counter.steps == 0
 
 
-def test_pretrained_folder_with_mismatched_shapes_fails_before_any_step(toy_data, tmp_path):  # noqa: F811
+def test_pretrained_folder_with_mismatched_shapes_fails_before_any_step(toy_data, tmp_path):
     folder = tmp_path / "hf"
     Mistral(MistralConfig.from_name("tiny")).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -117,7 +108,7 @@ def test_print_config_shows_the_recipe(capsys):
         assert expected in printed
 
 
-def test_predict_step_is_greedy_decoding(toy_data, single_thread, tmp_path):  # noqa: F811
+def test_predict_step_is_greedy_decoding(toy_data, single_thread, tmp_path):
     trained = module(max_new_tokens=5)
     fit_trainer = trainer(tmp_path, max_steps=1)
     fit_trainer.fit(trained, datamodule=datamodule(toy_data))

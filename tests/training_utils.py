@@ -1,5 +1,7 @@
 """Shared pieces of the training tests: toy indexed data, a Trainer factory, a recorder, a process launcher.
 
+The session fixtures built from them (toy_data, reference, killed_checkpoint, ...) are in conftest.py.
+
 Multi-process runs start `train_worker.py` once per rank with the environment torchrun would set
 (Lightning sees LOCAL_RANK and joins them over gloo); each launch runs several scenarios in turn,
 because every launch pays the import time of torch and Lightning again.
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pytest
 import torch
 from distributed import free_port
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -151,38 +152,3 @@ def launch(
     outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     codes = [proc.returncode for proc in procs]
     return codes, json.loads(results.read_text()) if results.is_file() else None, outputs[0][-6000:]
-
-
-# ---------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="session")
-def toy_data(tmp_path_factory) -> str:
-    return write_toy_pretrain_data(tmp_path_factory.mktemp("toy_data"))
-
-
-@pytest.fixture(scope="session")
-def single_thread():
-    # The workers run one thread each; matching them keeps CPU matmuls bit-identical across processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def reference(toy_data, single_thread, tmp_path_factory) -> Recorder:
-    """TP=1, DP=1: STEPS steps straight, in this process."""
-    recorder = Recorder()
-    trainer(tmp_path_factory.mktemp("reference"), callbacks=[recorder]).fit(
-        module(), datamodule=datamodule(toy_data)
-    )
-    return recorder
-
-
-@pytest.fixture(scope="session")
-def killed_checkpoint(toy_data, tmp_path_factory) -> Path:
-    """A TP=1 run checkpointed after step 3 and killed as step 4 starts (in its own process)."""
-    folder = tmp_path_factory.mktemp("killed")
-    scenario = {"name": "killed", "data": toy_data, "checkpoint_every": 3, "kill_at_step": 3}
-    codes, _, output = launch([scenario], folder, nprocs=1)
-    assert codes == [17], output
-    return folder / "killed" / "checkpoints" / "step=3.ckpt"
