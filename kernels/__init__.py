@@ -1,6 +1,7 @@
 """Device-dispatched kernels: each function picks an implementation by the tensor's device."""
 
 from mistral_lightning.kernels.attention import masked_attention, sliding_window_attention
+from mistral_lightning.kernels.attention_dispatch import attention_path
 from mistral_lightning.kernels.backend import BACKEND_ENV, resolve_backend
 from mistral_lightning.kernels.cross_entropy import chunked_cross_entropy
 from mistral_lightning.kernels.packed_linear import pack_linear_weights
@@ -11,6 +12,7 @@ from mistral_lightning.kernels.swiglu import swiglu
 __all__ = [
     "BACKEND_ENV",
     "apply_rotary",
+    "attention_path",
     "chunked_cross_entropy",
     "masked_attention",
     "pack_linear_weights",

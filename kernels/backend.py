@@ -43,6 +43,10 @@ def torch_npu() -> ModuleType:
         ) from err
 
 
+# Read once at import: torch.compile cannot trace the query itself, but can treat its answer as a constant.
+_CPU_BF16_MATMUL = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cpu_has_bf16_matmul() -> bool:
     """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX) rather than emulating them."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _CPU_BF16_MATMUL

@@ -1,8 +1,8 @@
 """Exact causal sliding-window attention for the CPU: dense matmuls over the band only, recomputed in backward.
 
-PyTorch's CPU flash kernel computes every score tile an explicit mask touches, and runs at ~115 GFLOP/s in
-bf16 on a 2-core AVX512-BF16 machine, where a plain bf16 `bmm` of the same shapes runs at ~340. Here queries
-are cut into blocks of `block` (64); block i meets the `keys` = S * block keys ending at its last query (S
+PyTorch's CPU flash kernel computes every score tile an explicit mask touches, and in bf16 runs well below a
+plain bf16 `bmm` of the same shapes (benchmarks/results/kernel_choices.md). Here queries are cut into blocks
+of `query_block` (DEFAULT_QUERY_BLOCK); block i meets the `keys` = S * block keys ending at its last query (S
 blocks, enough for the window), so each score matrix is one dense `baddbmm` with the band as an additive bias,
 then a fused softmax and a `bmm`. All query heads sharing a KV head go into one matmul (GQA without repeating
 k/v). Packed documents add a same-document test to each block's mask. Only q, k and v are saved: backward
@@ -10,7 +10,7 @@ recomputes the probabilities block by block, so memory stays linear in T. Blocks
 about CHUNK_QUERIES queries, which bounds the transient score matrices and keeps them in cache.
 
 Both passes are registered as custom ops, so torch.compile calls these kernels instead of re-deriving the
-softmax in generated code (which ran 2x slower on the CPU).
+softmax in generated code (which was slower on the CPU).
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 from mistral_lightning.kernels.masks import additive_mask, band_mask
 
-DEFAULT_BLOCK = 64  # 64 beat 32, 128 and 256 at W = 512, T = 2K (fewer wasted scores vs. smaller matmuls)
+# Queries per block: fewer wasted scores (smaller) against larger matmuls; the fastest measured at W = 512
+# (benchmarks/results/kernel_choices.md).
+DEFAULT_QUERY_BLOCK = 64
 # Queries per chunk: small enough that a chunk's scores stay in cache between the matmul, the softmax and the
-# next matmul (one bench-config layer at T = 8K: 172 ms with 512, 273 ms with 4096; 2K: 45 vs 75 ms).
+# next matmul (benchmarks/results/kernel_choices.md).
 CHUNK_QUERIES = 512
 # Document ids of the zero keys before position 0 and of the padding after T (real ids are >= -1: -1 pads).
 _BEFORE_START_DOCUMENT, _AFTER_END_DOCUMENT = -3, -2
@@ -268,8 +270,8 @@ def banded_cpu_attention(
     window: int,
     *,
     document_ids: torch.Tensor | None = None,
-    block: int | None = None,
+    query_block: int | None = None,
 ) -> torch.Tensor:
     """Causal attention over the last `window` positions of the query's own document (`document_ids` [B, T],
-    optional); [B, T, Hq, D] q, [B, T, Hkv, D] k/v."""
-    return _banded_attention_forward(q, k, v, document_ids, window, block or DEFAULT_BLOCK)
+    optional); [B, T, Hq, D] q, [B, T, Hkv, D] k/v; `query_block` queries per block (DEFAULT_QUERY_BLOCK)."""
+    return _banded_attention_forward(q, k, v, document_ids, window, query_block or DEFAULT_QUERY_BLOCK)

@@ -1,4 +1,4 @@
-"""The portable blocked-SDPA sliding-window attention against a dense masked reference."""
+"""The portable SDPA sliding-window attention paths against a dense masked reference."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mistral_lightning.kernels import sliding_window_attention
+from mistral_lightning.kernels.sdpa_attention import blocked_sdpa_band, blocked_sdpa_causal_documents
 
 WINDOW = 8
 
@@ -39,11 +40,21 @@ def random_qkv(seq_len, heads=4, kv_heads=2, head_dim=16, batch=2, seed=0):
     return [torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True) for shape in shapes]
 
 
+def blocked_sdpa(q, k, v, window, document_ids=None, query_block=None):
+    """The blocked SDPA path for a window or none, with `query_block` queries per block."""
+    if window is None:
+        return blocked_sdpa_causal_documents(q, k, v, document_ids=document_ids, query_block=query_block)
+    return blocked_sdpa_band(q, k, v, window, document_ids=document_ids, query_block=query_block)
+
+
 @pytest.mark.parametrize("seq_len", [1, WINDOW - 1, WINDOW, WINDOW + 1, 3 * WINDOW + 5])
-@pytest.mark.parametrize("block_size", [None, 5])
-def test_forward_and_backward_match_dense(seq_len, block_size):
+@pytest.mark.parametrize("query_block", [None, 5])
+def test_forward_and_backward_match_dense(seq_len, query_block):
     q, k, v = random_qkv(seq_len)
-    out = sliding_window_attention(q, k, v, WINDOW, backend="portable", block_size=block_size)
+    if query_block is None:  # whichever path the dispatcher picks
+        out = sliding_window_attention(q, k, v, WINDOW, backend="portable")
+    else:  # the band path with small blocks, also where the dispatcher would take causal SDPA
+        out = blocked_sdpa_band(q, k, v, WINDOW, query_block=query_block)
     expected = dense_reference(q, k, v, WINDOW)
     torch.testing.assert_close(out, expected)
 
@@ -55,11 +66,15 @@ def test_forward_and_backward_match_dense(seq_len, block_size):
 
 
 @pytest.mark.parametrize("window", [None, 3, WINDOW])
-def test_document_ids_keep_attention_inside_each_document(window):
+@pytest.mark.parametrize("query_block", [None, 5])
+def test_document_ids_keep_attention_inside_each_document(window, query_block):
     seq_len = 21
     q, k, v = random_qkv(seq_len)
     document_ids = torch.tensor([[0] * 6 + [1] * 9 + [2] * 6, [0] * 21])
-    out = sliding_window_attention(q, k, v, window, document_ids=document_ids, backend="portable")
+    if query_block is None:
+        out = sliding_window_attention(q, k, v, window, document_ids=document_ids, backend="portable")
+    else:
+        out = blocked_sdpa(q, k, v, window, document_ids, query_block)
     torch.testing.assert_close(out, dense_reference(q, k, v, window, document_ids))
 
 

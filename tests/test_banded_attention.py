@@ -11,7 +11,7 @@ from mistral_lightning.kernels.banded_attention import banded_cpu_attention
 
 
 def assert_matches_dense(q, k, v, window, block, document_ids=None, **tolerance):
-    out = banded_cpu_attention(q, k, v, window, document_ids=document_ids, block=block)
+    out = banded_cpu_attention(q, k, v, window, document_ids=document_ids, query_block=block)
     expected = dense_reference(*(x.double() for x in (q, k, v)), window, document_ids)
     torch.testing.assert_close(out.double(), expected, **tolerance)
     grad_out = torch.randn_like(out)
@@ -83,7 +83,7 @@ def test_compiled_calls_the_same_kernels_without_graph_breaks():
     q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in random_qkv(40, head_dim=32))
 
     def attention(q, k, v):
-        return banded_cpu_attention(q, k, v, 8, block=4)
+        return banded_cpu_attention(q, k, v, 8, query_block=4)
 
     compiled = torch.compile(attention, fullgraph=True, dynamic=False)
     grad_out = torch.randn_like(q)

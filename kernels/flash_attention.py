@@ -1,0 +1,36 @@
+"""The CUDA paths: flash-attn's sliding-window kernels, one for a batch and one for packed documents."""
+
+from __future__ import annotations
+
+from mistral_lightning.kernels.documents import cumulative_lengths
+
+
+def _window_size(window: int | None) -> tuple[int, int]:
+    """flash-attn's (left, right): W - 1 earlier keys and none after, or -1 for no limit."""
+    return (-1, 0) if window is None else (window - 1, 0)
+
+
+def flash_attention(q, k, v, window, *, document_ids=None):
+    """flash_attn_func over [B, T, H, D]: every row one sequence (document_ids is not used)."""
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, causal=True, window_size=_window_size(window))
+
+
+def flash_attention_varlen(q, k, v, window, *, document_ids):
+    """flash_attn_varlen_func over the batch flattened to tokens, each document its own sequence."""
+    from flash_attn import flash_attn_varlen_func
+
+    batch, seq_len = q.shape[:2]
+    cu_seqlens = cumulative_lengths(document_ids)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = flash_attn_varlen_func(
+        *(x.reshape(batch * seq_len, *x.shape[2:]) for x in (q, k, v)),
+        cu_seqlens,
+        cu_seqlens,
+        max_len,
+        max_len,
+        causal=True,
+        window_size=_window_size(window),
+    )
+    return out.reshape(q.shape)
