@@ -375,6 +375,36 @@ def test_lightning_tp_sharded_dcp_checkpoint(tmp_path):
         assert torch.equal(got[to_hf_name(name)], param), name
 
 
+def _fsdp_round_trip(hf_in: str, hf_out: str) -> bool:
+    """One rank of FSDP over two ranks: fill the sharded model from HF, then gather it back to HF."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from mistral_lightning.checkpoint.hf import load_hf_weights
+
+    with torch.device("meta"):
+        model = Mistral(MistralConfig.from_hf(hf_in)).to(torch.bfloat16)
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    model.to_empty(device="cpu")
+    load_hf_weights(model, hf_in)
+    embed = model.embed.weight
+    # 509 vocabulary rows split 255 + 254: the chunks are uneven, and each rank holds only its own.
+    assert isinstance(embed, DTensor) and embed.to_local().shape[0] == 255 - dist.get_rank()
+    model.save_pretrained(hf_out, is_writer=dist.get_rank() == 0)
+    dist.barrier()
+    return True
+
+
+def test_sharded_model_fills_from_hf_and_saves_back(hf_dir, tmp_path):
+    from distributed import run_on_ranks
+
+    out = tmp_path / "back"
+    assert run_on_ranks(_fsdp_round_trip, str(hf_dir), str(out)) == [True, True]
+    _assert_same_hf(out, hf_dir)
+
+
 # ---------------------------------------------------------------- errors
 
 
