@@ -13,6 +13,8 @@ from types import ModuleType
 
 import torch
 
+from mistral_lightning.errors import UserError
+
 BACKEND_ENV = "MISTRAL_LIGHTNING_KERNELS"
 BACKENDS = ("auto", "portable", "flash", "npu")
 
@@ -32,14 +34,17 @@ def resolve_backend(tensor: torch.Tensor, requested: str | None = None) -> str:
     return "portable"
 
 
-def torch_npu() -> ModuleType:
-    """Import torch_npu lazily: it only exists on Ascend machines (and as a fake in tests)."""
+def torch_npu(
+    needed_by: str = f"the 'npu' kernel backend (set {BACKEND_ENV}=portable to run without it)",
+) -> ModuleType:
+    """Import torch_npu lazily: it only exists on Ascend machines (and as a fake in tests). The one importer,
+    for the kernels and the NPU accelerator alike; `needed_by` says in the error what asked for it."""
     try:
         return importlib.import_module("torch_npu")
     except ImportError as err:
-        raise RuntimeError(
-            "the 'npu' kernel backend needs torch_npu; install mistral-lightning[npu] on an Ascend machine "
-            f"or set {BACKEND_ENV}=portable"
+        raise UserError(
+            f"{needed_by} needs torch_npu; install mistral-lightning[npu] on an Ascend machine "
+            "(with the CANN toolkit's set_env.sh sourced)"
         ) from err
 
 

@@ -14,6 +14,7 @@ from fake_torch_npu import install
 from test_attention_kernel import dense_reference
 
 from mistral_lightning import Mistral, MistralConfig
+from mistral_lightning.errors import UserError
 from mistral_lightning.kernels import (
     BACKEND_ENV,
     attention_dispatch,
@@ -40,7 +41,7 @@ def test_environment_variable_overrides_and_bad_value_is_named(monkeypatch):
 def test_npu_backend_without_torch_npu_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", None)
     q = torch.randn(1, 4, 2, 16)
-    with pytest.raises(RuntimeError, match=r"mistral-lightning\[npu\]"):
+    with pytest.raises(UserError, match=rf"{BACKEND_ENV}=portable.*mistral-lightning\[npu\]"):
         sliding_window_attention(q, q, q, 2, backend="npu")
 
 

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from lightning.pytorch.accelerators import Accelerator
 
 from mistral_lightning.errors import UserError
-
-
-def _torch_npu():
-    try:
-        return importlib.import_module("torch_npu")
-    except ImportError as err:
-        raise UserError(
-            "trainer.accelerator=npu needs torch_npu; install mistral-lightning[npu] on an Ascend machine "
-            "(with the CANN toolkit's set_env.sh sourced)"
-        ) from err
+from mistral_lightning.kernels.backend import torch_npu
 
 
 def _npu():
     """`torch.npu`, which torch_npu installs when imported."""
-    _torch_npu()
+    torch_npu(needed_by="trainer.accelerator=npu")
     return torch.npu
 
 
