@@ -2,8 +2,8 @@
 
 Prompts of different lengths are left-padded so that every row's next token lands in the same
 column ("slot"); row b's token in slot s has position s - pad_b. Slot distances equal position
-distances, so causality and the sliding window (query i sees key j iff i - W < j <= i, as in HF)
-are one band mask over slots, plus "key is not padding" per row.
+distances, so causality and the sliding window are one band mask over slots (kernels.masks.band_mask,
+the rule training uses), plus "key is not padding" per row.
 
 With a window only the last W slots can ever be seen again, so the buffer holds W slots and
 wraps around (a rolling cache): memory does not grow with the generated length. Without a
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from mistral_lightning.kernels.masks import band_mask
 
 
 @dataclass
@@ -76,14 +78,11 @@ class RollingKVCache:
         return (new_slots[None, :] - self.pad_lengths[:, None]).clamp(min=0)
 
     def _mask(self, query_slots: torch.Tensor, key_slots: torch.Tensor) -> torch.Tensor:
-        distance = query_slots[:, None] - key_slots[None, :]
-        band = (key_slots >= 0) & (distance >= 0)
-        if self.window is not None:
-            band &= distance < self.window
+        band = band_mask(query_slots, key_slots, self.window) & (key_slots >= 0)  # empty entries hold -1
         real_key = key_slots[None, :] >= self.pad_lengths[:, None]
         mask = band[None] & real_key[:, None, :]
         # A padding query sees only itself: an all-False row would make softmax produce NaN.
-        mask |= (distance == 0)[None]
+        mask |= (query_slots[:, None] == key_slots[None, :])[None]
         return mask[:, None]
 
     def update(
