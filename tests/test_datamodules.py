@@ -143,17 +143,21 @@ def _consume(datamodule, steps):
     return seen
 
 
+def _whole_corpus(prefix: str) -> PretrainDataModule:
+    """The resume tests' data: the whole corpus for training, micro-batches of 2."""
+    return PretrainDataModule([prefix], seq_length=SEQ, micro_batch_size=2, split="1", num_workers=0)
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_resume_from_consumed_samples_equals_uninterrupted_run(text_prefix, replicas):
     prefix, _ = text_prefix
-    make = lambda: PretrainDataModule([prefix], seq_length=SEQ, micro_batch_size=2, split="1", num_workers=0)  # noqa: E731
     steps, stop = 25, 9  # several epochs, interrupted mid-epoch
     uninterrupted, resumed = [], []
     for rank in range(replicas):
-        uninterrupted.append(_consume(_ready(make(), replicas, rank), steps))
-        first_half = _ready(make(), replicas, rank)
+        uninterrupted.append(_consume(_ready(_whole_corpus(prefix), replicas, rank), steps))
+        first_half = _ready(_whole_corpus(prefix), replicas, rank)
         _consume(first_half, stop)
-        restarted = make()
+        restarted = _whole_corpus(prefix)
         restarted.load_state_dict(first_half.state_dict())
         resumed.append(_consume(_ready(restarted, replicas, rank), steps - stop))
     for rank in range(replicas):
@@ -190,15 +194,14 @@ def test_lightning_checkpoint_resumes_the_data_position(text_prefix, tmp_path):
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    make = lambda: PretrainDataModule([prefix], seq_length=SEQ, micro_batch_size=2, split="1", num_workers=0)  # noqa: E731
     full = _RecordingModule()
-    L.Trainer(max_steps=12, **options).fit(full, make())
+    L.Trainer(max_steps=12, **options).fit(full, _whole_corpus(prefix))
     first = _RecordingModule()
     trainer = L.Trainer(max_steps=5, **options)
-    trainer.fit(first, make())
+    trainer.fit(first, _whole_corpus(prefix))
     trainer.save_checkpoint(tmp_path / "step5.ckpt")
     second = _RecordingModule()
-    L.Trainer(max_steps=12, **options).fit(second, make(), ckpt_path=tmp_path / "step5.ckpt")
+    L.Trainer(max_steps=12, **options).fit(second, _whole_corpus(prefix), ckpt_path=tmp_path / "step5.ckpt")
     assert len(full.seen) == 12 and len(second.seen) == 7
     assert all(torch.equal(a, b) for a, b in zip(full.seen[5:], second.seen))
 

@@ -84,6 +84,16 @@ def test_layout_checks_name_the_option():
     check_parallel_config(config, 2, False, 127)  # without SP any length is fine
 
 
+def _original_and_copy(config: MistralConfig) -> tuple[Mistral, Mistral]:
+    """A randomly initialised model and a copy with the same weights, for the copy to be transformed."""
+    torch.manual_seed(0)
+    original = Mistral(config)
+    original.init_weights()
+    copy = Mistral(config)
+    copy.load_state_dict(original.state_dict())
+    return original, copy
+
+
 def _loss_and_grads(model: Mistral, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad()
     loss = model.loss(batch, batch.roll(-1, 1), chunk_size=8)
@@ -91,39 +101,31 @@ def _loss_and_grads(model: Mistral, batch: torch.Tensor) -> tuple[torch.Tensor, 
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def _assert_same_loss_and_grads(transformed: Mistral, original: Mistral, batch: torch.Tensor) -> None:
+    loss, grads = _loss_and_grads(original, batch)
+    loss_transformed, grads_transformed = _loss_and_grads(transformed, batch)
+    torch.testing.assert_close(loss_transformed, loss)
+    for grad_transformed, grad in zip(grads_transformed, grads):
+        torch.testing.assert_close(grad_transformed, grad)
+
+
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_keeps_loss_and_gradients(mode):
     config = MistralConfig.from_name("tiny")
-    torch.manual_seed(0)
-    plain = Mistral(config)
-    plain.init_weights()
-    checkpointed = Mistral(config)
-    checkpointed.load_state_dict(plain.state_dict())
+    plain, checkpointed = _original_and_copy(config)
     apply_activation_checkpointing(checkpointed, mode)
-    batch = torch.randint(0, config.vocab_size, (2, 24))
-    loss, grads = _loss_and_grads(plain, batch)
-    loss_ac, grads_ac = _loss_and_grads(checkpointed, batch)
-    torch.testing.assert_close(loss_ac, loss)
-    for grad_ac, grad in zip(grads_ac, grads):
-        torch.testing.assert_close(grad_ac, grad)
+    _assert_same_loss_and_grads(checkpointed, plain, torch.randint(0, config.vocab_size, (2, 24)))
     # Hooks, not wrappers: checkpoints and HF export see unchanged parameter names.
     assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
 
 
 def test_compile_per_block_keeps_parameter_names_loss_and_gradients():
     config = MistralConfig.from_name("tiny")
-    torch.manual_seed(0)
-    eager = Mistral(config)
-    eager.init_weights()
-    compiled = Mistral(config)
-    compiled.load_state_dict(eager.state_dict())
+    eager, compiled = _original_and_copy(config)
     apply_compile(compiled)
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
     assert all(block._compiled_call_impl is not None for block in compiled.layers)
     # Longer than the window, so the banded attention path is traced too.
-    batch = torch.randint(0, config.vocab_size, (2, config.sliding_window + 40))
-    loss, grads = _loss_and_grads(eager, batch)
-    loss_compiled, grads_compiled = _loss_and_grads(compiled, batch)
-    torch.testing.assert_close(loss_compiled, loss)
-    for grad_compiled, grad in zip(grads_compiled, grads):
-        torch.testing.assert_close(grad_compiled, grad)
+    _assert_same_loss_and_grads(
+        compiled, eager, torch.randint(0, config.vocab_size, (2, config.sliding_window + 40))
+    )

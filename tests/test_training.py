@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from training_utils import Recorder, datamodule, module, trainer
+from training_utils import Recorder, StepCounter, datamodule, module, trainer
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint.hf import CheckpointError
@@ -46,13 +46,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(toy_data, 
     assert saved == ["step=1.ckpt", "step=2.ckpt"]
     last_good = load_trained_model(tmp_path / "checkpoints" / "step=2.ckpt")
     assert all(torch.isfinite(p).all() for p in last_good.parameters())
-
-
-class StepCounter(L.Callback):
-    steps = 0
-
-    def on_train_batch_start(self, *args) -> None:
-        self.steps += 1
 
 
 def test_missing_data_prefix_fails_before_any_step(tmp_path):

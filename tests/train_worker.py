@@ -15,15 +15,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from training_utils import SEQ_LENGTH, Recorder, datamodule, module, trainer  # noqa: E402
-
-
-class StepCounter(L.Callback):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def on_train_batch_start(self, *args) -> None:
-        self.steps += 1
+from training_utils import SEQ_LENGTH, Recorder, StepCounter, datamodule, module, trainer  # noqa: E402
 
 
 class KillAtStep(L.Callback):

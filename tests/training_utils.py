@@ -57,6 +57,16 @@ def datamodule(prefix: str, data_parallel: int = 1, seq_length: int = SEQ_LENGTH
     )
 
 
+class StepCounter(L.Callback):
+    """How many training steps started: a run refused before its first step counts 0."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
 class Recorder(L.Callback):
     """Per optimizer step: the logged loss (mean over data-parallel ranks) and a fingerprint of the batch."""
 
