@@ -9,8 +9,8 @@ takes the generic path: each chunk through the module, recomputed in the backwar
 
 Per chunk, the loss and softmax - one-hot come either from in-place eager ops (the fewest passes eager
 can do: about 8 over a [chunk, vocab] fp32 block) or, with `compiled=True`, from a formulation that
-torch.compile fuses into two passes. On the CPU with the bench config's [1024, 32000] bf16 chunks that
-took 92 ms in eager and 33 ms compiled; the fusable form is slower in eager (353 ms), hence both.
+torch.compile fuses into two passes. Compiled, the fusable form is the fastest; in eager it is the slowest,
+hence both (figures: benchmarks/results/kernel_choices.md).
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 kept_grad[start : start + chunk_size] = grad_logits @ weight
                 # Accumulated in the weight's dtype: a bf16 addmm_ adds each chunk's product in fp32 and rounds
                 # the running sum once per chunk (an fp32 buffer instead rounded each chunk's bf16 product: as
-                # many roundings), without the buffer's fill, casts and extra passes (~85 ms per 2K step on
-                # the bench config's [32000, 512] head).
+                # many roundings), without the buffer's fill, casts and extra passes, which cost time
+                # (benchmarks/results/kernel_choices.md).
                 if grad_weight is None:
                     grad_weight = grad_logits.t() @ chunk
                 else:

@@ -2,9 +2,9 @@
 
 A plain bf16 `F.linear` on the CPU re-lays out the weight for oneDNN on every call; for one decoded
 token (a matrix-vector product) that copy costs more than the product itself. Packing once, as
-torch.compile's CPU freezing pass does, made a batch-1 bf16 product with the bench config's LM head
-(512 x 32000) about 3x faster and fp32 about 1.3x, with bit-identical bf16 results. Packed weights are
-inference-only: they have no gradient and are left out of the state dict.
+torch.compile's CPU freezing pass does, makes batch-1 products faster, in bf16 most, with bit-identical
+bf16 results (benchmarks/results/kernel_choices.md). Packed weights are inference-only: they have no
+gradient and are left out of the state dict.
 """
 
 from __future__ import annotations

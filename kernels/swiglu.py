@@ -21,7 +21,7 @@ def _silu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _SwiGLU(torch.autograd.Function):
     """Autograd's own gradients (silu_backward), but silu(gate) is recomputed in the backward pass instead of
-    kept: one [tokens, FFN] activation less per layer (117 MB per layer at 32K on the bench config)."""
+    kept: one [tokens, FFN] activation less per layer (benchmarks/results/kernel_choices.md)."""
 
     @staticmethod
     def forward(ctx, gate, up):
