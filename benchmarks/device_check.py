@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_lightning.config import MistralConfig
+from mistral_lightning.devices import device_name
 from mistral_lightning.kernels import resolve_backend, sliding_window_attention
 from mistral_lightning.model import Mistral
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         raise SystemExit("no CUDA device; use --dry-run on the CPU")
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)",
+        "device": "CPU (dry run)" if args.dry_run else device_name(device),
         "torch": torch.__version__,
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
     }

@@ -24,6 +24,13 @@ import torch
 
 from mistral_lightning.callbacks import lookup_peak_tflops, training_flops_per_token
 from mistral_lightning.config import MistralConfig
+from mistral_lightning.devices import (
+    accelerator_module,
+    device_name,
+    peak_memory,
+    reset_peak_memory,
+    synchronize,
+)
 from mistral_lightning.kernels import resolve_backend
 from mistral_lightning.model import Mistral
 from mistral_lightning.optim import OptimizerConfig, build_optimizer
@@ -44,20 +51,6 @@ def pick_device(dry_run: bool) -> torch.device:
     raise SystemExit("no CUDA GPU or Ascend NPU found; use --dry-run to check the script on CPU")
 
 
-def accelerator(device: torch.device):
-    """torch.cuda or torch.npu: the same memory and synchronisation API on both."""
-    return getattr(torch, device.type)
-
-
-def device_name(device: torch.device) -> str:
-    return "CPU (dry run)" if device.type == "cpu" else accelerator(device).get_device_name(device)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        accelerator(device).synchronize(device)
-
-
 def layers_that_fit(one_layer_bytes: int, two_layer_bytes: int, capacity_bytes: int, most: int) -> int:
     """Layers whose extrapolated peak stays within capacity: peak(L) = peak(1) + (L - 1) * per-layer."""
     per_layer = max(1, two_layer_bytes - one_layer_bytes)
@@ -75,8 +68,7 @@ def train(config: MistralConfig, args: argparse.Namespace, device: torch.device,
     optimizer = build_optimizer(model, OptimizerConfig())
     tokens = torch.randint(3, config.vocab_size, (1, args.seq + 1), device=device)
     input_ids, labels = tokens[:, :-1], tokens[:, 1:]
-    if device.type != "cpu":
-        accelerator(device).reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     start = 0.0
     for step in range(steps + 1):
         model.loss(input_ids, labels).backward()
@@ -86,11 +78,11 @@ def train(config: MistralConfig, args: argparse.Namespace, device: torch.device,
         if step == 0:
             start = time.perf_counter()
     seconds = (time.perf_counter() - start) / steps if steps else float("nan")
-    peak = accelerator(device).max_memory_allocated(device) if device.type != "cpu" else 0
+    peak = peak_memory(device).get("peak_allocated", 0)
     backend = resolve_backend(input_ids)
     del model, optimizer
     if device.type != "cpu":
-        accelerator(device).empty_cache()
+        accelerator_module(device).empty_cache()
     return {"s_per_step": seconds, "peak_memory_bytes": peak, "attention_backend": backend}
 
 
@@ -116,11 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
         probes = [
             train(full.replace(num_layers=n), args, device, steps=0)["peak_memory_bytes"] for n in (1, 2)
         ]
-        total = accelerator(device).get_device_properties(device).total_memory
+        total = accelerator_module(device).get_device_properties(device).total_memory
         layers = layers_that_fit(probes[0], probes[1], int(0.9 * total), full.num_layers)
     config = full.replace(num_layers=layers)
     result = train(config, args, device, args.steps)
-    name = device_name(device)
+    name = "CPU (dry run)" if args.dry_run else device_name(device)
     peak_tflops = args.peak_tflops or lookup_peak_tflops(name)
     tokens_per_s = args.seq / result["s_per_step"]
     flops_per_s = tokens_per_s * training_flops_per_token(config, args.seq)

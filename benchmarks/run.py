@@ -7,7 +7,7 @@
    (two alternating rounds at the target lengths 2048 and 8192, one elsewhere);
 3. CPU MFU at seq 2048 from those;
 4. preprocessing throughput (benchmarks/preprocess_throughput.py).
-Ours trains with `model.compile: true` (torch.compile per block), `--no-compile` for eager.
+Ours trains with `model.parallel.compile: true` (torch.compile per block), `--no-compile` for eager.
 `--quick` runs the same harness on the tiny model at short lengths, eager (seconds; its figures mean nothing).
 About 15 minutes on a quiet 2-core machine; figures from a busy machine are lower, ratios less so.
 """

@@ -1,4 +1,8 @@
-"""Lightning callbacks: throughput (tokens/s/p, samples/s, s/step, TFLOPs, MFU) and peak memory per device."""
+"""Lightning callbacks: throughput (tokens/s/p, samples/s, s/step, TFLOPs, MFU) and peak memory per device.
+
+This folder sits at the top of the repository but installs as `mistral_lightning.callbacks` (the
+`package-dir` mapping in pyproject.toml), so configs name it `mistral_lightning.callbacks.ThroughputMonitor`.
+"""
 
 from mistral_lightning.callbacks.memory import MemoryMonitor, peak_memory
 from mistral_lightning.callbacks.throughput import (

@@ -1,4 +1,8 @@
-"""Device-dispatched kernels: each function picks an implementation by the tensor's device."""
+"""Device-dispatched kernels: each function picks an implementation by the tensor's device.
+
+This folder sits at the top of the repository but installs as `mistral_lightning.kernels` (the
+`package-dir` mapping in pyproject.toml), so code imports it under that name.
+"""
 
 from mistral_lightning.kernels.attention import masked_attention, sliding_window_attention
 from mistral_lightning.kernels.attention_dispatch import attention_path

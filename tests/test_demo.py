@@ -15,8 +15,9 @@ def test_demo_fine_tuned_model_beats_chance_on_synthetic_mmlu(tmp_path, monkeypa
     # The demo reads configs/ and writes demo_output/ and runs/ relative to the working directory.
     (tmp_path / "configs").symlink_to(REPO / "configs")
     monkeypatch.chdir(tmp_path)
-    # 600 of the demo's 1200 steps keep the test short; the full demo scores higher.
-    scores = demo.run(max_steps=600, heldout=40)
+    # 900 of the demo's 1200 steps keep the test short; at 600 the synthetic MMLU score sits at the edge of
+    # learning the answer format, so floating-point differences between CPUs decide whether it passes.
+    scores = demo.run(max_steps=900, heldout=40)
     # 200 questions: chance gives 0.25 +- 0.03, so 0.35 is over three standard deviations above it.
     assert scores.mmlu_after > CHANCE + 0.10, scores
     assert scores.heldout_after > scores.heldout_before, scores

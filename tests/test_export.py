@@ -31,7 +31,7 @@ def _ids() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("distributed", [True, False], ids=["dcp_folder", "single_file"])
-def test_fit_then_export_loads_in_transformers(toy_data, single_thread, tmp_path, distributed):  # noqa: F811
+def test_fit_then_export_loads_in_transformers(toy_data, single_thread, tmp_path, distributed):
     trained = module()
     fit_trainer = trainer(tmp_path, max_steps=2, checkpoint_every=2, distributed_checkpoint=distributed)
     fit_trainer.fit(trained, datamodule=datamodule(toy_data))
