@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mistral_lightning.kernels.attention_dispatch import ATTENTION_PATHS, attention_case
+from mistral_lightning.kernels.documents import AttentionMetadata
 from mistral_lightning.kernels.sdpa_attention import sdpa
 
 
@@ -20,12 +21,24 @@ def sliding_window_attention(
     window: int | None,
     *,
     document_ids: torch.Tensor | None = None,
+    metadata: AttentionMetadata | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Runs the path `kernels.attention_dispatch.ATTENTION_PATHS` names for these arguments, each with its
-    own tuning defaults (call a path directly to set them)."""
-    path = ATTENTION_PATHS[attention_case(q, window, document_ids, backend)]
-    return path(q, k, v, window, document_ids=document_ids)
+    own tuning defaults (call a path directly to set them).
+
+    Give the packed documents as `document_ids`, or as the `metadata` the model builds once per batch and
+    passes to every layer, so that what the device kernels derive from them is computed once per batch.
+    """
+    if metadata is None:
+        metadata = AttentionMetadata(document_ids)
+    elif document_ids is not None:
+        raise ValueError("give document_ids or metadata (which carries them), not both")
+    case = attention_case(q, window, metadata.document_ids, backend)
+    path = ATTENTION_PATHS[case]
+    if case.backend == "portable":
+        return path(q, k, v, window, document_ids=metadata.document_ids)
+    return path(q, k, v, window, metadata=metadata)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

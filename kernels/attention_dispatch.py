@@ -6,8 +6,10 @@ A case is what the choice depends on:
 - cpu_bf16: bf16 tensors on a CPU whose oneDNN multiplies bf16 natively (only the portable backend reads it);
 - span: "causal" (no window), "within_window" (T <= W: no key ever falls out) or "beyond_window" (T > W);
 - documents: packed documents (`document_ids` given).
-Every path is called as `path(q, k, v, window, document_ids=...)`; its name says what it is. Why each
-portable choice wins where it does: benchmarks/results/kernel_choices.md.
+The portable paths are called as `path(q, k, v, window, document_ids=...)`, the device paths as
+`path(q, k, v, window, metadata=...)` (kernels.documents.AttentionMetadata: the batch's documents and what
+the kernels derive from them once per batch); each name says what the path is. Why each portable choice
+wins where it does: benchmarks/results/kernel_choices.md.
 """
 
 from __future__ import annotations

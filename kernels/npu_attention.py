@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import torch
 
 from mistral_lightning.kernels.backend import torch_npu
-from mistral_lightning.kernels.documents import cumulative_lengths
+from mistral_lightning.kernels.documents import AttentionMetadata
 
 # Ascend's band mode takes a compressed 2048x2048 upper-triangular mask instead of a full [T, T] one.
-_NPU_COMPRESSED_MASK_SIZE = 2048
+NPU_COMPRESSED_MASK_SIZE = 2048
+# The TND (varlen) layout takes at most this many sequences per call (actual_seq_qlen's documented limit).
+NPU_MAX_VARLEN_SEQUENCES = 1024
 
 
-def _band_arguments(q: torch.Tensor, window: int | None) -> dict:
-    """The arguments both layouts share: heads, the compressed mask, the band and the softmax scale."""
-    mask = torch.triu(
-        torch.ones(_NPU_COMPRESSED_MASK_SIZE, _NPU_COMPRESSED_MASK_SIZE, dtype=torch.bool, device=q.device), 1
-    )
+def compressed_mask(device: torch.device) -> torch.Tensor:
+    """The mask of band and causal modes: True above the diagonal (masked), 2048 x 2048 whatever T is."""
+    size = NPU_COMPRESSED_MASK_SIZE
+    return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), 1)
+
+
+def varlen_calls(
+    lengths: list[int], limit: int = NPU_MAX_VARLEN_SEQUENCES
+) -> list[tuple[int, int, list[int]]]:
+    """The documents split into calls of at most `limit` sequences: (first token, end token, cumulative lengths
+    within the call). Documents are independent, so attention per call is attention over all of them."""
+    calls, start = [], 0
+    for first in range(0, len(lengths), limit):
+        ends = list(accumulate(lengths[first : first + limit]))
+        calls.append((start, start + ends[-1], ends))
+        start += ends[-1]
+    return calls
+
+
+def _band_arguments(q: torch.Tensor, window: int | None, metadata: AttentionMetadata) -> dict:
+    """The arguments both layouts share: heads, the batch's compressed mask, the band and the softmax scale."""
+    mask = metadata.derived(("npu_compressed_mask", q.device), lambda: compressed_mask(q.device))
     # Band mode with pre_tockens = W - 1 gives exactly W visible keys (ModelLink's W lets in W + 1);
     # without a window, mode 3 (bottom-right causal) is plain causal attention.
     band = {"sparse_mode": 4, "pre_tockens": window - 1, "next_tockens": 0} if window else {"sparse_mode": 3}
@@ -26,20 +46,28 @@ def _band_arguments(q: torch.Tensor, window: int | None) -> dict:
     )
 
 
-def npu_fusion_attention(q, k, v, window, *, document_ids=None):
-    """Layout BSND: every row one sequence (document_ids is not used)."""
-    return torch_npu().npu_fusion_attention(q, k, v, input_layout="BSND", **_band_arguments(q, window))[0]
+def npu_fusion_attention(q, k, v, window, *, metadata: AttentionMetadata):
+    """Layout BSND: every row one sequence (the metadata's documents are not used)."""
+    arguments = _band_arguments(q, window, metadata)
+    return torch_npu().npu_fusion_attention(q, k, v, input_layout="BSND", **arguments)[0]
 
 
-def npu_fusion_attention_varlen(q, k, v, window, *, document_ids):
-    """Layout TND: the batch flattened to tokens, each document its own sequence."""
+def npu_fusion_attention_varlen(q, k, v, window, *, metadata: AttentionMetadata):
+    """Layout TND: the batch flattened to tokens, each document its own sequence, in as many calls as the
+    1024-sequence limit needs."""
     batch, seq_len = q.shape[:2]
-    ends = cumulative_lengths(document_ids)[1:].tolist()
-    out = torch_npu().npu_fusion_attention(
-        *(x.reshape(batch * seq_len, *x.shape[2:]) for x in (q, k, v)),
-        input_layout="TND",
-        actual_seq_qlen=ends,
-        actual_seq_kvlen=ends,
-        **_band_arguments(q, window),
-    )[0]
+    arguments = _band_arguments(q, window, metadata)
+    calls = metadata.derived("npu_varlen_calls", lambda: varlen_calls(metadata.document_lengths()))
+    flat = [x.reshape(batch * seq_len, *x.shape[2:]) for x in (q, k, v)]
+    outputs = [
+        torch_npu().npu_fusion_attention(
+            *(x[start:end] for x in flat),
+            input_layout="TND",
+            actual_seq_qlen=ends,
+            actual_seq_kvlen=ends,
+            **arguments,
+        )[0]
+        for start, end, ends in calls
+    ]
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return out.reshape(q.shape)
