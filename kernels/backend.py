@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 from types import ModuleType
 
@@ -17,9 +18,16 @@ from mistral_lightning.errors import UserError
 
 BACKEND_ENV = "MISTRAL_LIGHTNING_KERNELS"
 BACKENDS = ("auto", "portable", "flash", "npu")
+# flash-attn 2 runs fp16 and bf16 on Ampere (compute capability 8.0) and newer GPUs.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)
+
+log = logging.getLogger(__name__)
 
 
 def resolve_backend(tensor: torch.Tensor, requested: str | None = None) -> str:
+    """The backend for `tensor`'s device and dtype; "auto" takes flash-attn on CUDA only where it can run
+    (`flash_attention_unusable`), the portable path otherwise. A requested backend is used as given."""
     choice = requested or os.environ.get(BACKEND_ENV) or "auto"
     if choice not in BACKENDS:
         raise ValueError(
@@ -29,9 +37,41 @@ def resolve_backend(tensor: torch.Tensor, requested: str | None = None) -> str:
         return choice
     if tensor.device.type == "npu":
         return "npu"
-    if tensor.device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if tensor.device.type == "cuda" and _flash_attention_usable(tensor.device, tensor.dtype):
         return "flash"
     return "portable"
+
+
+def flash_attention_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash-attn cannot run attention over `dtype` tensors on the CUDA `device`, or None if it can:
+    not installed, a dtype it has no kernel for, a GPU older than Ampere, or a compiled extension that does
+    not load (built against another torch, say; it would otherwise fail at the first attention call)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed (`make` installs it on a GPU machine)"
+    if dtype not in FLASH_DTYPES:
+        return f"flash-attn has no {dtype} kernel (fp16 and bf16 only)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLASH_MIN_CAPABILITY:
+        return f"flash-attn needs compute capability 8.0 (Ampere) or newer; {device} has {capability[0]}.{capability[1]}"
+    try:
+        importlib.import_module("flash_attn").flash_attn_func  # noqa: B018  (loads the compiled extension)
+    except (ImportError, OSError, AttributeError) as err:
+        return f"flash-attn does not load ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+# Checked once per (device, dtype): the answer does not change within a process.
+_FLASH_USABLE: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _flash_attention_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device, dtype)
+    if key not in _FLASH_USABLE:
+        reason = flash_attention_unusable(device, dtype)
+        if reason is not None:
+            log.warning("%s; attention on %s in %s runs the portable SDPA path", reason, device, dtype)
+        _FLASH_USABLE[key] = reason is None
+    return _FLASH_USABLE[key]
 
 
 def torch_npu(
