@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 import sys
 import types
+from collections import Counter
 from itertools import product
+from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fake_torch_npu import install
 from test_attention_kernel import dense_reference
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.errors import UserError
@@ -22,6 +28,7 @@ from mistral_lightning.kernels import (
     resolve_backend,
     sliding_window_attention,
 )
+from mistral_lightning.kernels import backend as kernel_backend
 from mistral_lightning.kernels.attention_dispatch import ATTENTION_PATHS, AttentionCase, attention_case
 
 
@@ -203,16 +210,268 @@ def test_every_path_equals_dense_attention(case, monkeypatch, fake_flash_attn):
     band mask: on the CPU for the portable paths, through fakes of torch_npu and flash_attn for the others."""
     install(monkeypatch)
     monkeypatch.setattr(attention_dispatch, "cpu_has_bf16_matmul", lambda: case.cpu_bf16)
-    dtype = torch.bfloat16 if case.cpu_bf16 else torch.float64
+    # Ascend computes fp16, bf16 and fp32 only (the strict fake refuses float64).
+    dtype = torch.bfloat16 if case.cpu_bf16 else torch.float32 if case.backend == "npu" else torch.float64
     q, k, v, window, document_ids = inputs(case.span, case.documents, dtype)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     assert attention_case(q, window, document_ids, case.backend) == case
     out = sliding_window_attention(q, k, v, window, document_ids=document_ids, backend=case.backend)
     expected = dense_reference(*(x.double() for x in (q, k, v)), window, document_ids)
-    tolerance = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else {}
+    # torch's own fp32 tolerances for fp32 results against the float64 reference.
+    tolerance = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float32: dict(atol=1e-5, rtol=1.3e-6)}
+    tolerance = tolerance.get(dtype, {})
     torch.testing.assert_close(out.double(), expected, **tolerance)
     grad_out = torch.randn_like(out)
     ours = torch.autograd.grad(out, (q, k, v), grad_out)
     theirs = torch.autograd.grad(expected, (q, k, v), grad_out.double())
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.double(), b.double(), **tolerance)
+
+
+# ---------------------------------------------------------------- the strict fake torch_npu
+
+
+def test_fake_npu_takes_only_the_documented_keywords(monkeypatch):
+    fake = install(monkeypatch)
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(TypeError, match="pre_tokens"):  # the documented spelling is pre_tockens
+        fake.npu_fusion_attention(q, q, q, 2, "BSND", pre_tokens=3)
+    with pytest.raises(TypeError, match="eps"):
+        fake.npu_rms_norm(q, torch.ones(16), eps=1e-5)
+
+
+def test_fake_npu_enforces_the_documented_limits(monkeypatch):
+    fake = install(monkeypatch)
+    q = torch.randn(1025, 2, 16)
+    ends = list(range(1, 1026))
+    with pytest.raises(ValueError, match="1 to 1024 sequences"):
+        fake.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=ends, actual_seq_kvlen=ends)
+    with pytest.raises(ValueError, match="needs actual_seq_kvlen"):
+        fake.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=ends[:1023] + [1025])
+    with pytest.raises(ValueError, match="sparse_mode 9"):
+        fake.npu_fusion_attention(q[None], q[None], q[None], 2, "BSND", sparse_mode=9)
+    with pytest.raises(ValueError, match="input_layout 'BTND'"):
+        fake.npu_fusion_attention(q[None], q[None], q[None], 2, "BTND")
+    with pytest.raises(ValueError, match="one of"):
+        fake.npu_fusion_attention(*(x.double() for x in (q[None], q[None], q[None])), 2, "BSND")
+
+
+def test_fake_npu_reads_both_length_lists(monkeypatch):
+    """Two sequences whose queries and keys differ in length: each query sees its own sequence's keys, counted
+    from the bottom-right corner (sparse_mode 3), as the documentation draws it."""
+    fake = install(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 2, 16, generator=gen)
+    kv = torch.randn(9, 2, 16, generator=gen)
+    mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
+    out = fake.npu_fusion_attention(
+        q, kv, kv, 2, "TND", atten_mask=mask, scale=0.25, sparse_mode=3,
+        actual_seq_qlen=[2, 5], actual_seq_kvlen=[4, 9],
+    )[0]  # fmt: skip
+    for (qs, qe), (ks, ke) in (((0, 2), (0, 4)), ((2, 5), (4, 9))):
+        rows, keys = qe - qs, ke - ks
+        visible = torch.arange(keys)[None, :] <= torch.arange(rows)[:, None] + (keys - rows)
+        expected = F.scaled_dot_product_attention(
+            q[qs:qe].transpose(0, 1), kv[ks:ke].transpose(0, 1), kv[ks:ke].transpose(0, 1),
+            attn_mask=visible, scale=0.25,
+        ).transpose(0, 1)  # fmt: skip
+        torch.testing.assert_close(out[qs:qe], expected)
+
+
+# ---------------------------------------------------------------- the NPU path, once per batch
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what makes the host wait for the device: reading a value (item, int, bool), an output whose shape
+    depends on values (nonzero), comparing whole tensors (equal), and copies to the host (.cpu, .tolist,
+    .numpy; on CPU tensors these dispatch nothing, so they are counted where they are called)."""
+
+    OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal")
+    METHODS = ("cpu", "tolist", "numpy")
+
+    def __init__(self, monkeypatch) -> None:
+        super().__init__()
+        self.count = 0
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, method):
+        def counted(tensor, *args, **kwargs):
+            self.count += 1
+            return method(tensor, *args, **kwargs)
+
+        return counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.name() in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+def npu_training_step(monkeypatch, num_layers: int) -> tuple[int, list[dict]]:
+    """One forward and backward of `Mistral.loss` on packed documents through the npu kernels, with full
+    activation checkpointing (every layer's forward runs twice); returns the host reads and the attention calls."""
+    from mistral_lightning.parallel import apply_activation_checkpointing
+
+    fake = install(monkeypatch)
+    monkeypatch.setenv(BACKEND_ENV, "npu")
+    config = MistralConfig.from_name("tiny", vocab_size=128, sliding_window=6, num_layers=num_layers)
+    torch.manual_seed(0)
+    model = Mistral(config)
+    model.init_weights()
+    apply_activation_checkpointing(model, "full")
+    input_ids = torch.randint(0, 128, (2, 24))
+    document_ids = torch.tensor([[0] * 9 + [1] * 10 + [2] * 5, [0] * 24])
+    with HostReads(monkeypatch) as reads:
+        model.loss(input_ids, input_ids, document_ids=document_ids).backward()
+    return reads.count, [args for name, args in fake.calls if name == "npu_fusion_attention"]
+
+
+def test_a_training_step_on_npu_reads_the_host_once_per_batch_not_per_layer(monkeypatch):
+    reads = {}
+    for layers in (2, 4):
+        reads[layers], calls = npu_training_step(monkeypatch, layers)
+        assert len(calls) == 2 * layers  # forward, and the recomputation before each layer's backward
+        # One compressed mask and one list of lengths for the whole batch, handed to every call.
+        assert len({id(args["atten_mask"]) for args in calls}) == 1
+        assert len({id(args["actual_seq_qlen"]) for args in calls}) == 1
+        assert calls[0]["actual_seq_qlen"] == [9, 19, 24, 48]
+    assert reads[2] == reads[4], reads
+
+
+def test_npu_varlen_splits_calls_over_the_1024_sequence_limit(monkeypatch):
+    """1203 documents (one- and two-token documents, then a long one) in two rows: more than one TND call may
+    take, split at document boundaries; the result equals the portable path's."""
+    fake = install(monkeypatch)
+    row = torch.arange(700).repeat_interleave(torch.tensor([1, 2] * 350))[:1000]
+    rows = torch.stack((row, torch.cat((torch.arange(400), torch.full((600,), 400)))))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1000, 2, 16, generator=gen)
+    kv = torch.randn(2, 1000, 1, 16, generator=gen)
+    out = sliding_window_attention(q, kv, kv, 4, document_ids=rows, backend="npu")
+    lengths = [len(args["actual_seq_qlen"]) for name, args in fake.calls]
+    assert sum(lengths) == 667 + 401 and max(lengths) <= 1024 and len(lengths) == 2
+    expected = sliding_window_attention(q, kv, kv, 4, document_ids=rows, backend="portable")
+    torch.testing.assert_close(out, expected)
+
+
+# ---------------------------------------------------------------- flash-attn only where it can run
+
+
+class CudaTensor(NamedTuple):
+    """What the backend choice reads of a tensor, for a CUDA device this machine does not have."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+@pytest.fixture
+def installed_flash_attn(monkeypatch, tmp_path):
+    """Installs a flash_attn package (its body given by the test) on sys.path, on a GPU of the given compute
+    capability; returns a function (package body, capability) -> the list of precondition checks made."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(kernel_backend, "_FLASH_USABLE", {})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checks = []
+    check = kernel_backend.flash_attention_unusable
+    monkeypatch.setattr(
+        kernel_backend, "flash_attention_unusable", lambda *args: checks.append(args) or check(*args)
+    )
+
+    def install_package(body: str, capability: tuple[int, int]) -> list:
+        (tmp_path / "flash_attn").mkdir()
+        (tmp_path / "flash_attn" / "__init__.py").write_text(body)
+        importlib.invalidate_caches()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        return checks
+
+    yield install_package
+    sys.modules.pop("flash_attn", None)
+
+
+WORKING_FLASH_ATTN = "def flash_attn_func(*args, **kwargs): ...\n"
+H100, V100 = (9, 0), (7, 0)
+
+
+def test_flash_attn_is_chosen_for_bf16_and_fp16_on_ampere_or_newer(installed_flash_attn, caplog):
+    installed_flash_attn(WORKING_FLASH_ATTN, H100)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert resolve_backend(CudaTensor(torch.device("cuda", 0), dtype)) == "flash"
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "body, capability, dtype, reason",
+    [
+        (WORKING_FLASH_ATTN, H100, torch.float32, "no torch.float32 kernel"),
+        (WORKING_FLASH_ATTN, V100, torch.bfloat16, "compute capability 8.0"),
+        (
+            "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10')\n",
+            H100,
+            torch.bfloat16,
+            "undefined symbol",
+        ),
+    ],
+    ids=["fp32", "pre-ampere", "extension-does-not-load"],
+)
+def test_flash_attn_falls_back_to_portable_with_one_logged_line(
+    installed_flash_attn, caplog, body, capability, dtype, reason
+):
+    checks = installed_flash_attn(body, capability)
+    tensor = CudaTensor(torch.device("cuda", 0), dtype)
+    with caplog.at_level(logging.WARNING, logger=kernel_backend.__name__):
+        assert [resolve_backend(tensor) for _ in range(3)] == ["portable"] * 3
+    (record,) = caplog.records  # once per device and dtype, not per call
+    assert reason in record.getMessage() and "portable" in record.getMessage()
+    assert len(checks) == 1  # the preconditions are checked once
+
+
+# ---------------------------------------------------------------- selective checkpointing per backend
+
+
+class OpRuns(TorchDispatchMode):
+    """How many times each operator runs (by name) while the mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.runs[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode, recomputed", [("selective", 0), ("full", 2)])
+def test_selective_checkpointing_keeps_the_npu_attention_output(monkeypatch, mode, recomputed):
+    """The backward pass of 2 checkpointed layers reruns npu_fusion_attention once per layer under full
+    checkpointing, and never under selective checkpointing, which keeps its output."""
+    from mistral_lightning.parallel import apply_activation_checkpointing
+
+    install(monkeypatch)
+    monkeypatch.setenv(BACKEND_ENV, "npu")
+    model = Mistral(MistralConfig.from_name("tiny", vocab_size=128, sliding_window=6))
+    model.init_weights()
+    apply_activation_checkpointing(model, mode)
+    input_ids = torch.randint(0, 128, (2, 16))
+    loss = model.loss(input_ids, input_ids, document_ids=torch.tensor([[0] * 7 + [1] * 9, [0] * 16]))
+    with OpRuns() as ops:
+        loss.backward()
+    assert ops.runs["npu::npu_fusion_attention"] == recomputed
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "flash_attn::_flash_attn_forward",  # flash-attn's custom operators (flash_attn_interface.py)
+        "flash_attn::_flash_attn_varlen_forward",
+        "npu::npu_fusion_attention",  # torch_npu's operator
+        "aten::matmul",  # Ascend linear layers
+        "aten::mm",  # CPU and CUDA linear layers
+        "aten::_scaled_dot_product_flash_attention",
+    ],
+)
+def test_selective_policy_saves_every_backends_matmuls_and_attention(name):
+    from mistral_lightning.parallel import _selective_policy
+
+    operator = types.SimpleNamespace(name=lambda: name)
+    assert _selective_policy(None, operator) == CheckpointPolicy.MUST_SAVE
+    assert _selective_policy(None, torch.ops.aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
