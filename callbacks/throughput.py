@@ -21,12 +21,15 @@ from mistral_lightning.config import MistralConfig
 from mistral_lightning.devices import device_name, synchronize
 from mistral_lightning.distributed import data_parallel_layout
 
-# Dense bf16 peak TFLOPs per device, matched as a substring of the device name (first match wins).
+# Dense bf16 peak TFLOPs per device, matched as a substring of the device name (first match wins, so a
+# variant comes before its family). Ascend 910_93 (A3) has no row: no official dense bf16 figure was found;
+# give ThroughputMonitor's peak_tflops there.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("910B1", 374.0),
     ("910B2", 354.0),
     ("910B3", 295.0),
     ("910B4", 246.0),
+    ("H200 NVL", 835.0),
     ("H200", 989.5),
     ("H100 PCIe", 756.0),
     ("H100", 989.5),
