@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
+import subprocess
 import sys
 import types
 from collections import Counter
 from itertools import product
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -475,3 +478,43 @@ def test_selective_policy_saves_every_backends_matmuls_and_attention(name):
     operator = types.SimpleNamespace(name=lambda: name)
     assert _selective_policy(None, operator) == CheckpointPolicy.MUST_SAVE
     assert _selective_policy(None, torch.ops.aten.mul.Tensor) == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# ---------------------------------------------------------------- make on a GPU machine
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make(*args: str, path_prefix: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+        ["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def executable(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_make_builds_flash_attn_without_isolation_on_gpu_machines_only(tmp_path):
+    executable(tmp_path / "nvidia-smi", "exit 0\n")
+    build = '--no-build-isolation "flash-attn>=2.6"'
+    assert build in make("-n", "-B", "venv", path_prefix=tmp_path).stdout  # nvidia-smi found on PATH
+    without_gpu = make("-n", "-B", "venv", "NVIDIA_SMI=").stdout
+    assert "flash-attn" not in without_gpu and "torch==2.13.0" in without_gpu
+
+
+@pytest.mark.parametrize("builds", [True, False])
+def test_make_flash_attn_says_which_attention_cuda_runs(tmp_path, builds):
+    """With a python whose pip build of flash-attn fails (no CUDA toolkit, say), set-up goes on and says that CUDA
+    attention runs the portable path."""
+    failing = 'case "$*" in *no-build-isolation*) echo "CUDA_HOME is not set" >&2; exit 1;; esac\n'
+    python = executable(tmp_path / "python", ("" if builds else failing) + "exit 0\n")
+    result = make("flash-attn", f"PY={python}")
+    assert result.returncode == 0, result.stderr
+    expected = "CUDA attention runs its kernels" if builds else "CUDA attention runs the portable SDPA path"
+    assert expected in result.stdout

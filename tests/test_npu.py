@@ -16,14 +16,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import model_parallel
 
 from mistral_lightning.callbacks import lookup_peak_tflops, peak_memory
 from mistral_lightning.callbacks.throughput import device_name
 from mistral_lightning.errors import UserError
-from mistral_lightning.npu import NPUAccelerator, NPUModelParallelStrategy
+from mistral_lightning.evaluation import cli as evaluate_cli
+from mistral_lightning.npu import DeviceModelParallelStrategy, NPUAccelerator, NPUModelParallelStrategy
 
 
 class FakeNpuRuntime(types.SimpleNamespace):
@@ -80,7 +81,7 @@ def test_npu_device_paths_in_a_fresh_process():
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-    assert "7 passed" in result.stdout  # the four device tests ran there
+    assert "16 passed" in result.stdout  # the five device tests ran there
 
 
 @pytest.fixture
@@ -88,10 +89,54 @@ def npu(monkeypatch) -> FakeNpuRuntime:
     runtime = FakeNpuRuntime()
     monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
     monkeypatch.setattr(torch, "npu", runtime, raising=False)
-    # torch_npu names PrivateUse1 "npu", which makes torch.device("npu", i) valid (once per process).
+    # torch_npu names PrivateUse1 "npu", which makes torch.device("npu", i) valid, and registers hccl as the
+    # collective backend of npu devices (once per process).
     if torch._C._get_privateuse1_backend_name() != "npu":
         torch.utils.rename_privateuse1_backend("npu")
+        torch.distributed.Backend.register_backend("hccl", lambda *args: None, devices=["npu"])
     return runtime
+
+
+def test_one_strategy_serves_cuda_with_nccl_and_cuda_autocast():
+    """The strategy of the Ascend configs, given `trainer.accelerator cuda`: nccl and autocast on cuda."""
+    strategy = DeviceModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    strategy.accelerator = CUDAAccelerator()
+    strategy.precision_plugin = MixedPrecision("bf16-mixed", device="cuda")
+    strategy.parallel_devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert strategy._get_process_group_backend() == "nccl"
+    assert strategy.precision_plugin.device == "cuda"
+    assert NPUModelParallelStrategy is DeviceModelParallelStrategy  # the configs' name still imports
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", ("cuda:1", "nccl")), ("cpu", ("cpu", "gloo"))])
+def test_evaluate_under_torchrun_takes_the_local_device_and_its_backend(monkeypatch, device, expected):
+    groups, devices = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    assert (evaluate_cli._init_distributed(device), *groups) == expected
+    assert devices == ([expected[0]] if device == "cuda" else [])
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [("NVIDIA H200 NVL", 835.0), ("NVIDIA H200", 989.5), ("NVIDIA H100 PCIe", 756.0), ("Ascend910B2", 354.0)],
+)
+def test_peak_tflops_by_device_name(name, peak):
+    """NVIDIA's and Huawei's dense bf16 figures; the NVL H200 runs at a lower clock than the SXM one."""
+    assert lookup_peak_tflops(name) == peak
+
+
+def test_batches_are_pinned_for_any_accelerator(monkeypatch, toy_data):
+    """On Ascend torch.cuda reports no GPU; torch.accelerator reports the NPU."""
+    from training_utils import datamodule
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    data = datamodule(toy_data)
+    data.setup()
+    assert data.train_dataloader().pin_memory
 
 
 def test_registered_as_npu():
@@ -151,6 +196,14 @@ if os.environ.get(FRESH_PROCESS):
         assert ("set_device", torch.device("npu", 0)) in npu.calls
         assert connections == [("hccl", {"timeout": strategy._timeout, "device_id": torch.device("npu", 0)})]
         assert meshes == [(1, 2, 2, torch.device("npu", 0))]
+
+    def test_evaluate_under_torchrun_on_npus_takes_the_local_npu_and_hccl(npu, monkeypatch):
+        groups = []
+        monkeypatch.setenv("WORLD_SIZE", "8")
+        monkeypatch.setenv("LOCAL_RANK", "3")
+        monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
+        assert evaluate_cli._init_distributed("npu") == "npu:3"
+        assert npu.calls == [("set_device", "npu:3")] and groups == ["hccl"]
 
     def test_callbacks_read_the_npu(npu):
         device = torch.device("npu", 0)
