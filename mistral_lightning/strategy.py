@@ -1,0 +1,211 @@
+"""SafeModelParallelStrategy: Lightning's ModelParallelStrategy whose checkpoints are good or absent, and
+are read without running pickled code.
+
+Saving: weights or optimizer state holding NaN/Inf are never written (checked once per save, one
+all-reduce); a checkpoint is written under a temporary name, marked complete (checkpoint/integrity.py)
+and renamed into place (outputs.publish), so an interrupted save leaves the previous one untouched;
+a failed write (a full disk) removes the temporary and stops with one line naming the folder and its
+free space. Loading: the checkpoint is checked first (no pickled code unless `trust_checkpoint`, complete);
+an incomplete `last.ckpt` gives way to the newest complete checkpoint, with a note. A run stopped by a
+NaN/Inf loss names the last good checkpoint. `mistral-lightning fit|validate|test|predict` use it in
+place of Lightning's class (train_cli.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
+
+from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError
+from mistral_lightning.checkpoint.integrity import (
+    SAVE_ID,
+    checkpoint_to_load,
+    last_good_checkpoint,
+    new_save_id,
+    resolve_last,
+    write_completion_marker,
+)
+from mistral_lightning.errors import UserError
+from mistral_lightning.lightning_module import NonFiniteLossError
+from mistral_lightning.outputs import (
+    OutputError,
+    OutputTarget,
+    _aside_name,
+    describe_write_error,
+    publish,
+    remove_leftovers,
+)
+
+
+class TrainingDivergedError(UserError):
+    """The loss, weights or optimizer state became NaN/Inf; names the last good checkpoint."""
+
+
+def _first_failure(err: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException, which gathers one per failing rank."""
+    if isinstance(err, CheckpointException) and err.failures:
+        return next(iter(err.failures.values()))[0]
+    return err
+
+
+def _gigabytes_free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free there"
+    except OSError:
+        return "its free space unknown"
+
+
+class SafeModelParallelStrategy(ModelParallelStrategy):
+    """ModelParallelStrategy (FSDP2 + DTensor TP) with checked checkpoints; see the module doc."""
+
+    # Load checkpoints with full unpickling (`--trust-checkpoint`): only for checkpoints one trusts.
+    trust_checkpoint: bool = False
+
+    # ------------------------------------------------------------------ saving
+    def _agree(self, ok: bool) -> bool:
+        """True on every rank only if it is true on every rank."""
+        flag = torch.tensor(1.0 if ok else 0.0, device=self.root_device)
+        return bool(self.reduce(flag, reduce_op="min").item())
+
+    def _state_is_finite(self) -> bool:
+        tensors = list(self.lightning_module.parameters())
+        for optimizer in self.optimizers:
+            for state in optimizer.state.values():
+                tensors += [value for value in state.values() if isinstance(value, torch.Tensor)]
+        finite = torch.ones((), dtype=torch.bool, device=self.root_device)
+        for tensor in tensors:
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            if local.is_floating_point():
+                finite &= torch.isfinite(local).all().to(finite.device)
+        return self._agree(bool(finite.item()))
+
+    def _refuse_non_finite(self, checkpoint: dict[str, Any], path: Path) -> None:
+        if self._state_is_finite():
+            return
+        lr = f" (now {self.optimizers[0].param_groups[0]['lr']:g})" if self.optimizers else ""
+        raise TrainingDivergedError(
+            f"step {checkpoint.get('global_step')}: the weights or optimizer state hold NaN or Inf, so {path} "
+            f"is not written; {last_good_checkpoint(path.parent)}; resume from it with a lower "
+            f"model.optimizer.lr{lr} or with gradient clipping (trainer.gradient_clip_val)"
+        )
+
+    def _write_failure(self, err: BaseException | None, path: Path, tmp: Path) -> UserError:
+        if err is None:
+            return OutputError(
+                f"{path}: another rank failed to write its part of the checkpoint; see its error"
+            )
+        cause = _first_failure(err)
+        target = OutputTarget(path.parent, option="the checkpoint folder (ModelCheckpoint dirpath)")
+        described = describe_write_error(cause, tmp, target)
+        if described is None:
+            raise err
+        return OutputError(
+            f"{described}; {_gigabytes_free(path.parent)}; {last_good_checkpoint(path.parent)}"
+        )
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        self._refuse_non_finite(checkpoint, path)
+        # Every rank writes into the same temporary folder, named by rank 0.
+        save_id, tmp = self.broadcast(
+            (new_save_id(), _aside_name(path, "partial")) if self.is_global_zero else None
+        )
+        checkpoint[SAVE_ID] = save_id
+        failure: BaseException | None = None
+        try:
+            if self.is_global_zero:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                remove_leftovers(path.parent, path.name)
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            failure = err
+        written = self._agree(failure is None)
+        if written and self.is_global_zero:
+            try:
+                if tmp.is_dir():  # a DCP folder; every rank's files are on disk once DCP's save returned
+                    write_completion_marker(tmp, save_id, checkpoint.get("global_step", 0))
+                publish(tmp, path)
+            except Exception as err:
+                failure = err
+        if not self._agree(failure is None):
+            if self.is_global_zero and tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif self.is_global_zero:
+                tmp.unlink(missing_ok=True)
+            raise self._write_failure(failure, path, tmp)
+
+    # ------------------------------------------------------------------ loading
+    def load_checkpoint(
+        self, checkpoint_path: str | Path, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        decision = None
+        if self.is_global_zero:  # one rank decides, so all load the same checkpoint or all stop
+            try:
+                info, note = checkpoint_to_load(checkpoint_path, trust_pickle=self.trust_checkpoint)
+                decision = (str(info.path), note, None, False)
+            except CheckpointError as err:
+                decision = (None, None, str(err), isinstance(err, UnsafeCheckpointError))
+        path, note, problem, unsafe = self.broadcast(decision)
+        if problem is not None:
+            raise (UnsafeCheckpointError if unsafe else CheckpointError)(problem)
+        if note is not None:
+            rank_zero_info(f"note: {note}")
+        if self.trust_checkpoint and weights_only is None:
+            weights_only = False  # meta.pt may hold the objects the user chose to trust
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+    # ------------------------------------------------------------------ stopping
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().training_step(*args, **kwargs)
+        except NonFiniteLossError as err:
+            callback = self.lightning_module.trainer.checkpoint_callback
+            folder = getattr(callback, "dirpath", None)
+            last_good = last_good_checkpoint(folder) if folder else "no checkpoints are being saved"
+            raise TrainingDivergedError(f"{err}; {last_good}") from err
+
+
+# ---------------------------------------------------------------------- in LightningCLI (train_cli.py)
+LIGHTNING_STRATEGY = "lightning.pytorch.strategies.ModelParallelStrategy"
+
+
+def use_safe_strategy(settings: Any) -> None:
+    """Lightning's ModelParallelStrategy named in a subcommand's settings becomes this subclass (same
+    arguments), so every run's checkpoints get the checks whatever the config names."""
+    strategy = (settings.get("trainer") or {}).get("strategy")
+    if getattr(strategy, "class_path", None) == LIGHTNING_STRATEGY:
+        strategy.class_path = f"{SafeModelParallelStrategy.__module__}.{SafeModelParallelStrategy.__name__}"
+
+
+def prepare_checkpoint_loading(trainer: Any, settings: Any) -> None:
+    """Hand `--trust-checkpoint` to the strategy, and make `--ckpt_path last` the newest complete checkpoint
+    of the ModelCheckpoint folders (Lightning's own `last` sees only a `last.ckpt` that exists)."""
+    trust = bool(settings.get("trust_checkpoint"))
+    if isinstance(trainer.strategy, SafeModelParallelStrategy):
+        trainer.strategy.trust_checkpoint = trust
+    folders = [
+        callback.dirpath for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)
+    ]
+    if settings.get("ckpt_path") != "last" or not folders:
+        return
+    path, note = resolve_last(folders, trust_pickle=trust)
+    if note is not None:
+        settings["ckpt_path"] = None if path is None else str(path)
+        rank_zero_info(f"note: {note}")
+
+
+__all__ = [
+    "SafeModelParallelStrategy",
+    "TrainingDivergedError",
+    "prepare_checkpoint_loading",
+    "use_safe_strategy",
+]
