@@ -48,11 +48,11 @@ def flash_attention_unusable(device: torch.device, dtype: torch.dtype) -> str | 
     not load (built against another torch, say; it would otherwise fail at the first attention call)."""
     if importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed (`make` installs it on a GPU machine)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLASH_MIN_CAPABILITY:
+        return f"flash-attn needs compute capability 8.0 (Ampere) or newer; {device} has {major}.{minor}"
     if dtype not in FLASH_DTYPES:
         return f"flash-attn has no {dtype} kernel (fp16 and bf16 only)"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < FLASH_MIN_CAPABILITY:
-        return f"flash-attn needs compute capability 8.0 (Ampere) or newer; {device} has {capability[0]}.{capability[1]}"
     try:
         importlib.import_module("flash_attn").flash_attn_func  # noqa: B018  (loads the compiled extension)
     except (ImportError, OSError, AttributeError) as err:

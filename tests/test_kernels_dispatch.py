@@ -370,22 +370,20 @@ class CudaTensor(NamedTuple):
 @pytest.fixture
 def installed_flash_attn(monkeypatch, tmp_path):
     """Installs a flash_attn package (its body given by the test) on sys.path, on a GPU of the given compute
-    capability; returns a function (package body, capability) -> the list of precondition checks made."""
+    capability; returns a function (package body, capability) -> the list of capability queries made."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    monkeypatch.setattr(kernel_backend, "_FLASH_USABLE", {})
+    monkeypatch.setattr(kernel_backend, "_FLASH_USABLE", {}, raising=False)  # nothing checked yet
     monkeypatch.syspath_prepend(str(tmp_path))
-    checks = []
-    check = kernel_backend.flash_attention_unusable
-    monkeypatch.setattr(
-        kernel_backend, "flash_attention_unusable", lambda *args: checks.append(args) or check(*args)
-    )
+    queries = []
 
     def install_package(body: str, capability: tuple[int, int]) -> list:
         (tmp_path / "flash_attn").mkdir()
         (tmp_path / "flash_attn" / "__init__.py").write_text(body)
         importlib.invalidate_caches()
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
-        return checks
+        monkeypatch.setattr(
+            torch.cuda, "get_device_capability", lambda device: queries.append(device) or capability
+        )
+        return queries
 
     yield install_package
     sys.modules.pop("flash_attn", None)
@@ -419,13 +417,13 @@ def test_flash_attn_is_chosen_for_bf16_and_fp16_on_ampere_or_newer(installed_fla
 def test_flash_attn_falls_back_to_portable_with_one_logged_line(
     installed_flash_attn, caplog, body, capability, dtype, reason
 ):
-    checks = installed_flash_attn(body, capability)
+    queries = installed_flash_attn(body, capability)
     tensor = CudaTensor(torch.device("cuda", 0), dtype)
     with caplog.at_level(logging.WARNING, logger=kernel_backend.__name__):
         assert [resolve_backend(tensor) for _ in range(3)] == ["portable"] * 3
     (record,) = caplog.records  # once per device and dtype, not per call
     assert reason in record.getMessage() and "portable" in record.getMessage()
-    assert len(checks) == 1  # the preconditions are checked once
+    assert len(queries) == 1  # the preconditions are checked once
 
 
 # ---------------------------------------------------------------- selective checkpointing per backend
