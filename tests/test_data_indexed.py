@@ -19,6 +19,7 @@ from mistral_lightning.data.indexed import (
 )
 
 DOCUMENTS = [[1, 5, 7], [1], [1, 2, 3, 4, 5, 6, 100], [9, 9]]
+HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
 
 
 @pytest.mark.parametrize("code", sorted(DTYPE_CODES))
@@ -118,6 +119,19 @@ def _write_good(prefix):
         (lambda idx: idx.__delitem__(slice(-5, None)), "truncated or corrupt"),
         (lambda idx: idx.__delitem__(slice(20, None)), "truncated"),
         (lambda idx: idx.__setitem__(slice(-8, None), struct.pack("<q", 99)), "document indices"),
+        (lambda idx: idx.__delitem__(slice(None)), "empty"),
+        # Sequence 1's length (header, then int32 lengths) made negative; the total still matches .bin.
+        (
+            lambda idx: idx.__setitem__(slice(HEADER_SIZE + 4, HEADER_SIZE + 8), struct.pack("<i", -1)),
+            "length",
+        ),
+        # Sequence 1's byte pointer (after the 4 lengths) sent far past the end of .bin.
+        (
+            lambda idx: idx.__setitem__(
+                slice(HEADER_SIZE + 16 + 8, HEADER_SIZE + 16 + 16), struct.pack("<q", 10**9)
+            ),
+            "places sequence 1 at bytes 1000000000-1000000002 of data.bin",
+        ),
     ],
 )
 def test_corrupt_index_is_reported(tmp_path, corrupt, message):
@@ -140,3 +154,9 @@ def test_truncated_bin_and_missing_files_are_reported(tmp_path):
     (tmp_path / "data.bin").unlink()
     with pytest.raises(IndexedDatasetError, match="data.bin not found.*preprocess"):
         IndexedDataset(prefix)
+
+
+def test_an_index_of_no_sequences_with_an_empty_bin_opens(tmp_path):
+    builder = IndexedDatasetBuilder(str(tmp_path / "none.bin"), dtype=np.uint16)
+    builder.finalize(str(tmp_path / "none.idx"))  # megatron-core writes this pair for an empty corpus
+    assert len(IndexedDataset(tmp_path / "none")) == 0

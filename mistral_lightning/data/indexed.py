@@ -128,11 +128,13 @@ class IndexedDataset:
                     f"{path} not found: an indexed dataset needs both {index_file.name} and {data_file.name}; "
                     "check the data prefix (without .bin/.idx) or run `mistral-lightning preprocess`"
                 )
-        index = np.memmap(index_file, mode="r", dtype=np.uint8)
-        if index.size < HEADER.size:
-            raise IndexedDatasetError(
-                f"{index_file} is truncated ({index.size} bytes, header needs {HEADER.size})"
+        index_size = index_file.stat().st_size
+        if index_size < HEADER.size:
+            state = (
+                "empty" if index_size == 0 else f"truncated ({index_size} bytes, header needs {HEADER.size})"
             )
+            raise IndexedDatasetError(f"{index_file} is {state}; re-run preprocessing")
+        index = np.memmap(index_file, mode="r", dtype=np.uint8)
         magic, version, code, sequence_count, document_count = HEADER.unpack(index[: HEADER.size].tobytes())
         if magic != MAGIC:
             raise IndexedDatasetError(
@@ -161,7 +163,8 @@ class IndexedDataset:
         offset += self.sequence_pointers.nbytes
         self.document_indices = np.frombuffer(index, np.int64, document_count, offset)
         self._check_consistency(index_file, data_file)
-        self._data = np.memmap(data_file, mode="r", dtype=np.uint8)
+        # numpy cannot map an empty file; an index of no sequences comes with an empty .bin.
+        self._data = np.memmap(data_file, mode="r", dtype=np.uint8) if len(self) else np.zeros(0, np.uint8)
 
     def _check_consistency(self, index_file: Path, data_file: Path) -> None:
         docs = self.document_indices
@@ -178,6 +181,18 @@ class IndexedDataset:
                 f"{data_file} is {data_size} bytes but {index_file} describes {end}; the pair is truncated or "
                 "mismatched, re-run preprocessing"
             )
+        # Every sequence must lie inside .bin, or a batch far into training would read garbage or fail.
+        lengths, pointers = self.sequence_lengths.astype(np.int64), self.sequence_pointers
+        outside = (lengths < 0) | (pointers < 0) | (lengths * self.dtype.itemsize > data_size - pointers)
+        if outside.any():
+            bad = int(np.argmax(outside))
+            start, size = int(pointers[bad]), int(lengths[bad]) * self.dtype.itemsize
+            what = (
+                f"gives sequence {bad} a negative length ({lengths[bad]})"
+                if lengths[bad] < 0
+                else f"places sequence {bad} at bytes {start}-{start + size} of {data_file.name}, which has {data_size}"
+            )
+            raise IndexedDatasetError(f"{index_file} {what}; the file is corrupt, re-run preprocessing")
 
     def __getstate__(self) -> dict:
         # Reopen by name in worker processes instead of pickling the mapped arrays.
@@ -202,3 +217,8 @@ class IndexedDataset:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.get(index)
+
+    def largest_value(self) -> int:
+        """The largest value stored in `.bin` (-1 when there is none): one pass over the mapped file."""
+        values = np.frombuffer(self._data, self.dtype, len(self._data) // self.dtype.itemsize)
+        return int(values.max()) if values.size else -1
