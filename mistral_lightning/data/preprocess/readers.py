@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from mistral_lightning.data.preprocess.handlers import Handler
 
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json"}
 NOT_AN_OBJECT = RowSkip("invalid JSON", "the row is not an object")
+WHITESPACE = re.compile(r"[ \t\n\r]*")
+# A string literal (escapes included) or one structural character: enough to find an array's elements.
+JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 
 def expand_inputs(spec: str) -> list[Path]:
@@ -71,6 +75,7 @@ def _missing_column_error(path: Path, missing: list[str], columns: set[str]) -> 
 
 
 def _read_parquet(path: Path, handler: Handler) -> Iterator[list[Row]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -82,8 +87,26 @@ def _read_parquet(path: Path, handler: Handler) -> Iterator[list[Row]]:
     if missing:
         raise _missing_column_error(path, missing, columns)
     wanted = {*handler.output_keys, "instruction", "input", "output", "messages"} & columns
-    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=sorted(wanted)):
+    batches, rows_read = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=sorted(wanted)), 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as error:  # a corrupt page fails only when it is decoded
+            raise PreprocessError(
+                f"{path}: cannot read the rows after row {rows_read} ({error}); the file is corrupt, "
+                "re-export it or leave it out of --input"
+            ) from error
+        if batch is None:
+            return
+        rows_read += batch.num_rows
         yield batch.to_pylist()
+
+
+def _unparseable(error: RecursionError | ValueError) -> RowSkip:
+    """Valid JSON that Python's parser refuses: too deep a nesting, or an integer beyond its digit limit."""
+    if isinstance(error, RecursionError):
+        return RowSkip("unparseable JSON", "nested deeper than Python's JSON parser allows")
+    return RowSkip("unparseable JSON", str(error).split(";")[0])
 
 
 def _parse_json_line(line: bytes) -> Row:
@@ -93,7 +116,58 @@ def _parse_json_line(line: bytes) -> Row:
         return RowSkip("non-UTF-8 bytes", f"byte {error.start}")
     except json.JSONDecodeError as error:
         return RowSkip("invalid JSON", error.msg)
+    except (RecursionError, ValueError) as error:
+        return _unparseable(error)
     return row if isinstance(row, dict) else NOT_AN_OBJECT
+
+
+def _json_value_end(text: str, start: int) -> int:
+    """Where the JSON value at `start` ends, found by matching brackets outside strings (no recursion)."""
+    depth = 0
+    for token in JSON_TOKEN.finditer(text, start):
+        mark = token.group()
+        if mark[0] == '"':
+            continue
+        if mark in "[{":
+            depth += 1
+        elif depth == 0:  # the "," or "]" after a bare value
+            return token.start()
+        elif mark in "]}":
+            depth -= 1
+            if depth == 0:
+                return token.end()
+    return len(text)
+
+
+def _json_array_rows(path: Path, text: str) -> list[Row]:
+    """The elements of the JSON array `text` parsed one at a time, so that one Python's parser cannot
+    handle (nested too deeply, an integer too long) is skipped alone instead of failing the file."""
+    decoder, rows = json.JSONDecoder(), []
+    position = WHITESPACE.match(text, text.index("[") + 1).end()
+    while not text.startswith("]", position):
+        try:
+            value, position = decoder.raw_decode(text, position)
+            rows.append(value if isinstance(value, dict) else NOT_AN_OBJECT)
+        except json.JSONDecodeError as error:
+            raise PreprocessError(f"{path} is not valid JSON: {error}") from error
+        except (RecursionError, ValueError) as error:
+            rows.append(_unparseable(error))
+            position = _json_value_end(text, position)
+        position = WHITESPACE.match(text, position).end()
+        if text.startswith(",", position):
+            position = WHITESPACE.match(text, position + 1).end()
+            if text.startswith("]", position):
+                _json_syntax_error(path, text, position, "a value after ','")
+        elif not text.startswith("]", position):
+            _json_syntax_error(path, text, position, "',' or ']'")
+    if text[position + 1 :].strip():
+        _json_syntax_error(path, text, position + 1, "nothing after the array")
+    return rows
+
+
+def _json_syntax_error(path: Path, text: str, position: int, expected: str) -> None:
+    line = text.count("\n", 0, position) + 1
+    raise PreprocessError(f"{path} is not valid JSON: expected {expected} at line {line}")
 
 
 def _read_json_lines(path: Path, handler: Handler) -> Iterator[list[Row]]:
@@ -125,16 +199,10 @@ def _read_json(path: Path, handler: Handler) -> Iterator[list[Row]]:
         yield from _read_json_lines(path, handler)
         return
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise PreprocessError(f"{path} is not UTF-8 at byte {error.start}; re-export it as UTF-8") from error
-    except json.JSONDecodeError as error:
-        raise PreprocessError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(rows, list):
-        raise PreprocessError(
-            f"{path} holds a JSON {type(rows).__name__}; expected an array of objects or JSON lines"
-        )
-    rows = [row if isinstance(row, dict) else NOT_AN_OBJECT for row in rows]
+    rows = _json_array_rows(path, text)
     first = next((row for row in rows if isinstance(row, dict)), None)
     if first is not None and handler.required_columns(set(first)):
         raise _missing_column_error(path, handler.required_columns(set(first)), set(first))
