@@ -1,16 +1,23 @@
 """preprocess(): read chunks, encode them in `--workers` processes, write the documents in input order.
 
 Results are taken in submission order, so the output bytes never depend on the worker count; each
-encoded chunk brings its own origin back for the summary.
+encoded chunk brings its own origin back for the summary. A worker that dies (the out-of-memory killer,
+a crash in the tokenizer) ends the run with the chunk it was encoding instead of a hang.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from multiprocessing.pool import AsyncResult
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 from mistral_lightning.data.indexed import IndexedDatasetWriter, bin_path, idx_path
@@ -26,11 +33,25 @@ _worker_handler: Handler | None = None
 
 def _init_worker(config: PreprocessConfig) -> None:
     global _worker_handler
+    # Ctrl-C reaches the whole process group; the main process alone stops the run, workers just finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     _worker_handler = create_handler(config)
+
+
+def _exit_with_parent() -> None:
+    """A worker whose main process was killed exits instead of waiting for work forever."""
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
+    os._exit(1)
 
 
 def _encode_in_worker(chunk: RowChunk) -> EncodedChunk:
     return _worker_handler.encode(chunk)
+
+
+def _worker_pool(workers: int, context: BaseContext, config: PreprocessConfig) -> ProcessPoolExecutor:
+    # Unlike multiprocessing.Pool, which waits forever for a killed worker, this fails its futures.
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config,))
 
 
 def encode_in_order(
@@ -44,14 +65,55 @@ def encode_in_order(
     # fork shares the already-imported modules; spawn (other platforms) re-imports them in each worker.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with context.Pool(config.workers, initializer=_init_worker, initargs=(config,)) as pool:
-        in_flight: deque[AsyncResult] = deque()
+    pool = _worker_pool(config.workers, context, config)
+    in_flight: deque[tuple[RowChunk, Future]] = deque()
+    try:
         for chunk in chunks:
-            in_flight.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            in_flight.append((chunk, pool.submit(_encode_in_worker, chunk)))
             if len(in_flight) >= 2 * config.workers:
-                yield in_flight.popleft().get()
+                yield _take_oldest(in_flight)
         while in_flight:
-            yield in_flight.popleft().get()
+            yield _take_oldest(in_flight)
+    except BrokenProcessPool:
+        unfinished = [c for c, f in in_flight if isinstance(f.exception(), BrokenProcessPool)]
+        raise _worker_died(unfinished, context, config) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _take_oldest(in_flight: deque[tuple[RowChunk, Future]]) -> EncodedChunk:
+    """The oldest chunk's result; the chunk stays in flight until it has one, so a dead worker can name it."""
+    encoded = in_flight[0][1].result()
+    in_flight.popleft()
+    return encoded
+
+
+def _worker_died(
+    unfinished: list[RowChunk], context: BaseContext, config: PreprocessConfig
+) -> PreprocessError:
+    """Which chunk killed the worker: each unfinished chunk is encoded alone again; the first that kills
+    its worker again is to blame. If none does, the worker was killed from outside, most likely for memory."""
+    with _worker_pool(1, context, config) as retry:
+        for chunk in unfinished:
+            try:
+                retry.submit(_encode_in_worker, chunk).result()
+            except BrokenProcessPool:
+                return PreprocessError(
+                    f"a preprocess worker was killed while encoding {_rows(chunk)}, and again when that chunk "
+                    "was encoded alone: a row there kills the tokenizer process (out of memory on a huge row, "
+                    "or a crash); remove or shorten it and re-run (fewer --workers will not help)"
+                )
+    return PreprocessError(
+        f"a preprocess worker was killed (by a signal, most likely the out-of-memory killer) while encoding "
+        f"one of: {'; '.join(_rows(chunk) for chunk in unfinished)}; these encode fine alone, so re-run "
+        f"with fewer --workers (now {config.workers}) or more memory"
+    )
+
+
+def _rows(chunk: RowChunk) -> str:
+    """`file rows first-last` of a chunk."""
+    first = chunk.origin.first_row
+    return f"{chunk.origin.path} rows {first}-{first + len(chunk.rows) - 1}"
 
 
 def _check_options(config: PreprocessConfig) -> None:
