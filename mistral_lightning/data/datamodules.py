@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,20 @@ from mistral_lightning.data.datasets import (
     GPTPackedDataset,
     InstructionDataset,
     ResumableSampler,
+    largest_token_id,
     pad_collate,
     parse_split,
     split_bounds,
 )
-from mistral_lightning.data.indexed import IndexedDataset, idx_path
+from mistral_lightning.data.indexed import IndexedDataset, bin_path, idx_path
 from mistral_lightning.distributed import data_parallel_layout
 from mistral_lightning.errors import UserError
+from mistral_lightning.labels import IGNORE_INDEX
 
 INSTRUCTION_SUFFIX = "_packed_{}_document"
+# fit refuses to start when more than this fraction of the first training samples has no labelled token.
+MAX_UNLABELLED_FRACTION = 0.5
+LABEL_CHECK_SAMPLES = 128
 
 
 class _ResumableDataModule(L.LightningDataModule, abc.ABC):
@@ -56,12 +62,56 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
     def build_datasets(self) -> dict[str, Dataset]:
         """Datasets for the non-empty splits among SPLIT_NAMES."""
 
+    @abc.abstractmethod
+    def token_datasets(self) -> list[tuple[IndexedDataset, Path]]:
+        """The indexed datasets that hold token ids (inputs and labels), each with its index-cache folder."""
+
     def prepare_data(self) -> None:
-        self.build_datasets()  # runs once per node first, so that the index caches exist before other ranks read
+        # Runs once per node first, so that the index caches exist before other ranks read them.
+        self.build_datasets()
+        self._largest_token_ids()
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
             self.datasets = self.build_datasets()
+        self._check_vocabulary()
+        if stage == "fit":
+            self._check_labels()
+
+    def _cache_folder(self, prefix: str) -> Path:
+        """Where the index caches of `prefix` live: `cache_dir`, or `index-cache/` next to the data."""
+        return Path(self.cache_dir) if self.cache_dir else idx_path(prefix).parent / "index-cache"
+
+    def _largest_token_ids(self) -> list[tuple[IndexedDataset, int]]:
+        return [(indexed, largest_token_id(indexed, cache)) for indexed, cache in self.token_datasets()]
+
+    def _check_vocabulary(self) -> None:
+        """Token ids at or above the model's vocabulary are refused now, not when a batch reaches them."""
+        config = getattr(getattr(self.trainer, "lightning_module", None), "config", None)
+        vocab_size = getattr(config, "vocab_size", None)
+        if vocab_size is None:
+            return
+        for indexed, largest in self._largest_token_ids():
+            if largest >= vocab_size:
+                raise UserError(
+                    f"{bin_path(indexed.prefix)} holds token id {largest} but the model has only {vocab_size} "
+                    f"ids (0-{vocab_size - 1}); preprocess the data with the model's own tokenizer, or use a "
+                    "model whose vocab_size covers it"
+                )
+
+    def _check_labels(self) -> None:
+        """Refuse to train when most of the first samples have no labelled token (their loss would be 0)."""
+        train = self.datasets["train"]
+        order = ResumableSampler(train, micro_batch_size=1, seed=self.seed)  # the epoch-0 order of every run
+        first = list(itertools.islice(order, LABEL_CHECK_SAMPLES))
+        unlabelled = sum(not bool((train[i]["labels"] != IGNORE_INDEX).any()) for i in first)
+        if first and unlabelled > MAX_UNLABELLED_FRACTION * len(first):
+            raise UserError(
+                f"{unlabelled} of the first {len(first)} training samples ({unlabelled / len(first):.0%}) have no "
+                f"labelled token at data.init_args.seq_length {self.seq_length}: the prompt fills them, so "
+                "training would learn nothing; raise data.init_args.seq_length, or preprocess with the default "
+                "--overlong skip (and --seq-length) so that such samples are dropped instead of truncated"
+            )
 
     def _data_parallel(self) -> tuple[int, int]:
         """(size, rank) of data parallelism; tensor-parallel peers report the same rank, so they get the same batch."""
@@ -180,11 +230,14 @@ class PretrainDataModule(_ResumableDataModule):
         self.data_prefixes, self.blend_weights = list(data_prefixes), blend_weights
         self.cross_document_attention, self.cache_dir = cross_document_attention, cache_dir
 
+    def token_datasets(self) -> list[tuple[IndexedDataset, Path]]:
+        return [(IndexedDataset(prefix), self._cache_folder(prefix)) for prefix in self.data_prefixes]
+
     def build_datasets(self) -> dict[str, Dataset]:
         per_split: dict[str, list[tuple[float, GPTPackedDataset]]] = {}
         for index, prefix in enumerate(self.data_prefixes):
             indexed = IndexedDataset(prefix)
-            cache = Path(self.cache_dir) if self.cache_dir else idx_path(prefix).parent / "index-cache"
+            cache = self._cache_folder(prefix)
             for name, documents in _split_ranges(len(indexed), self.split_weights).items():
                 dataset = GPTPackedDataset(
                     indexed, documents, self.seq_length, self.seed, cache, self.cross_document_attention
@@ -217,6 +270,8 @@ class InstructionDataModule(_ResumableDataModule):
         seed: fixes the sample order and the per-epoch shuffles.
         pack: put several samples in one sequence (attention and position ids restart per sample).
         pad_to_multiple_of: batches are padded to the longest sequence rounded up to this, capped at seq_length.
+        cache_dir: where facts computed once from the data (the largest token id) are cached (default:
+            `index-cache/` next to the data).
     """
 
     def __init__(
@@ -229,16 +284,26 @@ class InstructionDataModule(_ResumableDataModule):
         num_workers: int = 2,
         pack: bool = False,
         pad_to_multiple_of: int = 8,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(seq_length, micro_batch_size, split, seed, num_workers)
         if pad_to_multiple_of < 1:
             raise UserError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
         self.data_prefix = data_prefix.removesuffix(INSTRUCTION_SUFFIX.format("input_ids"))
-        self.pack, self.pad_to_multiple_of = pack, pad_to_multiple_of
+        self.pack, self.pad_to_multiple_of, self.cache_dir = pack, pad_to_multiple_of, cache_dir
+
+    def _indexed(self) -> tuple[IndexedDataset, IndexedDataset]:
+        """The input-id and label datasets of `data_prefix`."""
+        return tuple(
+            IndexedDataset(self.data_prefix + INSTRUCTION_SUFFIX.format(key))
+            for key in ("input_ids", "labels")
+        )
+
+    def token_datasets(self) -> list[tuple[IndexedDataset, Path]]:
+        return [(indexed, self._cache_folder(self.data_prefix)) for indexed in self._indexed()]
 
     def build_datasets(self) -> dict[str, Dataset]:
-        input_ids = IndexedDataset(self.data_prefix + INSTRUCTION_SUFFIX.format("input_ids"))
-        labels = IndexedDataset(self.data_prefix + INSTRUCTION_SUFFIX.format("labels"))
+        input_ids, labels = self._indexed()
         if len(input_ids) != len(labels) or (input_ids.sequence_lengths != labels.sequence_lengths).any():
             raise UserError(
                 f"{input_ids.prefix} and {labels.prefix} disagree on sample lengths; they come from different "

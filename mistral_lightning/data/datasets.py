@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from mistral_lightning.data.indexed import IndexedDataset
+from mistral_lightning.data.indexed import IndexedDataset, bin_path
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
 
@@ -72,6 +72,18 @@ def cached_arrays(
             f"cannot write the index cache in {cache_dir} ({error}); set cache_dir to a writable folder"
         ) from error
     return arrays
+
+
+def largest_token_id(indexed: IndexedDataset, cache_dir: Path | None) -> int:
+    """The largest id in `indexed` (-1 if none), scanned once and cached with the index caches."""
+    data = bin_path(indexed.prefix)
+    stat = data.stat()
+    # Keyed by the file as it is now: rewriting the data (a new size or mtime) scans it again.
+    description = f"largest value of {data.name} size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
+    arrays = cached_arrays(
+        cache_dir, description, ("largest",), lambda: {"largest": np.array(indexed.largest_value())}
+    )
+    return int(arrays["largest"])
 
 
 # ---------------------------------------------------------------- pretraining: GPT packing
