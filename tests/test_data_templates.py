@@ -1,14 +1,11 @@
-"""Instruction templates against independent references: mistral-common v1 ids and hand-built label masks."""
+"""Instruction templates against independent references: mistral-common's ids for every tokenizer it ships,
+the answer mask by the format's own rule, and ModelLink's Alpaca template rendered by hand."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import sentencepiece as spm
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from tokenizer_references import CONVERSATION, SHIPPED, answer_labels, finetuning_ids, prompt_ids
 
 from mistral_lightning.prompts import (
     IGNORE_INDEX,
@@ -17,79 +14,74 @@ from mistral_lightning.prompts import (
     encode_chat_prompt,
     encode_mistral_chat,
 )
-from mistral_lightning.tokenizer import Tokenizer, TokenizerError
+from mistral_lightning.tokenizer import Tokenizer
 
-MESSAGE_TYPES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-CONVERSATIONS = {
-    "single turn": [
-        {"role": "user", "content": "Reverse the words: red cat sun"},
-        {"role": "assistant", "content": "sun cat red"},
-    ],
-    "multi turn with system": [
-        {"role": "system", "content": "You answer briefly."},
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And in words, with a newline?\nPlease."},
-        {"role": "assistant", "content": "Four. 四"},
-    ],
-}
+SINGLE_TURN = [
+    {"role": "user", "content": "Reverse the words: red cat sun"},
+    {"role": "assistant", "content": "sun cat red"},
+]
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return MistralTokenizer.v1()
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def shipped(request):
+    return request.param, Tokenizer(SHIPPED[request.param])
 
 
-def _reference_ids(reference, messages, answer_prefix=False):
-    """mistral-common v1 tokens; a final assistant turn is encoded as a prefix, then closed with EOS."""
-    typed = [MESSAGE_TYPES[m["role"]](content=m["content"]) for m in messages]
-    if answer_prefix:
-        typed[-1] = AssistantMessage(content=messages[-1]["content"], prefix=True)
-    tokens = reference.encode_chat_completion(ChatCompletionRequest(messages=typed)).tokens
-    return tokens + [reference.instruct_tokenizer.tokenizer.eos_id] if answer_prefix else tokens
+@pytest.mark.parametrize("messages", [CONVERSATION, SINGLE_TURN], ids=["multi-turn", "single-turn"])
+def test_chat_ids_are_mistral_common_finetuning_ids(shipped, messages):
+    name, tokenizer = shipped
+    assert encode_mistral_chat(tokenizer, messages).input_ids == finetuning_ids(name, messages)
 
 
-@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-def test_mistral_chat_ids_equal_mistral_common_v1(tokenizer, reference, name):
-    messages = CONVERSATIONS[name]
+@pytest.mark.parametrize("messages", [CONVERSATION, SINGLE_TURN], ids=["multi-turn", "single-turn"])
+def test_the_loss_covers_exactly_the_answers_and_their_eos(shipped, messages):
+    name, tokenizer = shipped
     sample = encode_mistral_chat(tokenizer, messages)
-    assert sample.input_ids == _reference_ids(reference, messages, answer_prefix=True)
+    assert sample.labels == answer_labels(name, sample.input_ids)
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert sample.labels.count(tokenizer.eos_id) == len(answers)
+    learned = [token for token in sample.labels if token != IGNORE_INDEX]
+    assert tokenizer.decode(learned).replace(" ", "") == "".join(answers).replace(" ", "")
 
 
-@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
-def test_mistral_labels_mask_every_prompt_token(tokenizer, reference, name):
-    messages = CONVERSATIONS[name]
-    sample = encode_mistral_chat(tokenizer, messages)
-    # Expected mask from mistral-common alone: each answer starts where the prompt up to it ends.
-    expected = [IGNORE_INDEX] * len(sample.input_ids)
-    for turn, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start = len(_reference_ids(reference, messages[:turn]))
-            end = len(_reference_ids(reference, messages[: turn + 1], answer_prefix=True))
-            expected[start:end] = sample.input_ids[start:end]
-    assert sample.labels == expected
-    assert sample.labels[-1] == tokenizer.eos_id  # the answer's </s> is learned
+def test_v3_writes_inst_as_control_tokens_and_the_system_prompt_in_the_last_turn():
+    """The issue's case, by hand: v0.3's [INST] is id 3, not the text tokens 1501, 17057, 29561."""
+    v3 = Tokenizer(SHIPPED["v3"])
+    ids = encode_mistral_chat(v3, CONVERSATION).input_ids
+    assert ids[:2] == [1, 3] and ids.count(3) == 2 and ids.count(4) == 2
+    assert [1501, 17057, 29561] != ids[1:4]
+    last_turn = ids[len(ids) - 1 - ids[::-1].index(3) :]
+    assert v3.decode(last_turn).startswith(CONVERSATION[0]["content"])
 
 
-def test_chat_prompt_equals_mistral_common(tokenizer, reference):
-    messages = CONVERSATIONS["multi turn with system"][:-1]
-    assert encode_chat_prompt(tokenizer, messages) == _reference_ids(reference, messages)
-    assert encode_chat_prompt(tokenizer, [{"role": "user", "content": "hi"}]) == _reference_ids(
-        reference, [{"role": "user", "content": "hi"}]
-    )
+def test_chat_prompt_equals_mistral_common(shipped):
+    name, tokenizer = shipped
+    for messages in (CONVERSATION[:-1], [{"role": "user", "content": "hi"}]):
+        assert encode_chat_prompt(tokenizer, messages) == prompt_ids(name, messages)
 
 
 @pytest.mark.parametrize(
     ("messages", "message"),
     [
-        ([{"role": "assistant", "content": "a"}], "expected 'user'"),
-        ([{"role": "user", "content": "u"}, {"role": "user", "content": "u"}], "expected 'assistant'"),
-        ([{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}], "no text"),
-        ([{"role": "user", "content": "u"}], "must end with a assistant"),
-        ([{"role": "system", "content": "s"}], "no user message"),
+        ([{"role": "assistant", "content": "a"}], "must start with a user message"),
+        (
+            [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}],
+            "message 0 .user. has no text",
+        ),
+        ([{"role": "user", "content": "u"}], "Expected last role Assistant"),
+        ([{"role": "system", "content": "s"}], "Expected last role Assistant"),
+        ([{"role": "tool", "content": "t"}], "message 0 has role 'tool'"),
+        (
+            [
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+                {"role": "assistant", "content": "b"},
+            ],
+            "both assistant answers",
+        ),
     ],
 )
-def test_bad_conversations_are_rejected(tokenizer, messages, message):
+def test_conversations_the_format_cannot_encode_are_rejected(tokenizer, messages, message):
     with pytest.raises(TemplateError, match=message):
         encode_mistral_chat(tokenizer, messages)
 
@@ -116,24 +108,3 @@ def test_alpaca_labels_token_by_token(tokenizer_path, tokenizer, append_eod, inp
     response_end = len(expected_ids) - append_eod
     assert sp.decode(sample.input_ids[prompt_length:response_end]) == output + "\n"
     assert (sample.labels[-1] == sp.eos_id()) == append_eod
-
-
-def test_tokenizer_accepts_model_file_or_hf_folder(tmp_path, tokenizer_path):
-    shutil.copy(tokenizer_path, tmp_path / "tokenizer.model")
-    from_folder, from_file = Tokenizer(tmp_path), Tokenizer(tokenizer_path)
-    assert from_folder.encode("Hello world", bos=True, eos=True) == from_file.encode(
-        "Hello world", True, True
-    )
-    assert (from_file.bos_id, from_file.eos_id, from_file.vocab_size) == (1, 2, 32000)
-    ids = from_file.encode("Hello world", bos=True, eos=True)
-    assert ids[0] == 1 and ids[-1] == 2 and from_file.decode(ids) == "Hello world"
-
-
-def test_tokenizer_errors_name_the_path(tmp_path):
-    with pytest.raises(TokenizerError, match="has no tokenizer.model"):
-        Tokenizer(tmp_path)
-    with pytest.raises(TokenizerError, match="does not exist"):
-        Tokenizer(tmp_path / "missing.model")
-    (tmp_path / "bad.model").write_bytes(b"not a model")
-    with pytest.raises(TokenizerError, match="bad.model is not a sentencepiece model"):
-        Tokenizer(tmp_path / "bad.model")
