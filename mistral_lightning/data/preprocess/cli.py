@@ -20,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokenizer = parser.add_mutually_exclusive_group(required=True)
     tokenizer.add_argument(
-        "--tokenizer-model", help="sentencepiece .model file, or an HF folder with tokenizer.model"
+        "--tokenizer-model",
+        help="a tokenizer file (tokenizer.model[.vN], tekken*.json, tokenizer.json) or an HF model folder; "
+        "a folder's Mistral files come first (tekken.json, tokenizer.model.vN, tokenizer.model), then "
+        "tokenizer.json",
     )
     tokenizer.add_argument(
         "--tokenizer-name-or-path", dest="tokenizer_model", help="same as --tokenizer-model"
@@ -29,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-type",
         choices=("PretrainedFromHF", "SentencePieceTokenizer"),
         default="PretrainedFromHF",
-        help="accepted for recipe compatibility; both read tokenizer.model",
+        help="PretrainedFromHF (default): any tokenizer file or HF folder; SentencePieceTokenizer: as "
+        "--tokenizer-not-use-fast",
     )
     parser.add_argument(
         "--tokenizer-not-use-fast",
         action="store_true",
-        help="accepted for recipe compatibility; sentencepiece is the slow HF tokenizer already",
+        help="never read an HF tokenizer.json (the fast tokenizer), only Mistral's sentencepiece or tekken "
+        "files, as the recipe's slow tokenizer does",
     )
     parser.add_argument(
         "--output-prefix",
@@ -53,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(HANDLER_CLASSES),
         default="GeneralPretrainHandler",
         help="GeneralPretrainHandler: plain text; GeneralInstructionHandler: Alpaca template over "
-        "instruction/input/output; MistralInstructionHandler: [INST] template over a 'messages' "
-        "column (list of {role, content}) or instruction/input/output",
+        "instruction/input/output; MistralInstructionHandler: the tokenizer's Mistral chat format "
+        "(mistral-common's fine-tuning encoding, loss on the answers) over a 'messages' column (list of "
+        "{role, content}) or instruction/input/output",
     )
     parser.add_argument(
         "--append-eod",
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         input=args.input,
         tokenizer_model=args.tokenizer_model,
         output_prefix=args.output_prefix,
+        use_fast=not (args.tokenizer_not_use_fast or args.tokenizer_type == "SentencePieceTokenizer"),
         handler_name=args.handler_name,
         json_keys=tuple(args.json_keys),
         append_eod=args.append_eod,

@@ -16,6 +16,7 @@ class PreprocessConfig:
     input: str
     tokenizer_model: str
     output_prefix: str
+    use_fast: bool = True  # False: never read an HF tokenizer.json (--tokenizer-not-use-fast)
     handler_name: str = "GeneralPretrainHandler"
     json_keys: tuple[str, ...] = ("text",)
     append_eod: bool = False

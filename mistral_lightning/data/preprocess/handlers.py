@@ -11,7 +11,7 @@ from mistral_lightning.data.indexed import LABEL_DTYPE, token_dtype
 from mistral_lightning.data.preprocess.chunks import EncodedChunk, RowChunk, RowSkip
 from mistral_lightning.data.preprocess.config import PreprocessConfig, PreprocessError
 from mistral_lightning.prompts import TemplateError, encode_alpaca, encode_mistral_chat
-from mistral_lightning.tokenizer import Tokenizer, TokenizerError
+from mistral_lightning.tokenizer import ChatFormatError, Tokenizer, TokenizerError
 
 INSTRUCTION_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -125,6 +125,15 @@ class AlpacaHandler(Handler):
 
 
 class MistralHandler(Handler):
+    """Chats in the tokenizer's own format (mistral-common's fine-tuning encoding), loss on the answers."""
+
+    def __init__(self, tokenizer: Tokenizer, config: PreprocessConfig) -> None:
+        super().__init__(tokenizer, config)
+        try:  # a tokenizer without a chat format fails here, before any row is read
+            self.chat_format = tokenizer.chat_format
+        except ChatFormatError as error:
+            raise PreprocessError(f"--handler-name MistralInstructionHandler: {error}") from error
+
     def required_columns(self, columns: set[str]) -> list[str]:
         return [] if "messages" in columns else super().required_columns(columns)
 
@@ -144,7 +153,7 @@ class MistralHandler(Handler):
             sample = encode_mistral_chat(self.tokenizer, messages)
         except TemplateError as error:
             raise RowSkip("invalid conversation", str(error)) from None
-        # The template already ends every answer with </s>, so --append-eod adds nothing here.
+        # The format already ends every answer with </s>, so --append-eod adds nothing here.
         return {
             "input_ids": sample.input_ids,
             "attention_mask": [1] * len(sample.input_ids),
@@ -163,7 +172,7 @@ HANDLER_CLASSES: dict[str, type[Handler]] = {
 def create_handler(config: PreprocessConfig) -> Handler:
     """The handler `config.handler_name` names, with its tokenizer loaded."""
     try:
-        tokenizer = Tokenizer(config.tokenizer_model)
+        tokenizer = Tokenizer(config.tokenizer_model, use_fast=config.use_fast)
     except TokenizerError as error:
         raise PreprocessError(f"--tokenizer-model: {error}") from error
     return HANDLER_CLASSES[config.handler_name](tokenizer, config)
