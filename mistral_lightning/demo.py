@@ -69,6 +69,7 @@ def run(max_steps: int | None = None, heldout: int = 100) -> DemoScores:
     out = DATA_DIR
     for folder in (DATA_DIR, RUN_DIR):
         shutil.rmtree(folder, ignore_errors=True)
+    # Trained from scratch, the model has no tokenizer of its own: it is the one the demo's data is tokenized with.
     tokenizer_path = default_tokenizer_path()
     tokenizer = Tokenizer(tokenizer_path)
 
@@ -102,6 +103,7 @@ def run(max_steps: int | None = None, heldout: int = 100) -> DemoScores:
     rows = pq.read_table(paths.heldout).to_pylist()[:heldout]
     before, _ = heldout_accuracy(untrained_model(seed=1234), tokenizer, rows)
     trained = Mistral.from_pretrained(out / "hf").eval()
+    tokenizer.check_fits(trained.config.vocab_size, out / "hf")
     after, examples = heldout_accuracy(trained, tokenizer, rows)
     for instruction, given, expected, got in examples[:6]:
         mark = "ok " if expected == got else "err"

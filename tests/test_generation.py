@@ -1,21 +1,28 @@
 """Decoding against independent references: transformers' greedy generate, a cache-free recompute,
-mistral-common's chat token ids, and the same model run under the training TP plan over gloo."""
+mistral-common's chat token ids for the model's own tokenizer, and the same model run under the training TP
+plan over gloo."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from distributed import run_on_ranks
+from tokenizer_references import CONVERSATION, SHIPPED, prompt_ids
 
 from mistral_lightning import Mistral, MistralConfig, cli
 from mistral_lightning.checkpoint.hf import CheckpointError
+from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
 from mistral_lightning.generation import GenerationError, RollingKVCache, generate, next_token_logits
 from mistral_lightning.generation import cli as generate_cli
+from mistral_lightning.generation.generate import stream_generate
 from mistral_lightning.generation.loading import load_model
 from mistral_lightning.generation.sampling import sample_next_tokens
 
@@ -156,28 +163,6 @@ def test_bad_prompts_are_rejected_with_the_reason():
     assert len(generate(model, [[1] * 29], 10, eos_id=None)[0]) == 3
 
 
-def test_chat_prompt_ids_equal_mistral_common_v1(tokenizer):
-    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    from mistral_lightning.prompts import encode_chat_prompt
-
-    turns = ["What is the capital of France?", "Paris.", "And of Italy, in one word?"]
-    messages = [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)
-    ]
-    request = ChatCompletionRequest(
-        messages=[
-            (UserMessage if i % 2 == 0 else AssistantMessage)(content=text) for i, text in enumerate(turns)
-        ]
-    )
-    assert (
-        encode_chat_prompt(tokenizer, messages)
-        == MistralTokenizer.v1().encode_chat_completion(request).tokens
-    )
-
-
 # ---------------------------------------------------------------- command line and checkpoints
 
 
@@ -253,6 +238,249 @@ def test_a_training_checkpoint_file_loads_like_the_hf_folder(tiny_checkpoint, tm
     torch.save({"state_dict": state}, tmp_path / "last.ckpt")
     loaded = load_model(tmp_path / "last.ckpt")
     assert generate(loaded, PROMPTS, 8) == generate(model, PROMPTS, 8)
+
+
+# ---------------------------------------------------------------- the tokenizer follows the model
+
+# Each tokenizer under the name Mistral's HF folders give it, with the vocabulary of its models.
+PUBLISHED = {
+    "v1": ("tokenizer.model", 32000),
+    "v3": ("tokenizer.model.v3", 32768),
+    "v7": ("tokenizer.model.v7", 32768),
+    "tekken": ("tekken.json", 131072),
+}
+
+
+def release_folder(folder, name: str):
+    """An HF folder as Mistral publishes a release: random weights, config.json and its tokenizer file."""
+    file, vocab_size = PUBLISHED[name]
+    model = random_model(window=None, vocab_size=vocab_size)
+    model.save_pretrained(folder)
+    shutil.copy(SHIPPED[name], folder / file)
+    return folder
+
+
+@pytest.fixture
+def captured_prompts(monkeypatch):
+    """The prompt ids `generate` hands to the decoder."""
+    prompts = []
+
+    def recording(model, batch, *args, **kwargs):
+        prompts.extend(batch)
+        return stream_generate(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(generate_cli, "stream_generate", recording)
+    return prompts
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_generate_chat_prompts_are_mistral_common_ids_of_the_models_tokenizer(
+    tmp_path, name, captured_prompts, capsys, monkeypatch
+):
+    folder = release_folder(tmp_path / "release", name)
+    args = ["--checkpoint", str(folder), "--max-new-tokens", "4", "--chat"]
+    assert generate_cli.main([*args, "--prompt", CONVERSATION[1]["content"]]) == 0
+    assert captured_prompts[0] == prompt_ids(name, [CONVERSATION[1]])
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("First question 你好\nSecond one 🙂\n\n"))
+    capsys.readouterr()
+    assert generate_cli.main(args) == 0
+    reply = capsys.readouterr().out.splitlines()[0].strip()
+    first = [{"role": "user", "content": "First question 你好"}]
+    history = [*first, {"role": "assistant", "content": reply}] if reply else []
+    assert captured_prompts[1:] == [
+        prompt_ids(name, first),
+        prompt_ids(name, [*history, {"role": "user", "content": "Second one 🙂"}]),
+    ]
+
+
+def _fit_checkpoint(path, pretrained, model: Mistral) -> None:
+    """What `fit` saves, as a .ckpt file or a DCP folder, recording model.pretrained in its hyper-parameters."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    metadata = {"hyper_parameters": {"pretrained": str(pretrained)}, "mistral_config": vars(model.config)}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state, **metadata}, path)
+    else:
+        dcp.save({"state_dict": state}, checkpoint_id=path, no_dist=True)
+        torch.save(metadata, path / "meta.pt")
+
+
+@pytest.mark.parametrize("form", ["last.ckpt", "dcp-folder"])
+def test_a_fit_checkpoint_uses_the_tokenizer_of_its_pretrained_folder(tmp_path, form, captured_prompts):
+    folder = release_folder(tmp_path / "Mistral-7B-Instruct-v0.3", "v3")
+    checkpoint = tmp_path / form
+    _fit_checkpoint(checkpoint, folder, Mistral.from_pretrained(folder))
+    args = ["--checkpoint", str(checkpoint), "--max-new-tokens", "2", "--chat", "--prompt", "Hi"]
+    assert generate_cli.main(args) == 0
+    assert captured_prompts == [prompt_ids("v3", [{"role": "user", "content": "Hi"}])]
+
+
+def test_tokenizer_option_overrides_and_v1_is_used_only_when_nothing_is_known(
+    tmp_path, tiny_checkpoint, tokenizer_path, captured_prompts, capsys
+):
+    _, folder = tiny_checkpoint  # an HF folder without tokenizer files
+    args = ["--checkpoint", str(folder), "--max-new-tokens", "2", "--chat", "--prompt", "Hi"]
+    assert generate_cli.main(args) == 0
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "names no tokenizer" in note and "tokenizer.model.v1" in note
+    assert generate_cli.main([*args, "--tokenizer", tokenizer_path]) == 0
+    assert "names no tokenizer" not in capsys.readouterr().err
+    message = [{"role": "user", "content": "Hi"}]
+    assert captured_prompts == [prompt_ids("v1", message)] * 2
+
+    release = release_folder(tmp_path / "release", "v3")
+    assert generate_cli.main([*args[:1], str(release), *args[2:], "--tokenizer", str(SHIPPED["v7"])]) == 0
+    assert captured_prompts[2] == prompt_ids("v7", message)
+
+
+def test_bad_tokenizer_choices_get_one_line(tmp_path, tiny_checkpoint, capsys):
+    _, folder = tiny_checkpoint  # vocabulary 32000
+    base = ["generate", "--checkpoint", str(folder), "--prompt", "Hi"]
+    for extra, message in [
+        (["--tokenizer", str(SHIPPED["v3"])], "has 32768 tokens but the model .* has a vocabulary of 32000"),
+        (["--tokenizer", str(tmp_path)], "has no tokenizer"),
+        (["--stop", ""], 'stop "" would stop before the first character'),
+    ]:
+        assert cli.main([*base, *extra]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and re.search(message, error), error
+
+    moved = tmp_path / "last.ckpt"
+    _fit_checkpoint(moved, tmp_path / "gone", tiny_checkpoint[0])
+    assert cli.main(["generate", "--checkpoint", str(moved), "--prompt", "Hi"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "gone, which no longer exists" in error
+
+
+def test_predict_encodes_chats_with_the_tokenizer_of_model_pretrained(tmp_path):
+    import lightning as L
+
+    from mistral_lightning.generation.predict_data import PromptsDataModule
+
+    folder = release_folder(tmp_path / "release", "v7")
+    model = Mistral.from_pretrained(folder)
+
+    class Predictor(L.LightningModule):
+        """Holds what MistralLightningModule exposes: hparams.pretrained and the model's config."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"pretrained": str(folder)})
+            self.model, self.config = model, model.config
+
+        def predict_step(self, batch, batch_idx):
+            return batch["input_ids"]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"messages": CONVERSATION[:2]}) + "\n" + json.dumps({"prompt": "Hello"}) + "\n"
+    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    batches = trainer.predict(Predictor(), datamodule=PromptsDataModule(str(prompts), chat=True))
+    assert batches[0] == [
+        prompt_ids("v7", CONVERSATION[:2]),
+        prompt_ids("v7", [{"role": "user", "content": "Hello"}]),
+    ]
+
+
+def test_evaluate_chat_template_prompts_are_mistral_common_ids_of_the_models_tokenizer(tmp_path, monkeypatch):
+    from mistral_lightning.evaluation import cli as evaluate_cli
+    from mistral_lightning.evaluation import mmlu
+    from mistral_lightning.evaluation.mmlu_data import build_prompt, load_mmlu
+
+    for split, rows in (("dev", ["Two plus two?,3,4,5,6,B"]), ("test", ["Three plus three?,6,7,8,9,A"])):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        (tmp_path / "mmlu" / split / f"arithmetic_{split}.csv").write_text("\n".join(rows) + "\n")
+    prompts = []
+
+    def recording(model, batch, **kwargs):
+        prompts.extend(batch)
+        return next_token_logits(model, batch, **kwargs)
+
+    monkeypatch.setattr(mmlu, "next_token_logits", recording)
+    folder = release_folder(tmp_path / "release", "v3")
+    args = ["--data-dir", str(tmp_path / "mmlu"), "--checkpoint", str(folder), "--shots", "1"]
+    assert evaluate_cli.main([*args, "--chat-template", "--output", str(tmp_path / "out.json")]) == 0
+    (subject,) = load_mmlu(tmp_path / "mmlu", shots=1)
+    text = build_prompt(subject.name, subject.dev, subject.test[0])
+    assert prompts == [prompt_ids("v3", [{"role": "user", "content": text}])]
+
+
+def test_a_nemo_shaped_release_preprocesses_trains_and_chats_with_its_own_tokenizer(
+    tmp_path, monkeypatch, captured_prompts
+):
+    """A tiny random MistralForCausalLM shaped like Mistral-NeMo (head_dim != hidden / heads, vocabulary
+    131072, no window) with tekken.json: config.json loads as transformers reads it, `preprocess` encodes chats
+    with the folder's tekken, `fit` trains from the folder, and `generate --chat` on the training checkpoint
+    uses the tekken of the model.pretrained it records."""
+    monkeypatch.chdir(tmp_path)
+    hf_config = transformers.MistralConfig(
+        vocab_size=131072,
+        hidden_size=64,
+        head_dim=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        sliding_window=None,
+        rope_theta=1e6,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    theirs = transformers.MistralForCausalLM(hf_config).eval()
+    theirs.save_pretrained("Mistral-Nemo-tiny")
+    shutil.copy(SHIPPED["tekken"], "Mistral-Nemo-tiny/tekken.json")
+    config = MistralConfig.from_hf("Mistral-Nemo-tiny")
+    assert (config.head_dim, config.hidden_size // config.num_heads, config.sliding_window) == (32, 16, None)
+    ids = torch.tensor([[1, 3, 37133, 1032, 124108, 4, 22177]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            Mistral.from_pretrained("Mistral-Nemo-tiny")(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4
+        )
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{n} + {n} = ? 🧮"},
+                {"role": "assistant", "content": str(2 * n)},
+            ]
+        }
+        for n in range(200)
+    ]
+    Path("chat.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    preprocess = ["preprocess", "--input", "chat.jsonl", "--tokenizer-name-or-path", "Mistral-Nemo-tiny"]
+    preprocess += [
+        "--output-prefix",
+        "demo_output/data/alpaca",
+        "--handler-name",
+        "MistralInstructionHandler",
+    ]
+    assert cli.main(preprocess) == 0
+    fit = ["fit", "--config", str(Path(__file__).parents[1] / "configs" / "tiny" / "finetune.yaml")]
+    fit += ["--model.model_config", "null", "--model.pretrained", "Mistral-Nemo-tiny"]
+    fit += ["--data.init_args.seq_length", "32", "--data.init_args.micro_batch_size", "2"]
+    fit += [
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
+    assert cli.main([*fit, "--trainer.enable_progress_bar", "false"]) == 0
+    checkpoint = "runs/tiny-finetune/checkpoints/last.ckpt"
+    trained = LightningCheckpoint(checkpoint).read("lm_head.weight")
+    assert trained.shape == (131072, 64) and not torch.equal(trained, theirs.lm_head.weight)
+
+    assert (
+        generate_cli.main(
+            ["--checkpoint", checkpoint, "--chat", "--prompt", "2 + 2 = ?", "--max-new-tokens", "2"]
+        )
+        == 0
+    )
+    assert captured_prompts == [prompt_ids("tekken", [{"role": "user", "content": "2 + 2 = ?"}])]
 
 
 # ---------------------------------------------------------------- tensor parallelism

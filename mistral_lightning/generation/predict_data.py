@@ -14,8 +14,9 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from mistral_lightning.errors import UserError
+from mistral_lightning.generation.loading import load_tokenizer
 from mistral_lightning.prompts import encode_chat_prompt
-from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
+from mistral_lightning.tokenizer import Tokenizer
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -42,7 +43,7 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 
 class PromptsDataset(Dataset):
-    """Tokenized prompts; plain prompts get BOS, or the [INST] template when `chat` is set."""
+    """Tokenized prompts; plain prompts get BOS, or the tokenizer's chat format when `chat` is set."""
 
     def __init__(self, records: list[dict[str, Any]], tokenizer: Tokenizer, chat: bool = False) -> None:
         self.items = []
@@ -68,7 +69,9 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, list]:
 
 
 class PromptsDataModule(L.LightningDataModule):
-    """`predict` data: prompts_file (JSONL), tokenizer_model (default: Mistral v1), chat, batch_size."""
+    """`predict` data: prompts_file (JSONL), chat, batch_size, and tokenizer_model, which defaults to the
+    model's own tokenizer (that of `ckpt_path`, else of `model.pretrained`; Mistral v1 when neither names one).
+    """
 
     def __init__(
         self,
@@ -79,17 +82,32 @@ class PromptsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.prompts_file = prompts_file
+        self.tokenizer_model = tokenizer_model
         self.chat = chat
         self.batch_size = batch_size
-        path = tokenizer_model or default_tokenizer_path()
-        if path is None:
-            raise UserError("data.tokenizer_model is not set and mistral-common is not installed; set it")
-        self.tokenizer = Tokenizer(path)
+        self.records: list[dict[str, Any]] | None = None
+        self.tokenizer: Tokenizer | None = None
         self.dataset: PromptsDataset | None = None
 
     def setup(self, stage: str) -> None:
-        if self.dataset is None:
-            self.dataset = PromptsDataset(read_prompts(self.prompts_file), self.tokenizer, self.chat)
+        if self.records is None:
+            self.records = read_prompts(self.prompts_file)
 
     def predict_dataloader(self) -> DataLoader:
+        # Built here, not in setup: the trainer knows its ckpt_path only once it restores the checkpoint.
+        if self.dataset is None:
+            self.setup("predict")
+            self.tokenizer = self._model_tokenizer()
+            self.dataset = PromptsDataset(self.records, self.tokenizer, self.chat)
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_prompts)
+
+    def _model_tokenizer(self) -> Tokenizer:
+        """data.tokenizer_model, else that of the weights predict runs: ckpt_path, else model.pretrained."""
+        if self.trainer is None:
+            return load_tokenizer(self.tokenizer_model, None)
+        module = self.trainer.lightning_module
+        checkpoint = self.trainer.ckpt_path or module.hparams.get("pretrained")
+        config = getattr(module, "config", None)  # MistralLightningModule's MistralConfig
+        return load_tokenizer(
+            self.tokenizer_model, checkpoint, vocab_size=getattr(config, "vocab_size", None)
+        )
