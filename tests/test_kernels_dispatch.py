@@ -1,4 +1,5 @@
-"""Backend dispatch, and the Ascend paths checked through a recording fake torch_npu."""
+"""Backend dispatch; the Ascend paths checked through the strict fake torch_npu (arguments, limits, host reads
+per step, selective checkpointing); flash-attn's preconditions and `make`'s flash-attn step."""
 
 from __future__ import annotations
 
