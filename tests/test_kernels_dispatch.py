@@ -343,7 +343,7 @@ def test_a_training_step_on_npu_reads_the_host_once_per_batch_not_per_layer(monk
 
 
 def test_npu_varlen_splits_calls_over_the_1024_sequence_limit(monkeypatch):
-    """1203 documents (one- and two-token documents, then a long one) in two rows: more than one TND call may
+    """1068 documents (one- and two-token documents, then a long one) in two rows: more than one TND call may
     take, split at document boundaries; the result equals the portable path's."""
     fake = install(monkeypatch)
     row = torch.arange(700).repeat_interleave(torch.tensor([1, 2] * 350))[:1000]
