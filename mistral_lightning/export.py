@@ -1,14 +1,17 @@
-"""`mistral-lightning export`: a training checkpoint (DCP folder or single .ckpt file) -> HF folder.
+"""`mistral-lightning export`: a training checkpoint (DCP folder or single .ckpt file) -> an HF folder a
+server can use as it is.
 
-The HF folder (config.json + safetensors) loads unchanged in `transformers.MistralForCausalLM`.
-This is `convert --loader lightning --saver hf` under the training side's option names, saving
-bfloat16 unless told otherwise; it streams one parameter at a time. (`fit --export_hf_dir` writes
-the live model with `Mistral.save_pretrained`.)
+This is `convert --loader lightning --saver hf` under the training side's option names: the weights in
+`--dtype` (bfloat16 unless told otherwise, whatever the training precision), config.json naming it, and
+the tokenizer, chat-template and generation files of the `model.pretrained` folder the checkpoint
+records, copied unchanged. It streams one parameter at a time; `fit --export_hf_dir` writes through
+the same `checkpoint.hf.save_hf`.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from mistral_lightning.checkpoint import convert
 from mistral_lightning.config import DTYPES
@@ -26,7 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the saved weights"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --out folder that holds a previous HF export (and nothing else)",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle arbitrary Python objects in the checkpoint (only for checkpoints you trust)",
+    )
     return parser
 
 
@@ -38,4 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         convert_argv += ["--model-config", args.model_config]
     if args.overwrite:
         convert_argv.append("--overwrite")
-    return convert.main(convert_argv)
+    if args.trust_checkpoint:
+        convert_argv.append("--trust-checkpoint")
+    start = time.perf_counter()
+    print(f"exporting {args.checkpoint} -> {args.out}", flush=True)
+    out_dir = convert.convert(
+        convert.build_parser().parse_args(convert_argv), load_option="--checkpoint", out_option="--out"
+    )
+    print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
+    return 0

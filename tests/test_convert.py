@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import transformers
 from lightning.fabric.utilities.data import AttributeDict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint import megatron
@@ -27,6 +27,7 @@ from mistral_lightning.checkpoint.hf import to_hf_name
 from mistral_lightning.checkpoint.megatron_layout import MegatronLayout, build_tensor
 from mistral_lightning.cli import main
 from mistral_lightning.config import parameter_shapes
+from mistral_lightning.tokenizer import default_tokenizer_path
 
 # 8 KV heads so that TP8 is possible; vocab 509 is prime, so every TP > 1 pads the vocabulary.
 ROUND_TRIP = MistralConfig(
@@ -268,6 +269,7 @@ def test_recipe_command_lines_and_megatron_resharding(hf_dir, tmp_path):
     original = tmp_path / "Mistral-7B-Instruct-v0.2"
     original.mkdir()
     (original / "config.json").write_text((hf_dir / "config.json").read_text())
+    shutil.copyfile(default_tokenizer_path(), original / "tokenizer.model")
     assert (
         _convert(
             "--target-tensor-parallel-size 1 --target-pipeline-parallel-size 1 --model-type GPT --loader megatron "
@@ -276,6 +278,29 @@ def test_recipe_command_lines_and_megatron_resharding(hf_dir, tmp_path):
         == 0
     )
     _assert_same_hf(original / "mg2hg", hf_dir)
+    # The HF result carries the original folder's tokenizer, as ModelLink's mg2hg folder does not.
+    assert (original / "mg2hg" / "tokenizer.model").read_bytes() == default_tokenizer_path().read_bytes()
+
+
+def test_hf_output_carries_the_sources_tokenizer_files(hf_dir, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(hf_dir, source)
+    v3 = default_tokenizer_path().with_name("mistral_instruct_tokenizer_240323.model.v3")
+    shutil.copyfile(v3, source / "tokenizer.model.v3")
+    (source / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    (source / "README.md").write_text("a model card is not a tokenizer file")
+    (source / "generation_config.json").unlink()
+    out = tmp_path / "out"
+    assert _convert(f"--loader hf --saver hf --load-dir {source} --save-dir {out}") == 0
+    for name in ("tokenizer.model.v3", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    assert not (out / "README.md").exists()
+    # Without a source generation_config.json, one with the model's BOS/EOS ids, as transformers reads it.
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id) == (
+        ROUND_TRIP.bos_token_id,
+        ROUND_TRIP.eos_token_id,
+    )
 
 
 def test_release_checkpoint_and_dtype_option(hf_dir, tmp_path):
@@ -313,8 +338,11 @@ def test_lightning_dcp_checkpoint_converts_to_hf_that_transformers_loads(tmp_pat
     state = {"model." + k: v for k, v in model.state_dict().items()}
     optimizer = {"state": {"model.embed.weight": {"step": torch.tensor(3.0)}}}
     dcp.save({"state_dict": state, "optimizer_0": optimizer}, checkpoint_id=ckpt, no_dist=True)
+    torch.save({"epoch": 0}, ckpt / "meta.pt")  # ModelParallelStrategy's non-tensor state, beside the shards
     (ckpt / "config.json").write_text(json.dumps(GQA.to_hf_dict("float32")))
-    assert _convert(f"--loader lightning --saver hf --load-dir '{ckpt}' --save-dir {out}") == 0
+    assert (
+        _convert(f"--loader lightning --saver hf --load-dir '{ckpt}' --save-dir {out} --dtype float32") == 0
+    )
 
     hf = transformers.MistralForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.randint(0, GQA.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -332,12 +360,12 @@ def test_lightning_single_file_checkpoint(tmp_path, capsys):
     }
     saved = {"state_dict": state, "epoch": 0, "hyper_parameters": {"lr": 1e-4}}
     torch.save({**saved, "mistral_config": dataclasses.asdict(GQA)}, ckpt)  # as `fit` records it
-    assert _convert(f"--loader lightning --saver hf --load-dir {ckpt} --save-dir {out}") == 0
+    assert _convert(f"--loader lightning --saver hf --load-dir {ckpt} --save-dir {out} --dtype fp32") == 0
     _assert_same_hf(out, hf_in)
 
     shutil.rmtree(out)
     torch.save(saved, ckpt)
-    command_line = f"--loader lightning --saver hf --load-dir {ckpt} --save-dir {out}"
+    command_line = f"--loader lightning --saver hf --load-dir {ckpt} --save-dir {out} --params-dtype fp32"
     assert "--model-config" in _error(capsys, command_line)
     torch.save({**saved, "hyper_parameters": AttributeDict(lr=1e-4)}, ckpt)
     assert "--trust-checkpoint" in _error(capsys, f"{command_line} --model-config {hf_in}")
@@ -371,8 +399,10 @@ def test_lightning_tp_sharded_dcp_checkpoint(tmp_path):
     assert len(list(ckpt.glob("*.distcp"))) == 2  # each rank wrote its own shards
     assert _convert(f"--loader lightning --saver hf --load-dir {ckpt} --save-dir {out}") == 0
     got = _hf_tensors(out)
+    # A training checkpoint's fp32 master weights are saved in bf16 unless --dtype says otherwise.
     for name, param in _random_model(GQA).state_dict().items():
-        assert torch.equal(got[to_hf_name(name)], param), name
+        assert torch.equal(got[to_hf_name(name)], param.to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def _fsdp_round_trip(hf_in: str, hf_out: str) -> bool:
@@ -445,17 +475,114 @@ def test_unknown_loader_or_saver(hf_dir, tmp_path, capsys, option):
     assert f"argument --{option}: invalid choice: 'nemo'" in capsys.readouterr().err
 
 
-def test_non_empty_target_needs_overwrite(hf_dir, tmp_path, capsys):
+def test_overwrite_replaces_only_a_previous_output(hf_dir, tmp_path, capsys):
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     command_line = f"--loader hf --saver hf --load-dir {hf_dir} --save-dir {target}"
-    assert "exists and is not empty; choose another folder or pass --overwrite" in _error(
-        capsys, command_line
-    )
-    assert (target / "notes.txt").exists()
-    assert _convert(command_line + " --overwrite") == 0
+    err = _error(capsys, command_line)
+    assert "exists and is not empty" in err and "--overwrite" in err
+    err = _error(capsys, command_line + " --overwrite")
+    assert "notes.txt" in err and "refusing to replace it even with --overwrite" in err
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    assert (target / "notes.txt").read_text() == "keep me"
+
+    (target / "notes.txt").unlink()
+    assert _convert(command_line + " --dtype fp32") == 0  # an empty folder needs no --overwrite
+    assert "exists and is not empty" in _error(capsys, command_line)
+    assert _convert(command_line + " --overwrite") == 0  # a previous HF output is replaced
     _assert_same_hf(target, hf_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing moved aside is left
+
+
+def test_megatron_overwrite_replaces_only_a_previous_megatron_output(hf_dir, tmp_path, capsys):
+    target = tmp_path / "mg"
+    command_line = f"--loader hf --saver megatron --load-dir {hf_dir} --save-dir {target}"
+    assert _convert(command_line + " --target-tensor-parallel-size 2") == 0
+    assert _convert(command_line + " --overwrite") == 0
+    assert sorted(p.name for p in (target / "iter_0000001").iterdir()) == ["mp_rank_00"]
+    (target / "iter_0000001" / "README.md").write_text("my notes")
+    err = _error(capsys, command_line + " --overwrite")
+    assert "iter_0000001/README.md" in err and "refusing" in err
+    assert (target / "iter_0000001" / "README.md").read_text() == "my notes"
+
+
+# ---------------------------------------------------------------- what convert cannot represent
+
+SMALL_HF = {
+    "vocab_size": 64,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 500000.0,
+}
+
+
+def _transformers_folder(path: Path, model_class, config_class, **changes) -> Path:
+    """A folder as transformers itself saves that architecture."""
+    torch.manual_seed(0)
+    model_class(config_class(**SMALL_HF, **changes)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "changes", "message"),
+    [
+        ("mistral", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ("llama", {"rope_parameters": LLAMA3_ROPE}, "rope scaling 'llama3' is not supported"),
+        ("llama", {"attention_bias": True}, "attention_bias=true is not supported"),
+        ("llama", {"mlp_bias": True}, "mlp_bias=true is not supported"),
+        (
+            "mixtral",
+            {"num_local_experts": 2, "num_experts_per_tok": 1},
+            "model_type 'mixtral' is not supported",
+        ),
+    ],
+    ids=["gelu", "llama3_rope", "attention_bias", "mlp_bias", "mixtral"],
+)
+@pytest.mark.parametrize("saver", ["hf", "megatron"])
+def test_convert_refuses_what_it_cannot_represent(tmp_path, capsys, model, changes, message, saver):
+    classes = {
+        "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
+        "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+        "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig),
+    }
+    source = _transformers_folder(tmp_path / "in", *classes[model], **changes)
+    err = _error(capsys, f"--loader hf --saver {saver} --load-dir {source} --save-dir {tmp_path / 'out'}")
+    assert f"{source / 'config.json'}: {message}" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_tensors_it_would_drop(hf_dir, tmp_path, capsys):
+    source = tmp_path / "in"
+    shutil.copytree(hf_dir, source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, source / "model.safetensors")
+    err = _error(capsys, f"--loader hf --saver hf --load-dir {source} --save-dir {tmp_path / 'out'}")
+    assert f"{source}: holds 1 tensor(s) a Mistral model has no place for" in err
+    assert "model.layers.1.self_attn.q_proj.bias" in err and "would drop them" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dense_llama_folder_converts_to_the_same_model(tmp_path):
+    source = _transformers_folder(tmp_path / "llama", transformers.LlamaForCausalLM, transformers.LlamaConfig)
+    assert _convert(f"--loader hf --saver hf --load-dir {source} --save-dir {tmp_path / 'out'}") == 0
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    llama = transformers.LlamaForCausalLM.from_pretrained(source).eval()
+    mistral = transformers.MistralForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mistral(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def _interrupt_third_call(monkeypatch, owner, attribute: str) -> None:

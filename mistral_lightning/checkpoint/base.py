@@ -1,5 +1,5 @@
 """What every checkpoint format shares: the weight-source protocol, filling a model from any source,
-an output folder that appears only once complete, and loading torch files without running code.
+and loading torch files without running code. (Output folders are written through `outputs.py`.)
 
 A format module (hf, megatron, lightning_ckpt) describes its layout and hands out our parameters by
 name as a WeightSource; everything that moves weights between formats or into a model goes through it.
@@ -8,10 +8,7 @@ name as a WeightSource; everything that moves weights between formats or into a 
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,26 +141,6 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
 
 
-def prepare_output_dir(out_dir: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
-    """Check the target and make a sibling temporary folder to write into; rename it at the end."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise CheckpointError(
-            f"{out_dir}: exists and is not empty; choose another folder or pass --overwrite"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    return out_dir, tmp_dir
-
-
-def finish_output_dir(tmp_dir: Path, out_dir: Path) -> Path:
-    """Publish a fully written folder in one rename, so an interrupted write never looks complete."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return out_dir
-
-
 __all__ = [
     "CheckpointError",
     "Index",
@@ -171,8 +148,6 @@ __all__ = [
     "WeightSource",
     "check_shapes",
     "fill_model",
-    "finish_output_dir",
     "load_torch_file",
     "local_chunk",
-    "prepare_output_dir",
 ]

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from pathlib import Path
+
+import torch
 
 from mistral_lightning.checkpoint.base import CheckpointError, WeightSource, check_shapes
 from mistral_lightning.checkpoint.hf import HFCheckpoint, save_hf
@@ -26,6 +29,7 @@ from mistral_lightning.config import (
     parse_dtype,
     resolve_model_config,
 )
+from mistral_lightning.outputs import OutputTarget
 
 LOADERS = {"hf": "hf", "llama2_hf": "hf", "megatron": "megatron", "lightning": "lightning"}
 SAVERS = {"hf": "hf", "megatron": "megatron"}
@@ -64,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="PP of the Megatron output (default: the source's, or 1)",
     )
     parser.add_argument(
-        "--params-dtype", choices=list(DTYPES), help="saved dtype (default: the source's dtype)"
+        "--params-dtype",
+        "--dtype",
+        dest="params_dtype",
+        choices=list(DTYPES),
+        help="dtype of the saved weights, named in the HF config.json (default: the dtype an HF or Megatron "
+        "source is stored in; bfloat16, as Mistral releases its weights, for a training checkpoint)",
     )
     parser.add_argument(
         "--make-vocab-size-divisible-by",
@@ -85,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="HF saver: largest safetensors file (up to one is held in memory while writing)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a --save-dir that holds a previous output of the same format (and nothing else)",
+    )
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -115,15 +128,45 @@ def open_source(loader: str, path: str, model_config: MistralConfig | None, trus
     return LightningCheckpoint(path, model_config=model_config, trust_pickle=trust)
 
 
-def convert(args: argparse.Namespace) -> Path:
+def _hf_folder(path: str | Path | None) -> Path | None:
+    """The HF folder a path names: itself, or the folder of its config.json; None for a preset name."""
+    if path is None:
+        return None
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent if path.name == "config.json" else None
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
+def companion_source(source: WeightSource, config_folder: Path | None, out_option: str) -> Path | None:
+    """The HF folder whose tokenizer and generation files belong with these weights: the folder being
+    converted, the `model.pretrained` folder a training checkpoint records, else the config's folder."""
+    if isinstance(source, HFCheckpoint):
+        return source.path
+    if isinstance(source, LightningCheckpoint) and source.pretrained:
+        if Path(source.pretrained).is_dir():
+            return Path(source.pretrained)
+        print(
+            f"note: {source.path} records model.pretrained={source.pretrained}, which is not a folder from "
+            f"here; {out_option} gets no tokenizer files (copy them from that folder, or run from where fit ran)",
+            file=sys.stderr,
+        )
+    return config_folder
+
+
+def convert(
+    args: argparse.Namespace, *, load_option: str = "--load-dir", out_option: str = "--save-dir"
+) -> Path:
+    """Run one conversion; the option names are the ones the user typed, for messages (`export` has its own)."""
     loader, saver = LOADERS[args.loader], SAVERS[args.saver]
     save_dir = Path(args.save_dir)
     model_config = None if args.model_config is None else resolve_model_config(args.model_config)
+    config_folder = _hf_folder(args.model_config)
     if args.save_model_type == "save_huggingface_llama":
         # The recipe passes the original HF folder: ModelLink takes its config and writes into mg2hg/.
         saver = "hf"
         if model_config is None and (save_dir / "config.json").is_file():
             model_config = MistralConfig.from_hf(save_dir)
+            config_folder = save_dir
         save_dir = save_dir / MG2HG
     if saver == "hf":
         for option in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
@@ -138,16 +181,32 @@ def convert(args: argparse.Namespace) -> Path:
     source = open_source(loader, args.load_dir, model_config, args.trust_checkpoint)
     try:
         check_shapes(source, parameter_shapes(source.config))
-        # Without --params-dtype keep the source's dtype (ModelLink's fp16 default would silently round bf16).
-        dtype = parse_dtype(args.params_dtype) if args.params_dtype else source.dtype
+        files_from = companion_source(source, config_folder, out_option) if saver == "hf" else None
+        target = OutputTarget(
+            save_dir,
+            option=out_option,
+            overwrite=args.overwrite,
+            protected={
+                f"the {load_option} source": args.load_dir,
+                "the folder the tokenizer files come from": files_from,
+                "the folder the model config comes from": config_folder,
+                **_recorded_pretrained(source),
+            },
+        )
+        if args.params_dtype:
+            dtype = parse_dtype(args.params_dtype)
+        elif loader == "lightning":
+            dtype = torch.bfloat16  # fp32 master weights are a training artefact; Mistral releases bf16
+        else:
+            dtype = source.dtype  # ModelLink's fp16 default would silently round bf16
         if saver == "hf":
             return save_hf(
                 source,
-                save_dir,
+                target,
                 dtype=dtype,
                 max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
-                overwrite=args.overwrite,
                 progress=functools.partial(print, flush=True),
+                files_from=files_from,
             )
         # Unset Megatron options keep the source checkpoint's values (or the ModelLink defaults).
         inherited = source.layout if isinstance(source, MegatronCheckpoint) else MegatronLayout(source.config)
@@ -162,11 +221,16 @@ def convert(args: argparse.Namespace) -> Path:
             vocab_divisible_by=option(args.make_vocab_size_divisible_by, inherited.vocab_divisible_by),
         )
         iteration = source.iteration if isinstance(source, MegatronCheckpoint) else 1
-        return save_megatron(
-            source, save_dir, layout, dtype=dtype, iteration=iteration, overwrite=args.overwrite
-        )
+        return save_megatron(source, target, layout, dtype=dtype, iteration=iteration)
     finally:
         source.close()
+
+
+def _recorded_pretrained(source: WeightSource) -> dict[str, str]:
+    """A training checkpoint's model.pretrained folder is never an output, found here or not."""
+    if isinstance(source, LightningCheckpoint) and source.pretrained:
+        return {"the model.pretrained folder the checkpoint records": source.pretrained}
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:

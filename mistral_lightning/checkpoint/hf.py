@@ -2,7 +2,7 @@
 
 Reading is lazy and can return only a slice of each tensor, so a tensor-parallel (or FSDP) rank
 reads just its own shard and no rank ever holds the full model. Writing produces folders that
-`transformers.MistralForCausalLM.from_pretrained` loads unchanged.
+`transformers.MistralForCausalLM.from_pretrained` loads unchanged, with the model's tokenizer files.
 """
 
 from __future__ import annotations
@@ -11,29 +11,37 @@ import itertools
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mistral_lightning.checkpoint.base import (
-    CheckpointError,
-    Index,
-    WeightSource,
-    fill_model,
-    finish_output_dir,
-    prepare_output_dir,
-)
+from mistral_lightning.checkpoint.base import CheckpointError, Index, WeightSource, fill_model
+from mistral_lightning.checkpoint.tokenizer_files import COMPANION_PATTERNS, write_companion_files
 from mistral_lightning.config import MistralConfig, parameter_shapes
+from mistral_lightning.outputs import FolderKind, OutputFolder, OutputTarget, as_target
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# What a folder save_hf wrote holds; --overwrite replaces only such a folder.
+HF_OUTPUT = FolderKind(
+    "HF model folder",
+    patterns=(
+        "config.json",
+        SAFETENSORS_FILE,
+        "model-*-of-*.safetensors",
+        SAFETENSORS_INDEX,
+        *COMPANION_PATTERNS,
+    ),
+    required="config.json",
+)
+# Buffers some Llama-era checkpoints saved beside the weights; recomputed from rope_theta, so not dropped weights.
+_IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 # Our parameter names and HF MistralForCausalLM's, with {i} for the layer number.
 _NAME_PAIRS: list[tuple[str, str]] = [
@@ -52,6 +60,19 @@ _TO_HF = [
     (re.compile(re.escape(ours).replace(re.escape("{i}"), r"(?P<i>\d+)")), theirs)
     for ours, theirs in _NAME_PAIRS
 ]
+
+
+def _tensor_names(file: Path) -> list[str]:
+    """The tensor names in one safetensors file, which must be complete (it is memory-mapped)."""
+    try:
+        with safe_open(file, "pt") as handle:
+            return list(handle.keys())  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError) as err:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({size} bytes; {err}); it is probably truncated or "
+            "empty, e.g. by an interrupted download or copy: fetch or copy it again"
+        ) from err
 
 
 def to_hf_name(name: str) -> str:
@@ -74,6 +95,7 @@ class HFCheckpoint:
             )
         self.config = MistralConfig.from_hf(self.path)
         self._file_of = self._tensor_files()
+        self._check_nothing_dropped()
         self._handles: dict[str, object] = {}
         self._stack = ExitStack()
 
@@ -82,21 +104,34 @@ class HFCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from err
-            files = {name: self.path / file for name, file in weight_map.items()}
-            for file in set(files.values()):
+            files = sorted({self.path / file for file in weight_map.values()})
+            for file in files:
                 if not file.is_file():
                     raise CheckpointError(f"{index} lists {file.name}, which is missing from {self.path}")
-            return files
-        single = self.path / SAFETENSORS_FILE
-        if single.is_file():
-            with safe_open(single, "pt") as handle:
-                return {name: single for name in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        raise CheckpointError(
-            f"{self.path}: no weights found (expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}); "
-            "convert .bin checkpoints to safetensors first"
-        )
+        elif (self.path / SAFETENSORS_FILE).is_file():
+            files = [self.path / SAFETENSORS_FILE]
+        else:
+            raise CheckpointError(
+                f"{self.path}: no weights found (expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}); "
+                "convert .bin checkpoints to safetensors first"
+            )
+        # Each file's header is read now, so a truncated file is named before anything is written.
+        return {name: file for file in files for name in _tensor_names(file)}
+
+    def _check_nothing_dropped(self) -> None:
+        """Every tensor in the files must be one of the model's parameters: anything else (biases,
+        experts, extra heads) would be silently lost on loading or converting."""
+        expected = {to_hf_name(name) for name in parameter_shapes(self.config)}
+        extra = sorted(n for n in self._file_of if n not in expected and not _IGNORED_TENSORS.fullmatch(n))
+        if extra:
+            shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            raise CheckpointError(
+                f"{self.path}: holds {len(extra)} tensor(s) a Mistral model has no place for ({shown}); loading "
+                "or converting it would drop them, so it is refused: only dense Mistral/Llama weights without "
+                "biases are supported"
+            )
 
     def _handle(self, hf_name: str):
         if hf_name not in self._file_of:
@@ -142,31 +177,17 @@ def load_hf_weights(model: nn.Module, checkpoint: HFCheckpoint | str | Path) -> 
         checkpoint.close()
 
 
-class HFCheckpointWriter:
-    """Streams HF-named tensors into safetensors shards of at most `max_shard_bytes`.
+class _ShardWriter:
+    """Streams HF-named tensors into safetensors shards of at most `max_shard_bytes` inside `folder`."""
 
-    Use as a context manager: the folder appears under its final name only when the block
-    exits without an error; otherwise the partial folder is removed.
-    """
-
-    def __init__(
-        self,
-        out_dir: str | Path,
-        config: MistralConfig,
-        *,
-        dtype: torch.dtype | None = None,
-        max_shard_bytes: int | None = None,
-        overwrite: bool = False,
-    ) -> None:
-        self.config = config
-        self.dtype = dtype
+    def __init__(self, folder: Path, dtype: torch.dtype | None, max_shard_bytes: int | None) -> None:
+        self.folder, self.dtype = folder, dtype
         self.max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-        self.out_dir, self.tmp_dir = prepare_output_dir(out_dir, overwrite)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
         self._total_bytes = 0
-        self._saved_dtype: torch.dtype | None = None
+        self.saved_dtype: torch.dtype | None = None
 
     def add(self, hf_name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu", self.dtype or tensor.dtype).contiguous()
@@ -176,15 +197,16 @@ class HFCheckpointWriter:
         self._pending[hf_name] = tensor
         self._pending_bytes += nbytes
         self._total_bytes += nbytes
-        self._saved_dtype = self._saved_dtype or tensor.dtype
+        self.saved_dtype = self.saved_dtype or tensor.dtype
 
     def _flush(self) -> None:
         number = len(self._shards) + 1
-        save_file(self._pending, self.tmp_dir / f"shard-{number:05d}.safetensors", metadata={"format": "pt"})
+        save_file(self._pending, self.folder / f"shard-{number:05d}.safetensors", metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
-    def _finish(self) -> Path:
+    def finish(self) -> None:
+        """Name the shards as transformers expects, with an index when there are several."""
         if self._pending:
             self._flush()
         if not self._shards:
@@ -195,23 +217,11 @@ class HFCheckpointWriter:
                 final = SAFETENSORS_FILE
             else:
                 final = f"model-{number:05d}-of-{len(self._shards):05d}.safetensors"
-            os.replace(self.tmp_dir / f"shard-{number:05d}.safetensors", self.tmp_dir / final)
+            os.replace(self.folder / f"shard-{number:05d}.safetensors", self.folder / final)
             weight_map.update(dict.fromkeys(names, final))
         if len(self._shards) > 1:
             index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
-            (self.tmp_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
-        torch_dtype = str(self._saved_dtype).removeprefix("torch.")
-        (self.tmp_dir / "config.json").write_text(json.dumps(self.config.to_hf_dict(torch_dtype), indent=2))
-        return finish_output_dir(self.tmp_dir, self.out_dir)
-
-    def __enter__(self) -> HFCheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._finish()
-        else:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
 
 
 def _layer_of(name: str) -> int | None:
@@ -221,46 +231,52 @@ def _layer_of(name: str) -> int | None:
 
 def save_hf(
     source: WeightSource,
-    out_dir: str | Path,
+    out_dir: OutputTarget | str | Path,
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
     is_writer: bool = True,
     progress: Callable[[str], None] | None = None,
+    files_from: str | Path | None = None,
 ) -> Path:
-    """Write `source` as an HF folder, tensor by tensor, so peak memory stays near one shard.
+    """Write `source` as an HF folder a server can use as it is: the weights in `dtype` (None keeps
+    each tensor's own), config.json naming it, and the tokenizer, chat-template and generation files of
+    the HF folder `files_from`, copied unchanged (a generation_config.json with BOS/EOS ids without one).
 
-    dtype None keeps each tensor's own. A sharded model (ModelWeights) is gathered one tensor at a
-    time, so every rank must call this; only the one with `is_writer` writes. `progress` hears of
-    each finished layer.
+    The one HF writer, behind `convert --saver hf`, `export` and `fit --export_hf_dir`: the folder is
+    written under a temporary name and published as outputs.py describes (`overwrite` replaces only a
+    previous HF output). Tensor by tensor, so peak memory stays near one shard; a sharded model
+    (ModelWeights) is gathered one tensor at a time, so every rank must call this and only the one with
+    `is_writer` writes. `progress` hears of each finished layer.
     """
-    writer = (
-        HFCheckpointWriter(
-            out_dir, source.config, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite
-        )
-        if is_writer
-        else nullcontext()
-    )
+    target = as_target(out_dir, overwrite=overwrite)
+    folder = OutputFolder(target, HF_OUTPUT) if is_writer else nullcontext()
     num_layers = source.config.num_layers
-    with writer:
+    with folder as tmp:
+        shards = _ShardWriter(tmp, dtype, max_shard_bytes) if is_writer else None
         for layer, names in itertools.groupby(parameter_shapes(source.config), key=_layer_of):
             for name in names:
                 tensor = source.read(name)
-                if is_writer:
-                    writer.add(to_hf_name(name), tensor)
+                if shards is not None:
+                    shards.add(to_hf_name(name), tensor)
             if layer is not None and progress is not None:
                 progress(f"[{layer + 1}/{num_layers}] layer {layer} converted")
-    return writer.out_dir if is_writer else Path(out_dir)
+        if shards is not None:
+            shards.finish()
+            torch_dtype = str(shards.saved_dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(source.config.to_hf_dict(torch_dtype), indent=2))
+            write_companion_files(None if files_from is None else Path(files_from), source.config, tmp)
+    return target.path
 
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "SAFETENSORS_FILE",
     "SAFETENSORS_INDEX",
+    "HF_OUTPUT",
     "CheckpointError",
     "HFCheckpoint",
-    "HFCheckpointWriter",
     "load_hf_weights",
     "save_hf",
     "to_hf_name",

@@ -23,6 +23,9 @@ DCP_METADATA = ".metadata"
 LIGHTNING_METADATA = "meta.pt"  # ModelParallelStrategy's non-tensor state beside a DCP checkpoint
 STATE_DICT = "state_dict"
 RECORDED_CONFIG = "mistral_config"  # MistralLightningModule.on_save_checkpoint stores the architecture here
+HYPER_PARAMETERS = (
+    "hyper_parameters"  # Lightning's record of the module's arguments, model.pretrained among them
+)
 # Module wrappers that compile / activation checkpointing / FSDP1 insert into parameter names.
 _WRAPPER_SEGMENTS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 
@@ -79,6 +82,9 @@ class LightningCheckpoint:
                 )
             self._state = saved_state[STATE_DICT]
         self.config = model_config or find_model_config(self.path, saved_state)
+        hyper_parameters = saved_state.get(HYPER_PARAMETERS) or {}
+        # The HF folder training started from, as recorded (maybe relative to where `fit` ran).
+        self.pretrained: str | None = hyper_parameters.get("pretrained") or None
         self._shapes = parameter_shapes(self.config)
         if self._state is None:
             self._keys, self._meta = self._dcp_index()

@@ -7,21 +7,13 @@ described in docs/ARCHITECTURE.md, section "Megatron/ModelLink checkpoint layout
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mistral_lightning.checkpoint.base import (
-    CheckpointError,
-    Index,
-    WeightSource,
-    finish_output_dir,
-    load_torch_file,
-    prepare_output_dir,
-)
+from mistral_lightning.checkpoint.base import CheckpointError, Index, WeightSource, load_torch_file
 from mistral_lightning.checkpoint.megatron_layout import (
     MegatronLayout,
     TensorPlan,
@@ -29,11 +21,18 @@ from mistral_lightning.checkpoint.megatron_layout import (
     config_from_args,
 )
 from mistral_lightning.config import MistralConfig, parameter_shapes
+from mistral_lightning.outputs import FolderKind, OutputFolder, OutputTarget, as_target
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 RELEASE = "release"
+# What a folder save_megatron wrote holds; --overwrite replaces only such a folder.
+MEGATRON_OUTPUT = FolderKind(
+    "Megatron checkpoint folder",
+    patterns=(TRACKER_FILE, f"iter_*/mp_rank_*/{MODEL_FILE}", f"{RELEASE}/mp_rank_*/{MODEL_FILE}"),
+    required=TRACKER_FILE,
+)
 
 
 def _iteration_folder(iteration: int | str) -> str:
@@ -56,7 +55,7 @@ def _nested_set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 def save_megatron(
     source: WeightSource,
-    out_dir: str | Path,
+    out_dir: OutputTarget | str | Path,
     layout: MegatronLayout,
     *,
     dtype: torch.dtype,
@@ -67,10 +66,11 @@ def save_megatron(
     """Write `source` as a Megatron checkpoint, one rank file at a time.
 
     Each rank reads only its own slices from the source, so the peak memory is about one rank's
-    share of the model. The folder appears under its name only when every rank is written.
+    share of the model. The folder is written under a temporary name and published as outputs.py
+    describes (`overwrite` replaces only a previous Megatron output).
     """
-    out_dir, tmp_dir = prepare_output_dir(out_dir, overwrite)
-    try:
+    target = as_target(out_dir, overwrite=overwrite)
+    with OutputFolder(target, MEGATRON_OUTPUT) as tmp_dir:
         args = layout.args(dtype, 0 if iteration == RELEASE else iteration)
         folder = tmp_dir / _iteration_folder(iteration)
         ranks = [(tp, pp) for pp in range(layout.pp) for tp in range(layout.tp)]
@@ -86,17 +86,16 @@ def save_megatron(
                 "iteration": args.iteration,
                 "model": {"language_model": language_model},
             }
-            torch.save(state, rank_dir / MODEL_FILE)
+            # Through a Python file, so a full disk surfaces as its OSError rather than torch's "unexpected pos".
+            with open(rank_dir / MODEL_FILE, "wb") as stream:
+                torch.save(state, stream)
             size_mb = (rank_dir / MODEL_FILE).stat().st_size / 1e6
             progress(
                 f"[{done}/{len(ranks)}] wrote {layout.rank_folder(tp, pp)}/{MODEL_FILE} ({size_mb:.1f} MB)"
             )
             del language_model, state
         (tmp_dir / TRACKER_FILE).write_text(f"{iteration}\n")
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return finish_output_dir(tmp_dir, out_dir)
+    return target.path
 
 
 class MegatronCheckpoint:
@@ -284,4 +283,11 @@ class MegatronCheckpoint:
         self._open_key, self._open = None, []
 
 
-__all__ = ["CHECKPOINT_VERSION", "MODEL_FILE", "TRACKER_FILE", "MegatronCheckpoint", "save_megatron"]
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "MEGATRON_OUTPUT",
+    "MODEL_FILE",
+    "TRACKER_FILE",
+    "MegatronCheckpoint",
+    "save_megatron",
+]
