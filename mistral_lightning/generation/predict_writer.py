@@ -2,7 +2,9 @@
 
 Rows are collected per batch and written once at the end of the epoch by global rank 0, after
 gathering them from all ranks (data-parallel ranks hold different prompts; tensor-parallel peers
-and a DistributedSampler's padding repeat some, which the prompt index merges).
+and a DistributedSampler's padding repeat some, which the prompt index merges). The file is checked
+before predicting starts and written through a temporary sibling (outputs.py): an existing file is
+replaced only with `overwrite`, and only when it holds earlier predictions.
 """
 
 from __future__ import annotations
@@ -16,16 +18,30 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from mistral_lightning.distributed import gather_unique
 from mistral_lightning.errors import UserError
+from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
+
+# Earlier predictions start with the first row as written below; `overwrite` replaces only such a file.
+PREDICTIONS_JSONL = FileKind(
+    "predictions JSONL written by predict", lambda head: head.startswith(b'{"index": ')
+)
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
     """Use with `PromptsDataModule` (its tokenizer decodes); `stop` strings cut each completion."""
 
-    def __init__(self, output_file: str, stop: list[str] | None = None) -> None:
+    def __init__(self, output_file: str, stop: list[str] | None = None, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch_and_epoch")
         self.output_file = Path(output_file)
+        self.target = OutputTarget(
+            self.output_file, option="output_file", overwrite=overwrite, overwrite_option="overwrite: true"
+        )
         self.stop = stop or []
         self._rows: list[dict[str, Any]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        # Refuse an output that cannot be written before generating, not after.
+        if trainer.is_global_zero:
+            check_output_file(self.target, PREDICTIONS_JSONL)
 
     def _cut(self, text: str) -> str:
         for stop in self.stop:
@@ -48,7 +64,5 @@ class JsonlPredictionWriter(BasePredictionWriter):
         unique = gather_unique(self._rows, key=lambda row: row["index"])
         self._rows = []
         if trainer.is_global_zero:
-            self.output_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.output_file.open("w", encoding="utf-8") as file:
-                for row in unique:
-                    file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in unique)
+            write_output_file(self.target, PREDICTIONS_JSONL, lines)
