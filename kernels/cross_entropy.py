@@ -16,6 +16,7 @@ hence both (figures: benchmarks/results/kernel_choices.md).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from mistral_lightning.labels import IGNORE_INDEX
+
+Reduction = Literal["mean", "sum"]
 
 
 def _loss_and_logit_grad_in_place(logits, target, acc_dtype, grad_dtype):
@@ -65,7 +68,7 @@ def _compiled(logits, target, acc_dtype, grad_dtype):
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, compiled):
+    def forward(ctx, hidden, weight, labels, chunk_size, compiled, mean):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         # Only positions with a label reach the LM head: in SFT most positions are prompt (-100), and
         # their logits would be computed and thrown away.
@@ -98,7 +101,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight = grad_logits.t() @ chunk
                 else:
                     grad_weight.addmm_(grad_logits.t(), chunk)
-        count = kept_rows.new_tensor(max(len(kept_rows), 1))
+        # The sum is divided by 1, so one backward serves both reductions.
+        count = kept_rows.new_tensor(max(len(kept_rows), 1) if mean else 1)
         if needs_grad:
             if grad_weight is None:  # no position has a label
                 grad_weight = torch.zeros_like(weight)
@@ -114,7 +118,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / count
         grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = grad_weight * scale.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor):
@@ -131,15 +135,19 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk_size: int = 1024,
     compiled: bool = False,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Mean token cross-entropy of head(hidden) [B, T, V] against labels [B, T], ignoring -100.
+    """Token cross-entropy of head(hidden) [B, T, V] against labels [B, T], ignoring -100: the mean over the
+    labelled tokens (0 without any), or their sum (for a mean over several micro-batches or ranks).
 
     compiled: fuse each chunk's softmax and gradient with torch.compile (needs a C++ compiler on the CPU).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     weight = getattr(head, "weight", None)
     if isinstance(head, nn.Linear) and head.bias is None and not isinstance(weight, DTensor):
         return _FusedLinearCrossEntropy.apply(
-            hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, compiled
+            hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, compiled, reduction == "mean"
         )
     seq_len = hidden.shape[1]
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
@@ -152,4 +160,6 @@ def chunked_cross_entropy(
             total = total + checkpoint(_chunk_loss_sum, head, chunk_hidden, chunk_labels, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(head, chunk_hidden, chunk_labels)
+    if reduction == "sum":
+        return total
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)

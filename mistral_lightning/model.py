@@ -27,6 +27,7 @@ from mistral_lightning.kernels import (
 
 if TYPE_CHECKING:
     from mistral_lightning.checkpoint.base import WeightSource
+    from mistral_lightning.kernels.cross_entropy import Reduction
 
 
 class KVCache(Protocol):
@@ -173,13 +174,15 @@ class Mistral(nn.Module):
         document_ids: torch.Tensor | None = None,
         chunk_size: int = 1024,
         compiled: bool = False,
+        reduction: Reduction = "mean",
     ) -> torch.Tensor:
-        """Mean cross-entropy against already-shifted labels (-100 ignored), without whole-sequence fp32 logits.
+        """Cross-entropy against already-shifted labels (-100 ignored), without whole-sequence fp32 logits:
+        the mean over the labelled tokens, or with reduction="sum" their sum.
 
         compiled: fuse the loss's elementwise work with torch.compile (set with the blocks' compile).
         """
         hidden = self.hidden_states(input_ids, position_ids, document_ids=document_ids)
-        return chunked_cross_entropy(hidden, self.lm_head, labels, chunk_size, compiled)
+        return chunked_cross_entropy(hidden, self.lm_head, labels, chunk_size, compiled, reduction)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
