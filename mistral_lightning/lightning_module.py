@@ -8,13 +8,15 @@ HF weights, or with a layout-independent random initialisation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torchmetrics.aggregation import MeanMetric
@@ -22,6 +24,7 @@ from torchmetrics.aggregation import MeanMetric
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
+from mistral_lightning.kernels.cross_entropy import Reduction
 from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
 from mistral_lightning.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
@@ -32,6 +35,8 @@ from mistral_lightning.parallel import (
     mixed_precision_policy,
     parallelize,
 )
+
+LossNormalization = Literal["token", "micro_batch"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,6 +64,9 @@ class MistralLightningModule(L.LightningModule):
         schedule: warmup_fraction, then kind "cosine" (to min_lr at the last step) or "constant".
         parallel: sequence_parallel, activation_checkpointing and compile (the mesh sizes are the strategy's).
         loss_chunk_size: positions per chunk of the LM head + cross-entropy, bounding fp32 logits.
+        loss_normalization: "token": an optimizer step's loss is the mean over every labelled token of its
+            global batch (all micro-batches, all data-parallel ranks), the same for any layout;
+            "micro_batch": Megatron's mean over each micro-batch's tokens, averaged over micro-batches and ranks.
         max_new_tokens: greedy tokens per prompt in `predict_step`.
         init_seed: seed of the random initialisation (same weights under any TP/DP layout).
     """
@@ -72,10 +80,15 @@ class MistralLightningModule(L.LightningModule):
         schedule: ScheduleConfig = ScheduleConfig(),  # noqa: B008
         parallel: ParallelConfig = ParallelConfig(),  # noqa: B008
         loss_chunk_size: int = 1024,
+        loss_normalization: LossNormalization = "token",
         max_new_tokens: int = 64,
         init_seed: int = 42,
     ) -> None:
         super().__init__()
+        if loss_normalization not in ("token", "micro_batch"):
+            raise UserError(
+                f"model.loss_normalization={loss_normalization!r} is not one of 'token', 'micro_batch'"
+            )
         self.save_hyperparameters()
         self.config = resolve_model_config(model_config, pretrained)
         # A checkpoint's hyper-parameters come back as dicts (load_from_checkpoint).
@@ -91,6 +104,11 @@ class MistralLightningModule(L.LightningModule):
         self.model: Mistral | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # This rank's [loss numerator, its denominator, labelled tokens] over the micro-batches of the
+        # optimizer step under way; reduced once per step in on_before_optimizer_step.
+        self._step_totals: torch.Tensor | None = None
+        self._step_skipped = False
+        self.skipped_steps = 0
 
     @property
     def model_name(self) -> str:
@@ -134,7 +152,7 @@ class MistralLightningModule(L.LightningModule):
     def tensor_parallel_size(self) -> int:
         return self.device_mesh["tensor_parallel"].size()
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], reduction: Reduction = "mean") -> torch.Tensor:
         seq_len = batch["input_ids"].shape[1]
         if self.parallel_config.sequence_parallel and seq_len % self.tensor_parallel_size:
             raise UserError(
@@ -152,24 +170,68 @@ class MistralLightningModule(L.LightningModule):
                 document_ids=batch.get("document_ids"),
                 chunk_size=self.hparams.loss_chunk_size,
                 compiled=self.parallel_config.compile,
+                reduction=reduction,
             )
         return _plain(loss)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        # One reduction serves both the logged value (mean over data-parallel ranks) and the finiteness
-        # check, so every rank stops together instead of leaving peers waiting in a collective.
-        mean_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"training loss is {mean_loss.item()} at step {self.global_step} (batch {batch_idx}); stopping "
-                "before this step updates the weights, so the last saved checkpoint is intact. Lower model.optimizer.lr, "
-                "check the data, or resume from that checkpoint (fit --ckpt_path ...)"
-            )
-        self.log("train/loss", mean_loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        # No collective and no host sync here: the step's totals are reduced once, before the optimizer step.
+        labelled = (batch["labels"] != IGNORE_INDEX).sum()
+        if self.hparams.loss_normalization == "token":
+            # The sum: the gradients are divided by the global batch's token count in on_before_optimizer_step.
+            loss = self._loss(batch, reduction="sum")
+            denominator = labelled
+        else:
+            loss = self._loss(batch, reduction="mean")
+            denominator = torch.ones_like(labelled)
+        totals = torch.stack([loss.detach(), denominator.to(loss.dtype), labelled.to(loss.dtype)])
+        self._step_totals = totals if self._step_totals is None else self._step_totals + totals
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Once per optimizer step, after the last micro-batch's backward and before clipping: one reduction of
+        the step's totals over the data-parallel ranks, then the gradients are scaled to the step's loss."""
+        totals, self._step_totals = self._step_totals, None
+        dp_mesh = self.device_mesh["data_parallel"]
+        if dp_mesh.size() > 1:
+            # Tensor-parallel peers hold the same batch but sit in different data-parallel groups: none is counted twice.
+            torch.distributed.all_reduce(totals, group=dp_mesh.get_group())
+        loss_total, denominator, labelled = totals.tolist()  # the step's one device-to-host copy
+        self._step_skipped = labelled == 0
+        if self._step_skipped:
+            self._skip_empty_step()
+            return
+        loss = loss_total / denominator
+        # Every rank holds the same reduced value, so all of them stop together.
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {self.global_step}; stopping before this step updates the "
+                "weights, so the last saved checkpoint is intact. Lower model.optimizer.lr, check the data, or "
+                "resume from that checkpoint (fit --ckpt_path ...)"
+            )
+        # Lightning divided each micro-batch's loss by accumulate_grad_batches and FSDP2 averaged the ranks'
+        # gradients; this turns their sum into the gradient of loss_total / denominator.
+        scale = dp_mesh.size() * self.trainer.accumulate_grad_batches / denominator
+        if scale != 1.0:
+            with torch.no_grad():
+                for param in self.model.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(scale)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+
+    def _skip_empty_step(self) -> None:
+        """No labelled token in the whole global batch: no loss to report, and AdamW leaves parameters
+        without a gradient untouched (no update, no weight decay, no moment or step-count change)."""
+        for param in self.model.parameters():
+            param.grad = None
+        self.skipped_steps += 1
+        rank_zero_warn(
+            f"step {self.global_step}: the global batch has no labelled token (every label is -100); the step "
+            "is skipped without changing the weights. Check data.seq_length against the prompt lengths"
+        )
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
         loss = self._loss(batch)
@@ -240,7 +302,7 @@ class MistralLightningModule(L.LightningModule):
     ) -> None:
         # Lightning's clipping runs one foreach norm over all gradients, which fails when they live on
         # different device meshes (TP-sharded matrices and data-parallel-only norms).
-        if gradient_clip_val:
+        if gradient_clip_val and not self._step_skipped:
             if gradient_clip_algorithm not in (None, "norm"):
                 raise UserError("trainer.gradient_clip_algorithm must be 'norm' for this model")
             grad_norm = clip_grad_norm_(self.model.parameters(), gradient_clip_val)

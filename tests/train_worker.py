@@ -1,7 +1,8 @@
 """One rank of a test launch: runs the scenarios of a spec file in turn; rank 0 writes what they recorded.
 
 A scenario: {"name", "data", "tensor_parallel", "data_parallel", "module": {...}, "resume": ckpt or null,
-"checkpoint_every": n or null, "kill_at_step": n or null, "seq_length": n, "expect_error": bool}.
+"checkpoint_every": n or null, "kill_at_step": n or null, "seq_length": n, "expect_error": bool,
+"instruction": bool (data is instruction data), "global_batch": n, "accumulate": n}.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from training_utils import SEQ_LENGTH, Recorder, StepCounter, datamodule, module, trainer  # noqa: E402
+from training_utils import GLOBAL_BATCH, SEQ_LENGTH, Recorder, StepCounter, datamodule, module, trainer  # noqa: E402
 
 
 class KillAtStep(L.Callback):
@@ -29,20 +30,55 @@ class KillAtStep(L.Callback):
             os._exit(17)
 
 
+class AllReduceCounter(L.Callback):
+    """How many `torch.distributed.all_reduce` calls the training batches make (hooks between batches excluded)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._in_batch = False
+        self._original = torch.distributed.all_reduce
+
+    def _counting(self, *args, **kwargs):
+        self.calls += self._in_batch
+        return self._original(*args, **kwargs)
+
+    def on_train_start(self, *args) -> None:
+        torch.distributed.all_reduce = self._counting
+
+    def on_train_batch_start(self, *args) -> None:
+        self._in_batch = True
+
+    def on_train_batch_end(self, *args) -> None:
+        self._in_batch = False
+
+    def on_train_end(self, *args) -> None:
+        torch.distributed.all_reduce = self._original
+
+    def on_exception(self, *args) -> None:
+        torch.distributed.all_reduce = self._original
+
+
 def run(scenario: dict, root: Path) -> dict:
-    recorder, counter = Recorder(), StepCounter()
-    callbacks = [recorder, counter]
+    recorder, counter, all_reduces = Recorder(), StepCounter(), AllReduceCounter()
+    callbacks = [recorder, counter, all_reduces]
     if scenario.get("kill_at_step"):
         callbacks.append(KillAtStep(scenario["kill_at_step"]))
+    accumulate = scenario.get("accumulate", 1)
     fit_trainer = trainer(
         root / scenario["name"],
         tensor_parallel=scenario.get("tensor_parallel", 1),
         data_parallel=scenario.get("data_parallel", 1),
+        accumulate=accumulate,
         callbacks=callbacks,
         checkpoint_every=scenario.get("checkpoint_every"),
     )
     data = datamodule(
-        scenario["data"], scenario.get("data_parallel", 1), scenario.get("seq_length", SEQ_LENGTH)
+        scenario["data"],
+        scenario.get("data_parallel", 1),
+        scenario.get("seq_length", SEQ_LENGTH),
+        global_batch=scenario.get("global_batch", GLOBAL_BATCH),
+        accumulate=accumulate,
+        instruction=scenario.get("instruction", False),
     )
     try:
         fit_trainer.fit(
@@ -52,7 +88,13 @@ def run(scenario: dict, root: Path) -> dict:
         if not scenario.get("expect_error"):
             raise
         return {"error": f"{type(err).__name__}: {err}", "steps_started": counter.steps}
-    return {"losses": recorder.losses, "batches": recorder.batches, "steps_started": counter.steps}
+    return {
+        "losses": recorder.losses,
+        "grad_norms": recorder.grad_norms,
+        "batches": recorder.batches,
+        "steps_started": counter.steps,
+        "all_reduces": all_reduces.calls,
+    }
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from distributed import free_port
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from mistral_lightning.data.datamodules import PretrainDataModule
+from mistral_lightning.data.datamodules import InstructionDataModule, PretrainDataModule
 from mistral_lightning.data.indexed import IndexedDatasetWriter
 from mistral_lightning.lightning_module import MistralLightningModule
 from mistral_lightning.optim import OptimizerConfig, ScheduleConfig
@@ -44,17 +44,45 @@ def write_toy_pretrain_data(folder: Path) -> str:
     return prefix
 
 
-def datamodule(prefix: str, data_parallel: int = 1, seq_length: int = SEQ_LENGTH) -> PretrainDataModule:
-    # Attention across documents keeps every label valid, so a DP=2 mean of per-rank means equals
-    # the DP=1 mean over the same global batch.
+def datamodule(
+    prefix: str,
+    data_parallel: int = 1,
+    seq_length: int = SEQ_LENGTH,
+    *,
+    global_batch: int = GLOBAL_BATCH,
+    accumulate: int = 1,
+    instruction: bool = False,
+) -> PretrainDataModule | InstructionDataModule:
+    """Pretraining data (every label valid), or `instruction` data written by `write_instruction_data`;
+    `global_batch` samples per optimizer step, split over the data-parallel ranks and accumulated micro-batches."""
+    micro_batch_size = global_batch // (data_parallel * accumulate)
+    if instruction:
+        return InstructionDataModule(
+            prefix, seq_length=seq_length, micro_batch_size=micro_batch_size, split="1,0,0", num_workers=0
+        )
     return PretrainDataModule(
         [prefix],
         seq_length=seq_length,
-        micro_batch_size=GLOBAL_BATCH // data_parallel,
+        micro_batch_size=micro_batch_size,
         split="1,0,0",
         num_workers=0,
         cross_document_attention=True,
     )
+
+
+def write_instruction_data(prefix: str, samples: list[tuple[int, int]], seed: int = 0) -> str:
+    """Random `(prompt tokens, response tokens)` samples as `<prefix>_packed_{input_ids,labels}_document`,
+    labels -100 on the prompt, as preprocess writes them."""
+    rng = np.random.default_rng(seed)
+    ids_writer = IndexedDatasetWriter(f"{prefix}_packed_input_ids_document", np.int32)
+    labels_writer = IndexedDatasetWriter(f"{prefix}_packed_labels_document", np.int32)
+    for prompt, response in samples:
+        ids = np.concatenate([[1], rng.integers(3, 2000, size=prompt + response - 1)])
+        ids_writer.add_document(ids)
+        labels_writer.add_document(np.where(np.arange(len(ids)) < prompt, -100, ids))
+    ids_writer.finalize()
+    labels_writer.finalize()
+    return prefix
 
 
 class StepCounter(L.Callback):
@@ -68,16 +96,26 @@ class StepCounter(L.Callback):
 
 
 class Recorder(L.Callback):
-    """Per optimizer step: the logged loss (mean over data-parallel ranks) and a fingerprint of the batch."""
+    """Per optimizer step, the logged loss and gradient norm; per micro-batch, a fingerprint of the batch
+    (and, with `keep_batches`, the batch itself)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_batches: bool = False) -> None:
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
         self.batches: list[int] = []
+        self.kept: list[dict[str, torch.Tensor]] = []
+        self.keep_batches = keep_batches
+        self._step = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(trainer.callback_metrics["train/loss"]))
         weights = torch.arange(1, batch["input_ids"].numel() + 1).view_as(batch["input_ids"])
         self.batches.append(int((batch["input_ids"] * weights).sum()))
+        if self.keep_batches:
+            self.kept.append({key: value.clone() for key, value in batch.items()})
+        if trainer.global_step != self._step:  # an optimizer step ended with this micro-batch
+            self._step = trainer.global_step
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
+            self.grad_norms.append(float(trainer.callback_metrics.get("train/grad_norm", float("nan"))))
 
 
 def trainer(
@@ -86,10 +124,13 @@ def trainer(
     tensor_parallel: int = 1,
     data_parallel: int = 1,
     max_steps: int = STEPS,
+    accumulate: int = 1,
     callbacks: list[L.Callback] = (),
     checkpoint_every: int | None = None,
     distributed_checkpoint: bool = True,
+    **settings,
 ) -> L.Trainer:
+    """A CPU trainer of the given layout; `settings` override or add `L.Trainer` arguments."""
     if checkpoint_every:
         callbacks = [
             *callbacks,
@@ -100,7 +141,7 @@ def trainer(
                 save_top_k=-1,
             ),
         ]
-    return L.Trainer(
+    defaults = dict(
         accelerator="cpu",
         devices=tensor_parallel * data_parallel,
         strategy=ModelParallelStrategy(
@@ -110,6 +151,7 @@ def trainer(
         ),
         precision="32-true",
         max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         gradient_clip_val=1.0,
         callbacks=list(callbacks),
         logger=False,
@@ -119,6 +161,7 @@ def trainer(
         default_root_dir=root,
         num_sanity_val_steps=0,
     )
+    return L.Trainer(**(defaults | settings))
 
 
 def module(**overrides) -> MistralLightningModule:
