@@ -1,0 +1,226 @@
+"""A training step's memory per device, simulated: the real model, plan and optimizer under FakeTensorMode.
+
+Tensors under `FakeTensorMode` have shapes, dtypes and devices but no storage, so the whole 7B at 32K runs
+its step on a laptop. A fake process group of the layout's world size stands in for the other ranks:
+collectives return tensors of the right shapes without communicating, so this process is rank 0 of
+the mesh, and every rank holds the same shapes (FSDP2 pads uneven shards). torch's own trackers,
+`FSDPMemTracker` (for an FSDP2 model; `MemTracker` otherwise), follow every tensor storage from its
+creation until it is freed, as a device allocator does, and keep the peak with what it was made of.
+
+Two optimizer steps run, each over up to two accumulated micro-batches, because the peak is reached
+only once gradients, AdamW's states and a micro-batch's activations are all alive (the states appear
+at the first step), in the order of Lightning's loop: the gradients of the last step are zeroed after
+the next forward pass, before its backward pass. What it predicts is the peak of allocated tensor memory (`max_memory_allocated`);
+the runtime's own context and the caching allocator's free blocks come on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._sharding_prop import ShardingPropagator
+from torch.distributed.tensor.parallel import loss_parallel
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mistral_lightning.kernels.attention_dispatch import attention_path
+from mistral_lightning.model import Mistral
+from mistral_lightning.parallel import clip_grad_norm_
+
+# The trackers' categories, grouped into what a reader of a memory budget asks about.
+CATEGORIES = {
+    "parameters": ("Parameter", "Buffer", "Sharded Param", "Unsharded Param", "All Gather"),
+    "gradients": ("Gradient", "Sharded Grad", "Unsharded Grad", "Reduce Scatter"),
+    "optimizer_state": ("Optstate", "OptState"),
+    "activations": ("Activation", "Temp", "Inputs", "Other"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What one optimizer step of the training loop does: micro-batches of [micro_batch_size, seq_length]
+    tokens, `micro_batches` of them accumulated, then gradient clipping (if any) and the AdamW step."""
+
+    micro_batch_size: int
+    seq_length: int
+    micro_batches: int = 1
+    gradient_clip_val: float | None = None
+    loss_chunk_size: int = 1024
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    """Bytes per device: the peak and what it was made of, and the steady state after an optimizer step."""
+
+    peak_bytes: int
+    at_peak: dict[str, int]  # CATEGORIES at the moment of the peak
+    after_step: dict[str, int]  # CATEGORIES after the last optimizer step (gradients freed)
+    tracker_categories: dict[str, int]  # the tracker's own categories at the peak
+    attention_path: str
+    seconds: float
+
+
+def _grouped(snapshot: dict[Any, int]) -> dict[str, int]:
+    named = {getattr(key, "value", key): value for key, value in snapshot.items()}
+    return {group: sum(named.get(name, 0) for name in names) for group, names in CATEGORIES.items()}
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int) -> Iterator[None]:
+    """Rank 0 of a process group of `world_size` ranks whose collectives only produce shapes."""
+    if dist.is_initialized():
+        raise RuntimeError("the memory plan needs its own fake process group; a process group is already up")
+    dist.init_process_group("fake", rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _EveryPositionLabelled(TorchDispatchMode):
+    """`nonzero` of a fake tensor has no values to count; the loss asks it which positions carry a label.
+    Answering "all of them" simulates the largest loss (pretraining, or SFT at its most response-heavy)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.nonzero.default:
+            (mask,) = args
+            return torch.empty((mask.numel(), mask.dim()), dtype=torch.long, device=mask.device)
+        return func(*args, **(kwargs or {}))
+
+
+class _ShardingPropagationFlag:
+    """Set while DTensor works out an operator's output layout. It does so by running the operator on
+    global-shape fake tensors in the active fake mode, which is ours here, so a tracker would count those
+    as this rank's memory; `ShardingPropagator._fake_mode_lock` is the context DTensor enters around it."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc) -> None:
+        self.depth -= 1
+
+
+def _tracker(model: nn.Module, optimizer: torch.optim.Optimizer, propagating: _ShardingPropagationFlag):
+    """FSDPMemTracker for an FSDP2 model (it names sharded/unsharded parameters and gradients), else
+    MemTracker; either skips what DTensor's layout propagation allocates."""
+    base = FSDPMemTracker if isinstance(model, FSDPModule) else MemTracker
+
+    class Tracker(base):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if propagating.depth:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    if base is FSDPMemTracker:
+        return Tracker(model, optimizer)
+    tracker = Tracker()
+    tracker.track_external(model, optimizer)
+    return tracker
+
+
+def _batch(shape: StepShape, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch as the DataModules deliver it (one document per sample)."""
+    size = (shape.micro_batch_size, shape.seq_length)
+    positions = torch.arange(shape.seq_length, device=device).expand(size)
+    return {
+        "input_ids": torch.zeros(size, dtype=torch.long, device=device),
+        "labels": torch.zeros(size, dtype=torch.long, device=device),
+        "position_ids": positions,
+    }
+
+
+def _plain(loss: torch.Tensor) -> torch.Tensor:
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+def simulate_training_step(
+    build: Callable[[], nn.Module],
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    shape: StepShape,
+    *,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    world_size: int = 1,
+    steps: int = 2,
+    lightning_order: bool = True,
+    device: str = "cpu",
+) -> MemoryReport:
+    """The peak memory of `steps` optimizer steps of `build()`'s model, simulated on one rank of `world_size`.
+
+    build: returns a `Mistral` on the meta device with its parallel plan applied (or none); it runs with the
+        fake process group up, so it can make a device mesh. make_optimizer: the optimizer over its parameters.
+        forward_context: the precision plugin's autocast, entered around each forward pass.
+        lightning_order: zero the gradients as Lightning's loop does, after the forward pass of an accumulation
+        window's first micro-batch (so the last step's gradients are alive during it); False: after the
+        optimizer step, as a plain loop does.
+    """
+    start = time.perf_counter()
+    propagating = _ShardingPropagationFlag()
+    attention_paths: list[str] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fake_process_group(world_size))
+        model = build()
+        stack.callback(setattr, ShardingPropagator, "_fake_mode_lock", ShardingPropagator._fake_mode_lock)
+        ShardingPropagator._fake_mode_lock = propagating
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        stack.enter_context(_EveryPositionLabelled())
+        model.to_empty(device=device)
+        optimizer = make_optimizer(model)
+        batch = _batch(shape, torch.device(device))
+        attn = model.layers[0].attn
+        attn.q.register_forward_hook(
+            lambda module, args, q: attention_paths.append(
+                attention_path(q.unflatten(-1, (-1, attn.head_dim)), attn.window)
+            )
+        )
+        fsdp = isinstance(model, FSDPModule)
+        if fsdp:
+            # FSDPMemTracker follows FSDP's forward hooks, which only `model(...)` runs: make the loss the forward.
+            model.forward = partial(Mistral.loss, model)
+        tracker = _tracker(model, optimizer, propagating)
+        if fsdp:
+            tracker.track_inputs(tuple(batch.values()))
+        else:
+            tracker.track_external(*batch.values())
+        loss_fn = model if fsdp else model.loss
+        with tracker:
+            for _ in range(steps):
+                for micro_batch in range(min(shape.micro_batches, 2)):
+                    with loss_parallel():
+                        with forward_context():
+                            loss = _plain(loss_fn(**batch, chunk_size=shape.loss_chunk_size))
+                        if lightning_order and micro_batch == 0:
+                            optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    del loss
+                    # The trackers keep per-module statistics for one pass; only the global peak is read here.
+                    tracker.reset_mod_stats()
+                if shape.gradient_clip_val:
+                    clip_grad_norm_(model.parameters(), shape.gradient_clip_val)
+                optimizer.step()
+                if not lightning_order:
+                    optimizer.zero_grad(set_to_none=True)
+            after_step = tracker.get_tracker_snapshot("current").get(torch.device(device), {})
+        peak = tracker.get_tracker_snapshot("peak").get(torch.device(device), {})
+    return MemoryReport(
+        peak_bytes=int(peak.get("Total", 0)),
+        at_peak=_grouped(peak),
+        after_step=_grouped(after_step),
+        tracker_categories={getattr(key, "value", key): int(value) for key, value in peak.items() if value},
+        attention_path=attention_paths[0] if attention_paths else "none",
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,321 @@
+"""`mistral-lightning plan --config CONFIG.yaml`: what a training config needs per device, before renting one.
+
+The config is read by the same LightningCLI parser as `fit` (so `--trainer.strategy.init_args.*` and any
+other override work), but nothing is instantiated and no weights are read: the model, its parallel plan
+and AdamW are built from the config's settings and one training step is simulated under FakeTensorMode
+on a fake process group of the config's world size (`memory_plan.py`). Printed per rank: parameters,
+gradients, optimizer state, activations and the peak, against the device's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import init_device_mesh
+
+from mistral_lightning.config import MistralConfig, resolve_model_config
+from mistral_lightning.errors import UserError
+from mistral_lightning.lightning_module import MistralLightningModule
+from mistral_lightning.memory_plan import MemoryReport, StepShape, simulate_training_step
+from mistral_lightning.model import Mistral
+from mistral_lightning.optim import OptimizerConfig, build_optimizer
+from mistral_lightning.parallel import ParallelConfig, mixed_precision_policy, parallelize
+from mistral_lightning.train_cli import MistralCLI
+
+USAGE = (
+    "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--plan_output FILE.json] "
+    "[any fit override, e.g. --trainer.strategy.init_args.tensor_parallel_size 4]"
+)
+# Memory of the card each accelerator usually means, when --device_memory_gb is not given (decimal GB).
+DEFAULT_DEVICE_MEMORY_GB = {"npu": ("Ascend 910B", 64.0), "cuda": ("H100", 80.0), "gpu": ("H100", 80.0)}
+# Lightning's spellings of trainer.precision, as its accelerator connector unifies them.
+PRECISIONS = {
+    "32": "32-true",
+    "32-true": "32-true",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16-true": "bf16-true",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+    "16-true": "16-true",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingLayout:
+    """What the plan simulates, read from a `fit` config."""
+
+    model: MistralConfig
+    data_parallel: int
+    tensor_parallel: int
+    precision: str
+    parallel: ParallelConfig
+    optimizer: OptimizerConfig
+    step: StepShape
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel * self.tensor_parallel
+
+
+def precision_plugin(precision: str) -> Precision:
+    """The plugin Lightning's Trainer uses for `precision`, with autocast on the CPU the simulation runs on."""
+    if precision in ("bf16-mixed", "16-mixed"):
+        return MixedPrecision(precision, device="cpu")
+    if precision in ("bf16-true", "16-true"):
+        return HalfPrecision(precision)
+    return Precision()
+
+
+def plan(layout: TrainingLayout) -> MemoryReport:
+    """Simulate one rank of `layout`: the model built as `MistralLightningModule.configure_model` builds it."""
+    plugin = precision_plugin(layout.precision)
+
+    def build() -> Mistral:
+        mesh = init_device_mesh(
+            "cpu",
+            (layout.data_parallel, layout.tensor_parallel),
+            mesh_dim_names=("data_parallel", "tensor_parallel"),
+        )
+        with plugin.module_init_context(), torch.device("meta"):
+            model = Mistral(layout.model)
+        # Eager: compiled blocks need a compiler run per shape, which a fake tensor cannot drive.
+        return parallelize(
+            model,
+            mesh,
+            sequence_parallel=layout.parallel.sequence_parallel,
+            activation_checkpointing=layout.parallel.activation_checkpointing,
+            mp_policy=mixed_precision_policy(layout.precision),
+            seq_length=layout.step.seq_length,
+        )
+
+    return simulate_training_step(
+        build,
+        lambda model: build_optimizer(model, layout.optimizer),
+        layout.step,
+        forward_context=plugin.forward_context,
+        world_size=layout.world_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- config
+class _PlanCLI(MistralCLI):
+    """The `fit` parser, with the plan's own options; nothing is instantiated."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument(
+            "--device_memory_gb",
+            type=float | None,
+            default=None,
+            help="memory of one device in GB, to compare the peak with (default: by trainer.accelerator: "
+            + ", ".join(f"{acc} {name} {gb:g}" for acc, (name, gb) in DEFAULT_DEVICE_MEMORY_GB.items())
+            + ", cpu this machine's RAM)",
+        )
+        parser.add_argument(
+            "--plan_output", type=str | None, default=None, help="also write the plan as JSON here"
+        )
+
+    def instantiate_classes(self) -> None:
+        pass  # the plan reads the settings only: no Trainer, no DataModule, no weights
+
+
+def _count(value, option: str) -> int:
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{option}={value!r}: the plan needs a number of devices; set it (e.g. 8)") from None
+
+
+def _strategy_sizes(trainer, devices: int, num_nodes: int) -> tuple[int, int]:
+    strategy = trainer.strategy
+    class_path = getattr(strategy, "class_path", None)
+    if class_path is None:
+        raise UserError(
+            f"trainer.strategy={strategy!r}: the plan simulates ModelParallelStrategy layouts; set trainer.strategy "
+            "to lightning.pytorch.strategies.ModelParallelStrategy or mistral_lightning.npu.NPUModelParallelStrategy"
+        )
+    module_name, _, name = class_path.rpartition(".")
+    if not issubclass(getattr(importlib.import_module(module_name), name), ModelParallelStrategy):
+        raise UserError(
+            f"trainer.strategy {class_path} is not a ModelParallelStrategy; the plan simulates those only"
+        )
+    init_args = getattr(strategy, "init_args", None) or {}
+    dp, tp = init_args.get("data_parallel_size", "auto"), init_args.get("tensor_parallel_size", "auto")
+    # Lightning's defaults: data parallel across nodes, tensor parallel across a node's devices.
+    dp = num_nodes if dp == "auto" else int(dp)
+    tp = devices if tp == "auto" else int(tp)
+    if dp * tp != devices * num_nodes:
+        raise UserError(
+            f"trainer.strategy.init_args: data_parallel_size={dp} x tensor_parallel_size={tp} must equal "
+            f"trainer.devices x trainer.num_nodes = {devices} x {num_nodes}; change one of them"
+        )
+    return dp, tp
+
+
+def _model_config(model_args) -> MistralConfig:
+    pretrained = model_args.get("pretrained")
+    # The plan needs shapes only; the weights' folder is read (its config.json) where it exists.
+    if pretrained and not Path(pretrained, "config.json").is_file():
+        if model_args.get("model_config") is None:
+            raise UserError(
+                f"model.pretrained={pretrained} has no config.json and model.model_config is not set; "
+                "give a preset name (e.g. --model.model_config mistral-7b-32k) so the plan knows the shapes"
+            )
+        pretrained = None
+    model_config = model_args.get("model_config")
+    if hasattr(model_config, "as_dict"):
+        model_config = model_config.as_dict()
+    return resolve_model_config(model_config, pretrained)
+
+
+def _as_dict(value) -> dict:
+    return value.as_dict() if hasattr(value, "as_dict") else dict(value or {})
+
+
+def layout_from_config(config) -> TrainingLayout:
+    """The TrainingLayout of a parsed `fit` config (a jsonargparse Namespace)."""
+    trainer, model_args = config.trainer, config.model
+    data_args = _as_dict(getattr(config.data, "init_args", None))
+    missing = [key for key in ("seq_length", "micro_batch_size") if key not in data_args]
+    if missing:
+        raise UserError(
+            f"data.init_args has no {' or '.join(missing)}; the plan needs the batch shape "
+            "(use PretrainDataModule or InstructionDataModule, or pass --data.init_args.seq_length ...)"
+        )
+    devices = _count(trainer.devices, "trainer.devices")
+    num_nodes = _count(trainer.num_nodes or 1, "trainer.num_nodes")
+    dp, tp = _strategy_sizes(trainer, devices, num_nodes)
+    precision = PRECISIONS.get(str(trainer.precision or "32-true"))
+    if precision is None:
+        raise UserError(
+            f"trainer.precision={trainer.precision!r} is not one of {', '.join(sorted(set(PRECISIONS)))}"
+        )
+    return TrainingLayout(
+        model=_model_config(model_args),
+        data_parallel=dp,
+        tensor_parallel=tp,
+        precision=precision,
+        parallel=ParallelConfig(**_as_dict(model_args.get("parallel"))),
+        optimizer=OptimizerConfig(**_as_dict(model_args.get("optimizer"))),
+        step=StepShape(
+            micro_batch_size=int(data_args["micro_batch_size"]),
+            seq_length=int(data_args["seq_length"]),
+            micro_batches=int(trainer.accumulate_grad_batches or 1),
+            gradient_clip_val=trainer.gradient_clip_val,
+            loss_chunk_size=int(model_args.get("loss_chunk_size") or 1024),
+        ),
+    )
+
+
+def _device_memory(accelerator: str, given_gb: float | None) -> tuple[str, float | None]:
+    if given_gb is not None:
+        return "one device", given_gb
+    accelerator = str(accelerator or "cpu")
+    if accelerator in DEFAULT_DEVICE_MEMORY_GB:
+        return DEFAULT_DEVICE_MEMORY_GB[accelerator]
+    if accelerator == "cpu":
+        return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return accelerator, None
+
+
+# ---------------------------------------------------------------------------------------------- report
+ROW_NAMES = {
+    "parameters": "parameters",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations and temporaries",
+}
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+
+
+def format_report(
+    layout: TrainingLayout, report: MemoryReport, device: tuple[str, float | None], source: str
+) -> str:
+    model, step = layout.model, layout.step
+    count = model.num_params
+    params = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+    lines = [
+        f"memory plan of {source}: Mistral-{params} on {layout.world_size} ranks (data_parallel "
+        f"{layout.data_parallel} x tensor_parallel {layout.tensor_parallel}), seq {step.seq_length}, micro-batch "
+        f"{step.micro_batch_size} x {step.micro_batches} accumulated, {layout.precision}, activation checkpointing "
+        f"{layout.parallel.activation_checkpointing}, sequence parallel {layout.parallel.sequence_parallel}",
+        f"simulated in {report.seconds:.0f} s under FakeTensorMode on a fake process group; attention path "
+        f"{report.attention_path}; blocks eager (compiled ones peak lower); every position labelled",
+        "",
+        "per rank (all ranks hold the same shapes) | after an optimizer step | at the peak",
+        "--- | --- | ---",
+    ]
+    lines += [
+        f"{label} | {_size(report.after_step[key])} | {_size(report.at_peak[key])}"
+        for key, label in ROW_NAMES.items()
+    ]
+    lines.append(f"**peak allocated** | | **{_size(report.peak_bytes)}**")
+    name, capacity_gb = device
+    if capacity_gb:
+        headroom = capacity_gb - report.peak_bytes / 1e9
+        verdict = "fits" if headroom > 0 else "does NOT fit"
+        lines.append(
+            f"{name}, {capacity_gb:.1f} GB | | {verdict}: {headroom:+.2f} GB left for the runtime and the allocator's cache"
+        )
+    return "\n".join(lines)
+
+
+def parse_config(argv: list[str]):
+    """A `fit` command line (--config ... and overrides) parsed by the `fit` parser, as a jsonargparse Namespace."""
+    # The dispatcher hands over its own argv; Lightning would warn that sys.argv differs.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli = _PlanCLI(
+        MistralLightningModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=argv,
+        seed_everything_default=False,
+    )
+    return cli.config
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    config = parse_config(argv)
+    layout = layout_from_config(config)
+    device = _device_memory(config.trainer.accelerator, config.get("device_memory_gb"))
+    report = plan(layout)
+    source = ", ".join(str(c) for c in config.get("config") or []) or "the given settings"
+    print(format_report(layout, report, device, source))
+    if config.get("plan_output"):
+        Path(config.plan_output).write_text(
+            json.dumps(
+                {
+                    "layout": dataclasses.asdict(layout),
+                    "device": {"name": device[0], "memory_gb": device[1]},
+                    "report": dataclasses.asdict(report),
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
