@@ -1,0 +1,136 @@
+"""`mistral-lightning plan` against the real thing: the simulated peak of the tiny model under TP2 against
+the peak the CPU allocator reports for the same config trained by `fit` on two processes, and the
+simulated steady state against a hand count of each rank's shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mistral_lightning.cli import main as mistral_lightning
+from mistral_lightning.config import MistralConfig, parameter_shapes
+
+pytestmark = pytest.mark.timeout(600)
+REPO = Path(__file__).resolve().parents[1]
+TP = 2
+MICRO_BATCH, SEQ_LENGTH, ACCUMULATE = 8, 128, 2
+
+
+def tiny_tp2_config(data_prefix: str, root: Path) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": TP,
+            "strategy": {
+                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": TP},
+            },
+            "precision": "32-true",
+            "max_steps": 2,
+            "accumulate_grad_batches": ACCUMULATE,
+            "gradient_clip_val": 1.0,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": str(root),
+            "callbacks": [
+                {
+                    "class_path": "benchmarks.allocator_peak.AllocatorPeak",
+                    "init_args": {"out_dir": str(root / "measured")},
+                }
+            ],
+        },
+        "model": {"model_config": "tiny", "parallel": {"sequence_parallel": True}},
+        "data": {
+            "class_path": "mistral_lightning.data.datamodules.PretrainDataModule",
+            "init_args": {
+                "data_prefixes": [data_prefix],
+                "seq_length": SEQ_LENGTH,
+                "micro_batch_size": MICRO_BATCH,
+                "split": "1,0,0",
+                "num_workers": 0,
+                "cross_document_attention": True,
+            },
+        },
+    }
+
+
+def run(command: list[str], cwd: Path) -> None:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "mistral_lightning", *command],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_tp2(toy_data, tmp_path_factory) -> tuple[dict, list[dict]]:
+    """The plan of the config, and what each rank of a real `fit` of it measured."""
+    root = tmp_path_factory.mktemp("plan_tiny_tp2")
+    config = root / "fit.yaml"
+    config.write_text(json.dumps(tiny_tp2_config(toy_data, root)))  # JSON is YAML
+    run(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")], root)
+    run(["fit", "--config", str(config)], root)  # Lightning starts the second process itself
+    measured = [json.loads((root / "measured" / f"rank{rank}.json").read_text()) for rank in range(TP)]
+    return json.loads((root / "plan.json").read_text()), measured
+
+
+def test_simulated_peak_is_within_15_percent_of_each_ranks_measured_peak(tiny_tp2):
+    plan, measured = tiny_tp2
+    predicted = plan["report"]["peak_bytes"]
+    for rank in measured:
+        assert rank["steps"] == 2
+        assert predicted == pytest.approx(rank["peak_allocated_bytes"], rel=0.15)
+
+
+def shard_elements(config: MistralConfig, tp: int) -> int:
+    """Elements one TP rank holds: vocabulary rows of the embedding and LM head, output rows of q/k/v/gate/up,
+    input columns of o/down are split tp ways; the norms are replicated."""
+    return sum(
+        math.prod(shape) // (1 if name.endswith("norm.weight") else tp)
+        for name, shape in parameter_shapes(config).items()
+    )
+
+
+def test_steady_state_is_the_hand_count_of_each_ranks_shards(tiny_tp2):
+    plan, _ = tiny_tp2
+    fp32 = 4 * shard_elements(MistralConfig.from_name("tiny"), TP)
+    after_step = plan["report"]["after_step"]
+    assert after_step["parameters"] == fp32
+    # Lightning zeroes the gradients at the next step's first backward, so they outlive the optimizer step.
+    assert after_step["gradients"] == fp32
+    # AdamW: exp_avg and exp_avg_sq per parameter, plus one step counter (a 4-byte scalar) per parameter tensor.
+    tensors = len(parameter_shapes(MistralConfig.from_name("tiny")))
+    assert after_step["optimizer_state"] == 2 * fp32 + 4 * tensors
+
+
+def test_a_layout_that_does_not_match_the_devices_is_one_line_naming_the_options(tmp_path, toy_data, capsys):
+    config = tmp_path / "fit.yaml"
+    config.write_text(json.dumps(tiny_tp2_config(toy_data, tmp_path)))
+    status = mistral_lightning(
+        ["plan", "--config", str(config), "--trainer.strategy.init_args.data_parallel_size", "2"]
+    )
+    error = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(error.splitlines()) == 1
+    assert (
+        "data_parallel_size=2 x tensor_parallel_size=2" in error
+        and "trainer.devices x trainer.num_nodes" in error
+    )
