@@ -55,6 +55,22 @@ def _first_failure(err: BaseException) -> BaseException:
     return err
 
 
+def _remove_all_leftovers(folder: Path) -> None:
+    """Once a new checkpoint is in place, what crashed saves of any checkpoint left here can go (a save
+    removes only its own name's leftovers before writing: another's may be the newest complete state)."""
+    names = {
+        entry.name[1:].rsplit(f".{role}-", 1)[0]
+        for entry in folder.iterdir()
+        for role in ("partial", "old")
+        if entry.name.startswith(".") and f".{role}-" in entry.name
+    }
+    for name in names:
+        try:
+            remove_leftovers(folder, name)
+        except OSError:
+            pass  # a leftover that cannot go now costs space, not correctness; the next save tries again
+
+
 def _gigabytes_free(folder: Path) -> str:
     try:
         return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free there"
@@ -89,7 +105,11 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
     def _refuse_non_finite(self, checkpoint: dict[str, Any], path: Path) -> None:
         if self._state_is_finite():
             return
-        lr = f" (now {self.optimizers[0].param_groups[0]['lr']:g})" if self.optimizers else ""
+        lr = (
+            f" (the learning rate is now {self.optimizers[0].param_groups[0]['lr']:g})"
+            if self.optimizers
+            else ""
+        )
         raise TrainingDivergedError(
             f"step {checkpoint.get('global_step')}: the weights or optimizer state hold NaN or Inf, so {path} "
             f"is not written; {last_good_checkpoint(path.parent)}; resume from it with a lower "
@@ -134,6 +154,7 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
                 if tmp.is_dir():  # a DCP folder; every rank's files are on disk once DCP's save returned
                     write_completion_marker(tmp, save_id, checkpoint.get("global_step", 0))
                 publish(tmp, path)
+                _remove_all_leftovers(path.parent)
             except Exception as err:
                 failure = err
         if not self._agree(failure is None):
@@ -164,9 +185,10 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
         return super().load_checkpoint(path, weights_only=weights_only)
 
     # ------------------------------------------------------------------ stopping
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        # The training step and the hooks before the update all run inside the optimizer step.
         try:
-            return super().training_step(*args, **kwargs)
+            return super().optimizer_step(*args, **kwargs)
         except NonFiniteLossError as err:
             callback = self.lightning_module.trainer.checkpoint_callback
             folder = getattr(callback, "dirpath", None)

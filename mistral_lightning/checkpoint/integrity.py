@@ -69,11 +69,12 @@ def write_completion_marker(folder: Path, save_id: str, global_step: int) -> Non
         "global_step": global_step,
         "files": files,
     }
-    marker = folder / MARKER
-    with marker.open("w") as stream:
+    partial = folder / f"{MARKER}.tmp"
+    with partial.open("w") as stream:
         json.dump(record, stream, indent=1)
         stream.flush()
         os.fsync(stream.fileno())
+    os.replace(partial, folder / MARKER)  # the mark is whole or absent
     _fsync(folder)
 
 
