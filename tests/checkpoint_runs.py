@@ -1,0 +1,174 @@
+"""Pieces of the checkpoint-safety tests: a `fit` config for the CLI, code-running payloads planted into a
+checkpoint the way an attacker would (rewriting every file that would give them away), and readers of
+what a run left behind (its logged losses, the tensors of a checkpoint).
+"""
+
+from __future__ import annotations
+
+import builtins
+import csv
+import dataclasses
+import io
+import json
+import pickle
+from pathlib import Path
+
+import torch
+import yaml
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+MARKER = "complete.json"  # what a finished save of `fit` vouches with (checkpoint/integrity.py)
+
+CHECKPOINT_EVERY = 2
+MAX_STEPS = 6
+# The `tiny` preset with a vocabulary that just covers the toy data: checkpoints of 4 MB instead of 50.
+SMALL_VOCAB = {
+    "vocab_size": 2048,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_layers": 2,
+    "num_heads": 4,
+}
+SMALL_VOCAB |= {"num_kv_heads": 2, "head_dim": 16, "sliding_window": 64, "max_seq_length": 512}
+
+
+def fit_config(
+    root: Path, data_prefix: str, *, lr: float = 1e-3, every: int = CHECKPOINT_EVERY, model_config="tiny"
+) -> Path:
+    """A tiny one-process `fit` on toy data: DCP checkpoints every `every` steps plus last.ckpt, losses
+    logged every step to CSV, Lightning's own ModelParallelStrategy named as a user would."""
+    config = {
+        "seed_everything": 1234,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "strategy": {
+                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
+            },
+            "precision": "32-true",
+            "max_steps": MAX_STEPS,
+            "gradient_clip_val": 1.0,
+            "log_every_n_steps": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(root / "logs"), "name": "", "version": "first"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(root / "checkpoints"),
+                        "filename": "{step}",
+                        "every_n_train_steps": every,
+                        "save_top_k": -1,
+                        "save_last": True,
+                    },
+                }
+            ],
+        },
+        "model": {"model_config": model_config, "optimizer": {"lr": lr}, "init_seed": 3},
+        "data": {
+            "class_path": "mistral_lightning.data.datamodules.PretrainDataModule",
+            "init_args": {
+                "data_prefixes": [data_prefix],
+                "seq_length": 32,
+                "micro_batch_size": 2,
+                "split": "1,0,0",
+                "num_workers": 0,
+                "cross_document_attention": True,
+            },
+        },
+    }
+    path = root / "fit.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def logged_losses(root: Path, version: str = "first") -> dict[int, float]:
+    """step -> train/loss as the CSV logger wrote it (Python float repr: exact)."""
+    rows = csv.DictReader((root / "logs" / version / "metrics.csv").open())
+    return {int(row["step"]): float(row["train/loss"]) for row in rows if row.get("train/loss")}
+
+
+def dcp_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (weights and optimizer state), read with torch's own reader."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    state = {
+        key: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata)
+    }
+    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    return state
+
+
+# ---------------------------------------------------------------------- payloads
+class CreatesFile:
+    """Unpickling this runs code: it creates `path` (the tests assert that it never exists)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({self.path!r}, 'w').close()",))
+
+
+def _remark(folder: Path) -> None:
+    """What an attacker does next: make complete.json vouch for the altered files again."""
+    marker = folder / MARKER
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        record["files"] = {name: (folder / name).stat().st_size for name in record["files"]}
+        marker.write_text(json.dumps(record))
+
+
+def _rewrite_metadata(folder: Path, change) -> None:
+    with (folder / ".metadata").open("rb") as stream:
+        metadata = pickle.load(stream)  # our own test checkpoint, before it is poisoned
+    change(metadata)
+    with (folder / ".metadata").open("wb") as stream:
+        pickle.dump(metadata, stream)
+    _remark(folder)
+
+
+def plant_in_dcp_metadata(folder: Path, payload: object) -> None:
+    """`.metadata` carries `payload` in its planner_data (a field DCP pickles as it finds it)."""
+
+    def change(metadata) -> None:
+        metadata.planner_data = {"payload": payload, **(metadata.planner_data or {})}
+
+    _rewrite_metadata(folder, change)
+
+
+def plant_in_meta_pt(folder: Path, payload: object) -> None:
+    meta = torch.load(folder / "meta.pt", weights_only=True)
+    meta["payload"] = payload
+    torch.save(meta, folder / "meta.pt")
+    _remark(folder)
+
+
+def plant_in_dcp_entry(folder: Path, payload: object, entry: str = "optimizer_0.param_groups.0.lr") -> str:
+    """A non-tensor entry of the data files (which DCP loads with weights_only=False) becomes `payload`."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+
+    def change(metadata) -> None:
+        assert isinstance(metadata.state_dict_metadata[entry], BytesStorageMetadata)
+        (index,) = [index for index in metadata.storage_data if index.fqn == entry]
+        info = metadata.storage_data[index]
+        data_file = folder / info.relative_path
+        offset = data_file.stat().st_size
+        with data_file.open("ab") as stream:
+            stream.write(buffer.getvalue())
+        metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(buffer.getvalue()))
+
+    _rewrite_metadata(folder, change)
+    return entry
