@@ -122,7 +122,7 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
                 f"{path}: another rank failed to write its part of the checkpoint; see its error"
             )
         cause = _first_failure(err)
-        target = OutputTarget(path.parent, option="the checkpoint folder (ModelCheckpoint dirpath)")
+        target = OutputTarget(path.parent, option="ModelCheckpoint dirpath")
         described = describe_write_error(cause, tmp, target)
         if described is None:
             raise err

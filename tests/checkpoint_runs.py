@@ -1,20 +1,24 @@
 """Pieces of the checkpoint-safety tests: a `fit` config for the CLI, code-running payloads planted into a
-checkpoint the way an attacker would (rewriting every file that would give them away), and readers of
-what a run left behind (its logged losses, the tensors of a checkpoint).
+checkpoint the way an attacker would (rewriting every file that would give them away), a full disk
+injected into a save, and readers of what a run left behind (its logged losses, a checkpoint's tensors).
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import csv
 import dataclasses
+import errno
 import io
 import json
+import os
 import pickle
 from pathlib import Path
 
 import torch
 import yaml
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 MARKER = "complete.json"  # what a finished save of `fit` vouches with (checkpoint/integrity.py)
@@ -172,3 +176,59 @@ def plant_in_dcp_entry(folder: Path, payload: object, entry: str = "optimizer_0.
 
     _rewrite_metadata(folder, change)
     return entry
+
+
+# ---------------------------------------------------------------------- a full disk
+class _FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails as a full disk does: part written, ENOSPC."""
+
+    def __init__(self, stream, room: int) -> None:
+        self.stream, self.room = stream, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        left = self.room - self.stream.tell()
+        if len(data) > left:
+            self.stream.write(data[: max(left, 0)])
+            self.stream.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.stream.write(data)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def fill_disk_while_writing(where: str, checkpoint_name: str, patch=setattr) -> None:
+    """From now on, writing the checkpoint `checkpoint_name` hits a full disk: in its DCP data file
+    (`where="data"`, after 4 KiB) or in meta.pt (half of it written). `patch`: setattr or monkeypatch's."""
+    if where == "data":
+        original_stream = FileSystem.create_stream
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            with original_stream(self, path, mode) as stream:
+                full = checkpoint_name in str(path) and str(path).endswith(".distcp")
+                yield _FullDisk(stream, room=4096) if full else stream
+
+        patch(FileSystem, "create_stream", create_stream)
+        return
+    original_save = torch.save
+
+    def save(obj, target, *args, **kwargs):
+        if not (isinstance(target, (str, os.PathLike)) and checkpoint_name in str(target)):
+            return original_save(obj, target, *args, **kwargs)
+        buffer = io.BytesIO()
+        original_save(obj, buffer, *args, **kwargs)
+        Path(target).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    patch(torch, "save", save)

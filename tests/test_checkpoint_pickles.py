@@ -2,8 +2,8 @@
 
 A payload that would create a file when unpickled is planted in each pickle a checkpoint holds: DCP's
 `.metadata`, a non-tensor entry of the DCP data files, Lightning's `meta.pt`, a Megatron `.pt` file. Every
-command that reads the checkpoint refuses it in one line naming the file and `--trust-checkpoint`, and
-the file the payload would create never appears.
+command that reads the checkpoint (export, convert, generate, fit and validate --ckpt_path) refuses it
+in one line naming the file and `--trust-checkpoint`, and the file the payload would create never appears.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def _command(name: str, checkpoint: Path, tmp_path: Path, toy_data: str, tokeniz
         + ["--tokenizer-model", tokenizer_path, "--device", "cpu"],
         "fit": ["fit", "--config", str(fit_config(tmp_path / "run", toy_data))]
         + ["--ckpt_path", str(checkpoint), "--trainer.max_steps", "3"],
+        "validate": ["validate", "--config", str(fit_config(tmp_path / "run", toy_data))]
+        + ["--ckpt_path", str(checkpoint)],
     }[name]
 
 
@@ -76,7 +78,7 @@ PLANTS = {
 }
 
 
-@pytest.mark.parametrize("command", ["export", "convert", "generate", "fit"])
+@pytest.mark.parametrize("command", ["export", "convert", "generate", "fit", "validate"])
 @pytest.mark.parametrize("where", list(PLANTS))
 def test_a_payload_in_a_training_checkpoint_never_runs(
     trained, toy_data, tokenizer_path, tmp_path, capsys, command, where

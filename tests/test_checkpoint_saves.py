@@ -6,18 +6,13 @@ Checked against torch's own readers (DCP, torch.load), not ours; runs go through
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_runs import dcp_tensors, fit_config, logged_losses
-from torch.distributed.checkpoint.filesystem import FileSystem
+from checkpoint_runs import dcp_tensors, fill_disk_while_writing, fit_config, logged_losses
 
 from mistral_lightning.cli import main as cli_main
 
@@ -65,65 +60,11 @@ def test_a_nan_loss_stop_names_the_last_good_checkpoint(toy_data, tmp_path, caps
 
 
 # ---------------------------------------------------------------------- a full disk
-class _FullDisk(io.RawIOBase):
-    """A file that takes `room` bytes, then fails as a full disk does: part written, ENOSPC."""
-
-    def __init__(self, stream, room: int) -> None:
-        self.stream, self.room = stream, room
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        left = self.room - self.stream.tell()
-        if len(data) > left:
-            self.stream.write(data[: max(left, 0)])
-            self.stream.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.stream.write(data)
-
-    def tell(self) -> int:
-        return self.stream.tell()
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-
-def _full_disk_in_dcp_data(monkeypatch, checkpoint_name: str) -> None:
-    original = FileSystem.create_stream
-
-    @contextlib.contextmanager
-    def create_stream(self, path, mode):
-        with original(self, path, mode) as stream:
-            full = checkpoint_name in str(path) and str(path).endswith(".distcp")
-            yield _FullDisk(stream, room=4096) if full else stream
-
-    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
-
-
-def _full_disk_in_meta_pt(monkeypatch, checkpoint_name: str) -> None:
-    original = torch.save
-
-    def save(obj, target, *args, **kwargs):
-        if not (isinstance(target, (str, os.PathLike)) and checkpoint_name in str(target)):
-            return original(obj, target, *args, **kwargs)
-        buffer = io.BytesIO()
-        original(obj, buffer, *args, **kwargs)
-        Path(target).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
-
-    monkeypatch.setattr(torch, "save", save)
-
-
-@pytest.mark.parametrize("inject", [_full_disk_in_dcp_data, _full_disk_in_meta_pt], ids=["data", "meta.pt"])
+@pytest.mark.parametrize("where", ["data", "meta.pt"])
 def test_a_full_disk_stops_in_one_line_and_leaves_nothing_half_written(
-    toy_data, tmp_path, capsys, monkeypatch, inject
+    toy_data, tmp_path, capsys, monkeypatch, where
 ):
-    inject(monkeypatch, "step=4.ckpt")
+    fill_disk_while_writing(where, "step=4.ckpt", monkeypatch.setattr)
     error = _one_line_error(capsys, ["fit", "--config", str(fit_config(tmp_path, toy_data))])
     checkpoints = tmp_path / "checkpoints"
     assert str(checkpoints) in error and "no space left on the device" in error and "GB free there" in error
