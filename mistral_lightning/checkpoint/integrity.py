@@ -244,6 +244,7 @@ def resolve_last(folders: list[str | Path], *, trust_pickle: bool = False) -> tu
 
 
 __all__ = [
+    "LIGHTNING_METADATA",
     "MARKER",
     "SAVE_ID",
     "CheckpointInfo",
