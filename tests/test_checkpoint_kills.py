@@ -25,12 +25,18 @@ WORKER = Path(__file__).with_name("checkpoint_kill_worker.py")
 KILLED = 17
 
 
+def _without_process_group(env: dict) -> dict:
+    """This process's own in-process runs leave Lightning's MASTER_PORT set, with its store still listening."""
+    names = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
+    return {key: value for key, value in env.items() if key not in names}
+
+
 def _worker(runs: list[dict], folder: Path) -> list[int]:
     spec, results = folder / "spec.json", folder / "results.json"
     spec.write_text(json.dumps({"runs": runs, "results": str(results)}))
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(spec)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**_without_process_group(os.environ), "OMP_NUM_THREADS": "1"},
         cwd=folder,
         capture_output=True,
         text=True,
