@@ -24,6 +24,7 @@ from mistral_lightning.kernels import (
     sliding_window_attention,
     swiglu,
 )
+from mistral_lightning.kernels.documents import AttentionMetadata
 
 if TYPE_CHECKING:
     from mistral_lightning.checkpoint.base import WeightSource
@@ -66,7 +67,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        document_ids: torch.Tensor | None = None,
+        attention: AttentionMetadata | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -78,7 +79,7 @@ class Attention(nn.Module):
             k, v, mask = kv_cache.update(self.layer_idx, k, v)
             out = masked_attention(q, k, v, mask)
         else:
-            out = sliding_window_attention(q, k, v, self.window, document_ids=document_ids)
+            out = sliding_window_attention(q, k, v, self.window, metadata=attention)
         return self.o(out.reshape(batch, seq_len, -1))
 
 
@@ -101,8 +102,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, cos, sin, document_ids=None, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, document_ids, kv_cache)
+    def forward(self, x, cos, sin, attention=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attention, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -146,8 +147,11 @@ class Mistral(nn.Module):
                 input_ids.shape[0], -1
             )
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        # One per batch, shared by every layer: what the device kernels derive from the documents (lengths
+        # read to the host, Ascend's mask) is then built once per batch, not once per layer.
+        attention = AttentionMetadata(document_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, document_ids, kv_cache)
+            h = layer(h, cos, sin, attention, kv_cache)
         return self.norm(h)
 
     def forward(

@@ -9,7 +9,7 @@ distributed checkpoints see the same names whatever the plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import Literal
 
 import torch
@@ -50,15 +50,25 @@ class ParallelConfig:
 
 
 # Selective checkpointing keeps the outputs of the expensive operators and recomputes the cheap,
-# memory-hungry ones (norms, rotary, SwiGLU, casts) in the backward pass.
-_SAVED_OPS = {
-    torch.ops.aten.mm.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.bmm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+# memory-hungry ones (norms, rotary, SwiGLU, casts) in the backward pass. Operators are matched by name, so
+# no backend's library has to be imported to name its operators.
+SAVED_OPS_BY_BACKEND = {
+    # CPU and CUDA linear layers decompose to mm/addmm/bmm; attention runs as one of the SDPA kernels.
+    "portable": (
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+    ),
+    # flash-attn (2.6+) registers its kernels as torch custom operators.
+    "flash": ("flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward"),
+    # torch_npu registers its own autograd for matmul, so Ascend linear layers reach the policy as aten::matmul.
+    "npu": ("aten::matmul", "aten::linear", "npu::npu_fusion_attention", "npu::npu_fusion_attention_v3"),
 }
+_SAVED_OPS = frozenset(name for names in SAVED_OPS_BY_BACKEND.values() for name in names)
 
 
 def check_parallel_config(
@@ -134,7 +144,7 @@ def apply_tensor_parallel(model: Mistral, tp_mesh: DeviceMesh, sequence_parallel
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op.name() in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: Mistral, mode: ActivationCheckpointing) -> None:
@@ -208,8 +218,10 @@ def parallelize(
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` for a model whose gradients live on several device meshes.
 
-    Norms are taken per mesh (DTensor reduces them over that mesh's shards), then combined, so
-    plain, FSDP-only and FSDP+TP parameters can sit in one model.
+    Sums of squares are taken per mesh (DTensor reduces them over that mesh's shards, one collective per
+    mesh), then combined, so plain, FSDP-only and FSDP+TP parameters can sit in one model. Sums, not
+    torch's norm kernel: on the CPU that kernel accumulates fp32 in sequence, losing digits on large
+    gradients, where `sum` adds pairwise; otherwise the logged norm and the clipping depend on the sharding.
     """
     from torch.distributed.tensor import DTensor
 
@@ -217,11 +229,11 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     for p in parameters:
         if p.grad is not None:
             by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
-    norms = []
+    squares = []
     for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.nn.utils.get_total_norm(norms)
+        mesh_squares = reduce(torch.add, [torch.sum(p.grad.square(), dtype=torch.float32) for p in group])
+        squares.append(mesh_squares.full_tensor() if isinstance(mesh_squares, DTensor) else mesh_squares)
+    total = reduce(torch.add, squares).sqrt()
     for group in by_mesh.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
