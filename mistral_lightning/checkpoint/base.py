@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +26,10 @@ Index = tuple[slice, ...]
 
 class CheckpointError(UserError):
     """A checkpoint on disk is missing, incomplete or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds pickled objects that could run code; loaded only with --trust-checkpoint."""
 
 
 class WeightSource(Protocol):
@@ -132,10 +137,12 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> Any:
                 # Files from torch < 1.6 (legacy format) cannot be memory-mapped.
                 return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"{path}: holds pickled Python objects besides tensors ({reason}); if you trust where this "
-            "checkpoint came from, pass --trust-checkpoint to load it with full unpickling"
+        # torch's message is a page of advice; the line naming the refused global is what matters.
+        found = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global.*)?$", str(err), re.M)
+        reason = found.group(1) if found else str(err).strip().splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"{path}: holds pickled Python objects besides tensors ({reason}), which could run code when "
+            "loaded; if you trust where this checkpoint came from, pass --trust-checkpoint to load it anyway"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
@@ -145,6 +152,7 @@ __all__ = [
     "CheckpointError",
     "Index",
     "ModelWeights",
+    "UnsafeCheckpointError",
     "WeightSource",
     "check_shapes",
     "fill_model",

@@ -17,10 +17,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mistral_lightning.checkpoint.base import CheckpointError, Index, check_shapes, load_torch_file
+from mistral_lightning.checkpoint.integrity import LIGHTNING_METADATA, inspect_checkpoint
+from mistral_lightning.checkpoint.safe_pickle import DCP_METADATA, SafeFileSystemReader
 from mistral_lightning.config import ConfigError, MistralConfig, parameter_shapes
 
-DCP_METADATA = ".metadata"
-LIGHTNING_METADATA = "meta.pt"  # ModelParallelStrategy's non-tensor state beside a DCP checkpoint
 STATE_DICT = "state_dict"
 RECORDED_CONFIG = "mistral_config"  # MistralLightningModule.on_save_checkpoint stores the architecture here
 HYPER_PARAMETERS = (
@@ -71,6 +71,9 @@ class LightningCheckpoint:
                     f"{self.path}: a folder without {DCP_METADATA}, so not a distributed checkpoint; pass "
                     "the folder `fit` saved (or its single .ckpt file)"
                 )
+            # Complete, and no pickle in it runs code (its .metadata, meta.pt and non-tensor entries).
+            inspect_checkpoint(self.path, trust_pickle=trust_pickle)
+            self._trust_pickle = trust_pickle
             extra = self.path / LIGHTNING_METADATA
             saved_state = load_torch_file(extra, trust_pickle=trust_pickle) if extra.is_file() else {}
             self._state = None
@@ -93,7 +96,8 @@ class LightningCheckpoint:
         check_shapes(self, self._shapes)
 
     def _dcp_index(self) -> tuple[dict[str, str], dict[str, TensorStorageMetadata]]:
-        metadata = dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata
+        reader = SafeFileSystemReader(self.path, trust_pickle=self._trust_pickle)
+        metadata = reader.read_metadata().state_dict_metadata
         tensors = {
             key.removeprefix(STATE_DICT + "."): meta
             for key, meta in metadata.items()
@@ -137,7 +141,11 @@ class LightningCheckpoint:
             # process is what we mean, so its warning about the missing process group is noise.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load({f"{STATE_DICT}.{self._keys[name]}": tensor}, checkpoint_id=self.path, no_dist=True)
+                dcp.load(
+                    {f"{STATE_DICT}.{self._keys[name]}": tensor},
+                    storage_reader=SafeFileSystemReader(self.path, trust_pickle=self._trust_pickle),
+                    no_dist=True,
+                )
         return tensor if index is None else tensor[index]
 
     def close(self) -> None:

@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--chat",
         action="store_true",
-        help="use the Mistral [INST] template; without --prompt, chat interactively (one turn per stdin line, "
-        f"{RESET_COMMAND} forgets the conversation, an empty line or EOF ends it)",
+        help="encode the prompt in the tokenizer's Mistral chat format (mistral-common); without --prompt, chat "
+        f"interactively (one turn per stdin line, {RESET_COMMAND} forgets the conversation, an empty line or "
+        "EOF ends it)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [text.find(stop) for stop in stops if stop and stop in text]
+    found = [text.find(stop) for stop in stops if stop in text]
     return min(found) if found else None
 
 
@@ -125,8 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --prompt TEXT to continue a text, or --chat to chat interactively")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty; give the text to continue")
-    model = load_model(args.checkpoint, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer_model, args.checkpoint)
+    if "" in args.stop:
+        raise GenerationError('--stop "" would stop before the first character; give a non-empty stop string')
+    model = load_model(
+        args.checkpoint, device=args.device, dtype=args.dtype, trust_checkpoint=args.trust_checkpoint
+    )
+    tokenizer = load_tokenizer(
+        args.tokenizer_model,
+        args.checkpoint,
+        vocab_size=model.config.vocab_size,
+        trust_checkpoint=args.trust_checkpoint,
+    )
     if args.prompt is None:
         chat_loop(model, tokenizer, args, sys.stdin, sys.stdout)
     else:

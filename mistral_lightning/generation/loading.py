@@ -8,30 +8,33 @@ from pathlib import Path
 
 import torch
 
-from mistral_lightning.checkpoint.base import CheckpointError
+from mistral_lightning.checkpoint.base import CheckpointError, load_torch_file
 from mistral_lightning.checkpoint.hf import HFCheckpoint
-from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LightningCheckpoint
+from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LIGHTNING_METADATA, LightningCheckpoint
 from mistral_lightning.config import DTYPES, parse_dtype
 from mistral_lightning.kernels import pack_linear_weights
 from mistral_lightning.model import Mistral
-from mistral_lightning.tokenizer import HF_TOKENIZER_FILE, Tokenizer, default_tokenizer_path
+from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path, has_tokenizer
 
 AUTO_DTYPE = "auto"  # keep the checkpoint's own dtype
 
 
-def load_model(checkpoint: str | Path, *, device: str = "cpu", dtype: str = AUTO_DTYPE) -> Mistral:
+def load_model(
+    checkpoint: str | Path, *, device: str = "cpu", dtype: str = AUTO_DTYPE, trust_checkpoint: bool = False
+) -> Mistral:
     """An eval-mode Mistral for inference; dtype is a name in config.DTYPES, or "auto" for the checkpoint's own.
+    A `fit` checkpoint holding pickled objects that could run code loads only with `trust_checkpoint`.
 
     On the CPU its linear weights are packed for oneDNN (kernels/packed_linear.py): several times faster
     decoding, but the model can then no longer be trained or saved.
     """
     torch_dtype = None if dtype == AUTO_DTYPE else parse_dtype(dtype)
-    model = Mistral.from_pretrained(_open(Path(checkpoint)), torch_dtype, device).eval()
+    model = Mistral.from_pretrained(_open(Path(checkpoint), trust_checkpoint), torch_dtype, device).eval()
     pack_linear_weights(model)
     return model
 
 
-def _open(path: Path) -> HFCheckpoint | LightningCheckpoint:
+def _open(path: Path, trust_checkpoint: bool = False) -> HFCheckpoint | LightningCheckpoint:
     """The weights at `path`: an HF folder, or a `fit` checkpoint (DCP folder or single file)."""
     if not path.exists():
         raise CheckpointError(
@@ -45,26 +48,64 @@ def _open(path: Path) -> HFCheckpoint | LightningCheckpoint:
                 "checkpoint), so there are no weights to load; point --checkpoint at the folder that has them"
             )
         return HFCheckpoint(path)
-    return LightningCheckpoint(path)
+    return LightningCheckpoint(path, trust_pickle=trust_checkpoint)
 
 
-def load_tokenizer(tokenizer_model: str | Path | None, checkpoint: str | Path) -> Tokenizer:
-    """--tokenizer-model, else the checkpoint folder's tokenizer.model, else mistral-common's v1 model."""
+def load_tokenizer(
+    tokenizer_model: str | Path | None,
+    checkpoint: str | Path | None,
+    *,
+    vocab_size: int | None = None,
+    trust_checkpoint: bool = False,
+) -> Tokenizer:
+    """The tokenizer of the model at `checkpoint`, unless `tokenizer_model` overrides it.
+
+    An HF folder brings its own tokenizer files; a `fit` checkpoint brings those of the HF folder it was
+    trained from (its `model.pretrained`). Only when neither is known is the Mistral v1 tokenizer used,
+    with a note. `vocab_size`: the model's, which the tokenizer's ids must fit. `trust_checkpoint`: as for
+    `load_model`, to read the hyper-parameters of a checkpoint that holds other pickled objects.
+    """
     if tokenizer_model is not None:
-        return Tokenizer(tokenizer_model)
-    beside = Path(checkpoint) / HF_TOKENIZER_FILE
-    if beside.is_file():
-        return Tokenizer(beside)
-    fallback = default_tokenizer_path()
-    if fallback is None:
+        tokenizer = Tokenizer(tokenizer_model)
+    else:
+        source = tokenizer_source(Path(checkpoint), trust_checkpoint) if checkpoint else None
+        if source is None:
+            source = default_tokenizer_path()
+            print(
+                f"note: {checkpoint or 'the model'} names no tokenizer (no tokenizer files, no model.pretrained); "
+                f"using the Mistral v1 tokenizer {source}; pass --tokenizer for another",
+                file=sys.stderr,
+            )
+        tokenizer = Tokenizer(source)
+    if vocab_size is not None:
+        tokenizer.check_fits(vocab_size, checkpoint or "in use")
+    return tokenizer
+
+
+def tokenizer_source(checkpoint: Path, trust_checkpoint: bool = False) -> Path | None:
+    """Where the checkpoint's own tokenizer lives: its HF folder, or the folder its training started from."""
+    if checkpoint.is_dir() and not (checkpoint / DCP_METADATA).is_file():
+        return checkpoint if has_tokenizer(checkpoint) else None
+    pretrained = recorded_pretrained(checkpoint, trust_checkpoint)
+    if pretrained is None:
+        return None
+    if not pretrained.is_dir():
         raise CheckpointError(
-            f"{checkpoint}: no {HF_TOKENIZER_FILE} in the checkpoint folder; pass --tokenizer-model"
+            f"{checkpoint} was trained from model.pretrained={pretrained}, which no longer exists, so its "
+            "tokenizer is unknown; pass --tokenizer with that model's tokenizer file or folder"
         )
-    print(
-        f"note: {checkpoint} has no {HF_TOKENIZER_FILE}; using the Mistral v1 tokenizer {fallback}",
-        file=sys.stderr,
-    )
-    return Tokenizer(fallback)
+    return pretrained if has_tokenizer(pretrained) else None
+
+
+def recorded_pretrained(checkpoint: Path, trust_checkpoint: bool = False) -> Path | None:
+    """The `model.pretrained` folder a `fit` checkpoint (DCP folder or .ckpt file) records, if any."""
+    metadata = checkpoint / LIGHTNING_METADATA if checkpoint.is_dir() else checkpoint
+    if not metadata.is_file():
+        return None
+    saved = load_torch_file(metadata, trust_pickle=trust_checkpoint)
+    hyper_parameters = saved.get("hyper_parameters") if isinstance(saved, dict) else None
+    pretrained = (hyper_parameters or {}).get("pretrained")
+    return Path(pretrained) if pretrained else None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +114,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, help="HF model folder, or a `fit` checkpoint (DCP folder or .ckpt)"
     )
     parser.add_argument(
+        "--tokenizer",
         "--tokenizer-model",
-        help="sentencepiece .model file or HF folder (default: the checkpoint's tokenizer.model, else Mistral v1)",
+        dest="tokenizer_model",
+        help="a tokenizer file (tokenizer.model[.vN], tekken*.json, tokenizer.json) or an HF folder; default: "
+        "the checkpoint's own (its HF folder, or the model.pretrained folder of a fit checkpoint), else Mistral v1",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -82,4 +126,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[AUTO_DTYPE, *DTYPES],
         default=AUTO_DTYPE,
         help="dtype of the loaded weights; auto: the checkpoint's own",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a `fit` checkpoint with full unpickling, running any code it holds (only checkpoints you trust)",
     )
