@@ -140,6 +140,7 @@ class MistralConfig:
             raise ConfigError(
                 f"{source}: tie_word_embeddings=true is not a Mistral layout (its embeddings are untied)"
             )
+        _refuse_unrepresentable(hf, source)
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         return cls(
@@ -185,10 +186,49 @@ class MistralConfig:
         }
 
 
+# HF model types whose dense decoder is Mistral's (Llama's differs only in what the checks below refuse).
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+
+
+def _refuse_unrepresentable(hf: dict[str, Any], source: str) -> None:
+    """An HF config whose model this product would silently change (another activation, rope scaling,
+    biases, another architecture) is refused, each in one line naming the key."""
+    model_type = hf.get("model_type", "mistral")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported (only the dense {' and '.join(SUPPORTED_MODEL_TYPES)} "
+            "architectures are); loading it as Mistral would change the model"
+        )
+    activation = hf.get("hidden_act", "silu")
+    if activation != "silu":
+        raise ConfigError(
+            f"{source}: hidden_act {activation!r} is not supported: Mistral's MLP is SwiGLU with silu, so these "
+            "weights would compute something else"
+        )
+    # transformers < 5 writes rope_scaling; 5 writes rope_parameters, with rope_type "default" for plain RoPE.
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    if rope_type != "default":
+        raise ConfigError(
+            f"{source}: rope scaling {rope_type!r} is not supported (only plain RoPE with rope_theta); "
+            "the model would see other positions than it was trained with"
+        )
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(
+                f"{source}: {key}=true is not supported: Mistral's linear layers have no biases, so they "
+                "would be dropped"
+            )
+
+
 _MISTRAL_7B = MistralConfig()
+_MISTRAL_7B_V03 = dataclasses.replace(_MISTRAL_7B, vocab_size=32768, rope_theta=1e6, sliding_window=None)
 PRESETS: dict[str, MistralConfig] = {
     "mistral-7b-v0.1": _MISTRAL_7B,
     "mistral-7b-instruct-v0.2": dataclasses.replace(_MISTRAL_7B, rope_theta=1e6, sliding_window=None),
+    # v0.3: the vocabulary grows to 32768 with control tokens ([INST], [/INST], tool calls); tokenizer.model.v3.
+    "mistral-7b-v0.3": _MISTRAL_7B_V03,
+    "mistral-7b-instruct-v0.3": _MISTRAL_7B_V03,
     # The seed recipe: v0.2 weights trained with a 4096 window at sequence length 32768.
     "mistral-7b-32k": dataclasses.replace(
         _MISTRAL_7B, rope_theta=1e6, sliding_window=4096, max_seq_length=32768

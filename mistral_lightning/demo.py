@@ -94,6 +94,9 @@ def run(max_steps: int | None = None, heldout: int = 100) -> DemoScores:
         "false",
         "--export_hf_dir",
         str(out / "hf"),
+        # The 9M-parameter demo model is scored as trained; a 7B export keeps the default bf16.
+        "--export_hf_dtype",
+        "float32",
     ]
     if max_steps:
         fit += ["--trainer.max_steps", str(max_steps)]

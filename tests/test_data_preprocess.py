@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,13 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronInd
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from tokenizer_references import (
+    CONVERSATION,
+    SHIPPED,
+    answer_labels,
+    finetuning_ids,
+    write_tokenizer_json_only,
+)
 
 from mistral_lightning.data.preprocess.cli import main
 from mistral_lightning.data.preprocess.config import PreprocessError
@@ -376,3 +384,85 @@ def test_demo_data_is_deterministic_correct_and_held_out(tmp_path, tokenizer_pat
         "--append-eod",
     )
     assert len(_read(tmp_path / "sft_packed_input_ids_document")) == 300
+
+
+# ---------------------------------------------------------------- every Mistral tokenizer (issue 13)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_mistral_handler_writes_mistral_common_finetuning_ids_for_every_tokenizer(tmp_path, name):
+    single = [{"role": "user", "content": "Say hi 👋"}, {"role": "assistant", "content": "hi"}]
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": single}])
+    _run(str(SHIPPED[name]), data, tmp_path / "chat", "--handler-name", "MistralInstructionHandler")
+
+    ids, masks, labels = (
+        _read(tmp_path / f"chat_packed_{key}_document") for key in ("input_ids", "attention_mask", "labels")
+    )
+    for messages, row_ids, row_mask, row_labels in zip((CONVERSATION, single), ids, masks, labels):
+        expected = finetuning_ids(name, messages)
+        assert row_ids.tolist() == expected
+        assert row_mask.tolist() == [1] * len(expected)
+        assert row_labels.tolist() == answer_labels(name, expected)
+
+
+def test_preprocess_with_only_tokenizer_json_writes_the_tokenizers_library_ids(tmp_path):
+    import tokenizers
+
+    folder = write_tokenizer_json_only(tmp_path / "hf")
+    library = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos, eos = library.token_to_id("<s>"), library.token_to_id("</s>")
+    texts = [*TEXTS, "  leading spaces 🙂"]
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"text": text} for text in texts])
+    args = ["--tokenizer-type", "PretrainedFromHF", "--append-eod"]
+    _run(str(folder), data, tmp_path / "out", *args)
+
+    expected = [[bos, *library.encode(text, add_special_tokens=False).ids, eos] for text in texts]
+    assert [d.tolist() for d in _read(tmp_path / "out_text_document")] == expected
+
+
+def test_chat_data_with_only_tokenizer_json_is_refused_before_any_row(tmp_path):
+    folder = write_tokenizer_json_only(tmp_path / "hf")
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    with pytest.raises(
+        PreprocessError, match="MistralInstructionHandler: .*with only tokenizer.json, the chat format"
+    ):
+        _run(str(folder), data, tmp_path / "chat", "--handler-name", "MistralInstructionHandler")
+    with pytest.raises(PreprocessError, match="holds only tokenizer.json.*--tokenizer-not-use-fast"):
+        _run(str(folder), data, tmp_path / "chat", "--tokenizer-not-use-fast")
+    assert not list(tmp_path.glob("chat_*"))
+
+
+def test_a_conversation_the_format_cannot_encode_is_skipped_naming_file_and_row(tmp_path, capsys):
+    rows = [
+        {"messages": CONVERSATION},
+        {"messages": CONVERSATION[:-1]},  # ends on a user turn: nothing to learn
+        {"messages": [{"role": "tool", "content": "42"}, *CONVERSATION[1:]]},
+    ]
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    _run(str(SHIPPED["v3"]), data, tmp_path / "chat", "--handler-name", "MistralInstructionHandler")
+    summary = capsys.readouterr().out
+    assert "documents written: 1" in summary and "invalid conversation: 2" in summary
+    assert (
+        f"{data} row 2: invalid conversation (mistral-common v3 (sentencepiece) cannot encode this "
+        "conversation: Expected last role Assistant for finetuning but got user)" in summary
+    )
+    assert f"{data} row 3: invalid conversation (message 0 has role 'tool'" in summary
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "message"),
+    [
+        ("vocab.txt", "unknown tokenizer file .*vocab.txt"),
+        ("empty", "tokenizer folder .*empty has no tokenizer"),
+    ],
+)
+def test_bad_tokenizers_get_one_line(tmp_path, capsys, tokenizer, message):
+    from mistral_lightning.cli import main as cli_main
+
+    (tmp_path / "vocab.txt").write_text("a\n")
+    (tmp_path / "empty").mkdir()
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"text": "x"}])
+    argv = ["preprocess", "--input", str(data), "--tokenizer-model", str(tmp_path / tokenizer)]
+    assert cli_main([*argv, "--output-prefix", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(message, error)

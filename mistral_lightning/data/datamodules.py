@@ -127,7 +127,7 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
                 pad_collate, seq_length=self.seq_length, pad_to_multiple_of=self.pad_to_multiple_of
             ),
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.accelerator.is_available(),  # CUDA and Ascend alike (torch_npu registers npu)
             drop_last=True,
             persistent_workers=self.num_workers > 0,
         )

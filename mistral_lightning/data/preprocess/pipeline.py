@@ -20,13 +20,14 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import BaseContext
 from pathlib import Path
 
-from mistral_lightning.data.indexed import IndexedDatasetWriter, bin_path, idx_path
+from mistral_lightning.data.indexed import MAGIC, IndexedDatasetWriter, bin_path, idx_path
 from mistral_lightning.data.preprocess.chunks import EncodedChunk, RowChunk
 from mistral_lightning.data.preprocess.config import PreprocessConfig, PreprocessError
 from mistral_lightning.data.preprocess.handlers import HANDLER_CLASSES, Handler, create_handler
 from mistral_lightning.data.preprocess.progress import Progress
 from mistral_lightning.data.preprocess.readers import expand_inputs, read_chunks, total_rows
 from mistral_lightning.data.preprocess.summary import PreprocessSummary
+from mistral_lightning.outputs import OutputTarget, probe_writable, remove_leftovers, write_errors
 
 _worker_handler: Handler | None = None
 
@@ -138,6 +139,30 @@ def _read_all(files: list[Path], handler: Handler, summary: PreprocessSummary) -
             summary.empty_files.append(str(path))
 
 
+def _check_outputs(config: PreprocessConfig, prefixes: dict[str, str]) -> OutputTarget:
+    """A rerun replaces the indexed datasets it wrote before; any other file under an output name is
+    refused, before any work. Temporaries of crashed runs there are removed."""
+    target = OutputTarget(Path(config.output_prefix), option="--output-prefix")
+    for prefix in prefixes.values():
+        index, data = idx_path(prefix), bin_path(prefix)
+        for path in (data, index):
+            remove_leftovers(path.parent, path.name)
+        previous = False
+        if index.is_file():
+            with write_errors(index, target), index.open("rb") as stream:
+                previous = stream.read(len(MAGIC)) == MAGIC
+        for path in (data, index):
+            if path.is_symlink() or (path.exists() and not (previous and path.is_file())):
+                if path.is_file() and path.stat().st_size == 0:
+                    continue  # nothing to lose
+                raise PreprocessError(
+                    f"{target.named()}: {path} exists and is not part of an indexed dataset written by "
+                    "preprocess; refusing to replace it; choose another --output-prefix or move it away"
+                )
+    probe_writable(target.path.parent, target)
+    return target
+
+
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Tokenize `config.input` into the indexed datasets the handler's `dataset_prefixes()` names."""
     _check_options(config)
@@ -146,19 +171,22 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     summary = PreprocessSummary(files=len(files))
     progress = Progress(config.log_interval, total_rows(files))
     prefixes = handler.dataset_prefixes()
-    Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    target = _check_outputs(config, prefixes)
     start = time.perf_counter()
-    writers = {key: IndexedDatasetWriter(prefix, handler.dtypes[key]) for key, prefix in prefixes.items()}
+    with write_errors(target.path, target):
+        writers = {key: IndexedDatasetWriter(prefix, handler.dtypes[key]) for key, prefix in prefixes.items()}
     try:
         for encoded in encode_in_order(_read_all(files, handler, summary), config, handler):
             summary.add(encoded)
             for key, writer in writers.items():
-                writer.add_documents(encoded.flat[key], encoded.lengths[key])
+                with write_errors(bin_path(prefixes[key]), target):
+                    writer.add_documents(encoded.flat[key], encoded.lengths[key])
             progress.update(summary)
         if summary.documents == 0:
             raise PreprocessError(summary.nothing_written_message(config.input))
-        for writer in writers.values():
-            writer.finalize()
+        for key, writer in writers.items():
+            with write_errors(idx_path(prefixes[key]), target):
+                writer.finalize()
     except BaseException:
         for writer in writers.values():
             writer.abort()
