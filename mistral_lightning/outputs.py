@@ -305,6 +305,21 @@ def remove_leftovers(folder: Path, name: str) -> list[Path]:
     return removed
 
 
+def remove_all_leftovers(folder: Path) -> None:
+    """What dead writers of any output left in `folder`; one that cannot go now is left for the next run."""
+    names = {
+        match.group("name")
+        for entry in folder.iterdir()
+        for match in (_PARTIAL.fullmatch(entry.name), _OLD.fullmatch(entry.name))
+        if match
+    }
+    for name in names:
+        try:
+            remove_leftovers(folder, name)
+        except OSError:
+            pass  # a leftover costs space, not correctness
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def _umask() -> int:
     try:
@@ -330,7 +345,8 @@ def _settle(folder: Path) -> None:
                 os.fsync(stream.fileno())
 
 
-def _aside_name(path: Path, role: str) -> Path:
+def temporary_sibling(path: Path, role: str) -> Path:
+    """`.<name>.<role>-<pid>-<hex>` beside `path`: the name `remove_leftovers` recognises once its writer is dead."""
     return path.parent / f".{path.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
@@ -350,7 +366,7 @@ class OutputFolder:
     def __enter__(self) -> Path:
         with write_errors(self.path, self.target):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = _aside_name(self.path, "partial")
+            self.tmp = temporary_sibling(self.path, "partial")
             os.mkdir(self.tmp)
         return self.tmp
 
@@ -380,7 +396,7 @@ def publish(new: Path, final: Path) -> None:
     if not final.exists():
         os.rename(new, final)
         return
-    aside = _aside_name(final, "old")
+    aside = temporary_sibling(final, "old")
     os.rename(final, aside)
     try:
         os.rename(new, final)

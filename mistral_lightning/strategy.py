@@ -37,10 +37,11 @@ from mistral_lightning.lightning_module import NonFiniteLossError
 from mistral_lightning.outputs import (
     OutputError,
     OutputTarget,
-    _aside_name,
     describe_write_error,
     publish,
+    remove_all_leftovers,
     remove_leftovers,
+    temporary_sibling,
 )
 
 
@@ -53,22 +54,6 @@ def _first_failure(err: BaseException) -> BaseException:
     if isinstance(err, CheckpointException) and err.failures:
         return next(iter(err.failures.values()))[0]
     return err
-
-
-def _remove_all_leftovers(folder: Path) -> None:
-    """Once a new checkpoint is in place, what crashed saves of any checkpoint left here can go (a save
-    removes only its own name's leftovers before writing: another's may be the newest complete state)."""
-    names = {
-        entry.name[1:].rsplit(f".{role}-", 1)[0]
-        for entry in folder.iterdir()
-        for role in ("partial", "old")
-        if entry.name.startswith(".") and f".{role}-" in entry.name
-    }
-    for name in names:
-        try:
-            remove_leftovers(folder, name)
-        except OSError:
-            pass  # a leftover that cannot go now costs space, not correctness; the next save tries again
 
 
 def _gigabytes_free(folder: Path) -> str:
@@ -137,7 +122,7 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
         self._refuse_non_finite(checkpoint, path)
         # Every rank writes into the same temporary folder, named by rank 0.
         save_id, tmp = self.broadcast(
-            (new_save_id(), _aside_name(path, "partial")) if self.is_global_zero else None
+            (new_save_id(), temporary_sibling(path, "partial")) if self.is_global_zero else None
         )
         checkpoint[SAVE_ID] = save_id
         failure: BaseException | None = None
@@ -154,7 +139,8 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
                 if tmp.is_dir():  # a DCP folder; every rank's files are on disk once DCP's save returned
                     write_completion_marker(tmp, save_id, checkpoint.get("global_step", 0))
                 publish(tmp, path)
-                _remove_all_leftovers(path.parent)
+                # Only once a new checkpoint is in place: another save's leftover may be the newest state.
+                remove_all_leftovers(path.parent)
             except Exception as err:
                 failure = err
         if not self._agree(failure is None):

@@ -232,3 +232,15 @@ def fill_disk_while_writing(where: str, checkpoint_name: str, patch=setattr) -> 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
     patch(torch, "save", save)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting exit code 2 and exactly one `mistral-lightning ...: error` line, no traceback."""
+    from mistral_lightning.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mistral-lightning ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

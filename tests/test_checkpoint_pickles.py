@@ -18,6 +18,7 @@ import torch
 from checkpoint_runs import (
     CreatesFile,
     fit_config,
+    one_line_error,
     plant_in_dcp_entry,
     plant_in_dcp_metadata,
     plant_in_meta_pt,
@@ -37,15 +38,6 @@ def trained(toy_data, tmp_path_factory) -> Path:
 
 def _copy(trained: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained, tmp_path / "step=2.ckpt"))
-
-
-def _one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("mistral-lightning ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _command(name: str, checkpoint: Path, tmp_path: Path, toy_data: str, tokenizer_path: str) -> list[str]:
@@ -86,7 +78,7 @@ def test_a_payload_in_a_training_checkpoint_never_runs(
     checkpoint = _copy(trained, tmp_path)
     ran = tmp_path / "payload-ran"
     PLANTS[where](checkpoint, CreatesFile(ran))
-    error = _one_line_error(capsys, _command(command, checkpoint, tmp_path, toy_data, tokenizer_path))
+    error = one_line_error(capsys, _command(command, checkpoint, tmp_path, toy_data, tokenizer_path))
     assert not ran.exists()
     assert where in error and "--trust-checkpoint" in error
     assert not (tmp_path / "out").exists()
@@ -101,7 +93,7 @@ def test_a_payload_in_a_megatron_file_never_runs(tmp_path, capsys):
     args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     torch.save({"args": args, "iteration": 1, "model": {}, "payload": CreatesFile(ran)}, rank_file)
     argv = ["convert", "--loader", "megatron", "--saver", "hf", "--load-dir", str(folder)]
-    error = _one_line_error(capsys, [*argv, "--save-dir", str(tmp_path / "out")])
+    error = one_line_error(capsys, [*argv, "--save-dir", str(tmp_path / "out")])
     assert not ran.exists()
     assert "model_optim_rng.pt" in error and "--trust-checkpoint" in error
 
@@ -114,7 +106,7 @@ def test_trust_checkpoint_loads_what_the_allow_list_refuses(
     plant_in_dcp_metadata(checkpoint, datetime.date(2024, 1, 1))
     for command in ("export", "generate", "fit"):
         argv = _command(command, checkpoint, tmp_path / command, toy_data, tokenizer_path)
-        assert "datetime.date" in _one_line_error(capsys, argv)
+        assert "datetime.date" in one_line_error(capsys, argv)
         assert cli_main([*argv, "--trust-checkpoint"]) == 0, command
     expected = LightningCheckpoint(trained)
     exported = LightningCheckpoint(checkpoint, trust_pickle=True)

@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_runs import dcp_tensors, fill_disk_while_writing, fit_config, logged_losses
+from checkpoint_runs import dcp_tensors, fill_disk_while_writing, fit_config, logged_losses, one_line_error
 
 from mistral_lightning.cli import main as cli_main
-
-
-def _one_line_error(capsys, argv: list[str]) -> str:
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("mistral-lightning ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _step(checkpoint: Path) -> int:
@@ -39,7 +30,7 @@ def test_a_diverging_run_stops_in_one_line_and_leaves_only_finite_checkpoints(to
     """lr 1e30: after step 2 the weights are NaN although that step's loss was finite (the clipped update
     is what overflows), so the save at step 2 is refused; the step-1 checkpoints stay the last good ones."""
     config = fit_config(tmp_path, toy_data, lr=1e30, every=1)
-    error = _one_line_error(capsys, ["fit", "--config", str(config)])
+    error = one_line_error(capsys, ["fit", "--config", str(config)])
     checkpoints = tmp_path / "checkpoints"
     assert "step 2" in error and "NaN or Inf" in error
     assert "lower model.optimizer.lr" in error and "trainer.gradient_clip_val" in error
@@ -54,7 +45,7 @@ def test_a_diverging_run_stops_in_one_line_and_leaves_only_finite_checkpoints(to
 def test_a_nan_loss_stop_names_the_last_good_checkpoint(toy_data, tmp_path, capsys):
     """Checkpoints every 3 steps: the NaN weights of step 2 meet no save; step 3's loss is NaN."""
     config = fit_config(tmp_path, toy_data, lr=1e30, every=3)
-    error = _one_line_error(capsys, ["fit", "--config", str(config)])
+    error = one_line_error(capsys, ["fit", "--config", str(config)])
     assert "training loss is nan" in error
     assert f"no complete checkpoint is in {tmp_path / 'checkpoints'} yet" in error
 
@@ -65,7 +56,7 @@ def test_a_full_disk_stops_in_one_line_and_leaves_nothing_half_written(
     toy_data, tmp_path, capsys, monkeypatch, where
 ):
     fill_disk_while_writing(where, "step=4.ckpt", monkeypatch.setattr)
-    error = _one_line_error(capsys, ["fit", "--config", str(fit_config(tmp_path, toy_data))])
+    error = one_line_error(capsys, ["fit", "--config", str(fit_config(tmp_path, toy_data))])
     checkpoints = tmp_path / "checkpoints"
     assert str(checkpoints) in error and "no space left on the device" in error and "GB free there" in error
     assert f"the last good checkpoint is {checkpoints / 'last.ckpt'} (step 2)" in error
@@ -122,9 +113,9 @@ def test_an_incomplete_checkpoint_is_refused_naming_the_newest_complete_one(
     (checkpoints / "step=6.ckpt" / "meta.pt").unlink()
     config = fit_config(tmp_path / "run", toy_data)
     refused = checkpoints / "step=6.ckpt"
-    error = _one_line_error(capsys, ["fit", "--config", str(config), "--ckpt_path", str(refused)])
+    error = one_line_error(capsys, ["fit", "--config", str(config), "--ckpt_path", str(refused)])
     assert f"{refused / 'meta.pt'}: missing" in error
     assert f"the newest complete checkpoint there is {checkpoints / 'last.ckpt'} (step 6)" in error
-    error = _one_line_error(capsys, ["export", "--checkpoint", str(refused), "--out", str(tmp_path / "hf")])
+    error = one_line_error(capsys, ["export", "--checkpoint", str(refused), "--out", str(tmp_path / "hf")])
     assert f"{refused / 'meta.pt'}: missing" in error
     assert not (tmp_path / "hf").exists()
