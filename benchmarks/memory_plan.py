@@ -206,7 +206,8 @@ def markdown(results: dict) -> str:
         lines += [
             "CPU, bench config, bf16, batch 1 (peak allocated, the CPU allocator's own count):",
             "",
-            "| seq | plan | fit, eager | plan vs eager | fit, compiled | plan vs compiled | peak RSS eager / compiled |",
+            "| seq | plan | fit, eager | plan vs eager | fit, compiled | plan vs compiled "
+            "| peak RSS eager / compiled |",
             "|---|---|---|---|---|---|---|",
         ]
         for row in results["cpu"]:
@@ -245,7 +246,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| TP{row['tensor_parallel']} x DP{row['data_parallel']} | {row['activation_checkpointing']} | "
                 f"{at_peak['parameters'] / GB:.2f} GB | {at_peak['gradients'] / GB:.2f} GB | "
-                f"{at_peak['optimizer_state'] / GB:.2f} GB | {at_peak['activations'] / GB:.2f} GB | **{peak:.1f} GB** | "
+                f"{at_peak['optimizer_state'] / GB:.2f} GB | {at_peak['activations'] / GB:.2f} GB | "
+                f"**{peak:.1f} GB** | "
                 + " | ".join(f"{row['headroom_gb'][device]:+.1f} GB" for device in DEVICES_GB)
                 + " |"
             )

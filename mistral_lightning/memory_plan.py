@@ -1,17 +1,17 @@
 """A training step's memory per device, simulated: the real model, plan and optimizer under FakeTensorMode.
 
 Tensors under `FakeTensorMode` have shapes, dtypes and devices but no storage, so the whole 7B at 32K runs
-its step on a laptop. A fake process group of the layout's world size stands in for the other ranks:
-collectives return tensors of the right shapes without communicating, so this process is rank 0 of
-the mesh, and every rank holds the same shapes (FSDP2 pads uneven shards). torch's own trackers,
-`FSDPMemTracker` (for an FSDP2 model; `MemTracker` otherwise), follow every tensor storage from its
-creation until it is freed, as a device allocator does, and keep the peak with what it was made of.
+its step on a small CPU machine in about a minute. A fake process group of the layout's world size stands
+in for the other ranks: collectives return tensors of the right shapes without communicating, so this
+process is rank 0 of the mesh, and every rank holds the same shapes (FSDP2 pads uneven shards). torch's
+own trackers, `FSDPMemTracker` (for an FSDP2 model; `MemTracker` otherwise), follow every tensor storage
+from its creation until it is freed, as a device allocator does, and keep the peak with what it was made of.
 
 Two optimizer steps run, each over up to two accumulated micro-batches, because the peak is reached
 only once gradients, AdamW's states and a micro-batch's activations are all alive (the states appear
 at the first step), in the order of Lightning's loop: the gradients of the last step are zeroed after
-the next forward pass, before its backward pass. What it predicts is the peak of allocated tensor memory (`max_memory_allocated`);
-the runtime's own context and the caching allocator's free blocks come on top.
+the next forward pass, before its backward pass. What it predicts is the peak of allocated tensor memory
+(`max_memory_allocated`); the runtime's own context and the caching allocator's free blocks come on top.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from mistral_lightning.kernels.attention_dispatch import attention_path
 from mistral_lightning.model import Mistral
 from mistral_lightning.parallel import clip_grad_norm_
 
+# The fake tensors live on the CPU: fake CUDA tensors need a CUDA build (FSDP2 asks the device for streams).
+DEVICE = torch.device("cpu")
 # The trackers' categories, grouped into what a reader of a memory budget asks about.
 CATEGORIES = {
     "parameters": ("Parameter", "Buffer", "Sharded Param", "Unsharded Param", "All Gather"),
@@ -133,14 +135,13 @@ def _tracker(model: nn.Module, optimizer: torch.optim.Optimizer, propagating: _S
     return tracker
 
 
-def _batch(shape: StepShape, device: torch.device) -> dict[str, torch.Tensor]:
+def _batch(shape: StepShape) -> dict[str, torch.Tensor]:
     """A batch as the DataModules deliver it (one document per sample)."""
     size = (shape.micro_batch_size, shape.seq_length)
-    positions = torch.arange(shape.seq_length, device=device).expand(size)
     return {
-        "input_ids": torch.zeros(size, dtype=torch.long, device=device),
-        "labels": torch.zeros(size, dtype=torch.long, device=device),
-        "position_ids": positions,
+        "input_ids": torch.zeros(size, dtype=torch.long, device=DEVICE),
+        "labels": torch.zeros(size, dtype=torch.long, device=DEVICE),
+        "position_ids": torch.arange(shape.seq_length, device=DEVICE).expand(size),
     }
 
 
@@ -157,7 +158,6 @@ def simulate_training_step(
     world_size: int = 1,
     steps: int = 2,
     lightning_order: bool = True,
-    device: str = "cpu",
 ) -> MemoryReport:
     """The peak memory of `steps` optimizer steps of `build()`'s model, simulated on one rank of `world_size`.
 
@@ -178,9 +178,9 @@ def simulate_training_step(
         ShardingPropagator._fake_mode_lock = propagating
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(_EveryPositionLabelled())
-        model.to_empty(device=device)
+        model.to_empty(device=DEVICE)
         optimizer = make_optimizer(model)
-        batch = _batch(shape, torch.device(device))
+        batch = _batch(shape)
         attn = model.layers[0].attn
         attn.q.register_forward_hook(
             lambda module, args, q: attention_paths.append(
@@ -214,8 +214,8 @@ def simulate_training_step(
                 optimizer.step()
                 if not lightning_order:
                     optimizer.zero_grad(set_to_none=True)
-            after_step = tracker.get_tracker_snapshot("current").get(torch.device(device), {})
-        peak = tracker.get_tracker_snapshot("peak").get(torch.device(device), {})
+            after_step = tracker.get_tracker_snapshot("current").get(DEVICE, {})
+        peak = tracker.get_tracker_snapshot("peak").get(DEVICE, {})
     return MemoryReport(
         peak_bytes=int(peak.get("Total", 0)),
         at_peak=_grouped(peak),

@@ -271,7 +271,8 @@ def format_report(
         headroom = capacity_gb - report.peak_bytes / 1e9
         verdict = "fits" if headroom > 0 else "does NOT fit"
         lines.append(
-            f"{name}, {capacity_gb:.1f} GB | | {verdict}: {headroom:+.2f} GB left for the runtime and the allocator's cache"
+            f"{name}, {capacity_gb:.1f} GB | | {verdict}: {headroom:+.2f} GB left for the runtime and the "
+            "allocator's cache"
         )
     return "\n".join(lines)
 
