@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mistral_lightning.train_cli",
         "greedy generation over a datamodule's predict set (LightningCLI)",
     ),
+    "plan": (
+        "mistral_lightning.plan_cli",
+        "a fit config's memory per device, simulated without allocating it (FakeTensorMode)",
+    ),
     "generate": (
         "mistral_lightning.generation.cli",
         "generate text or chat from a checkpoint (KV-cache decoding)",

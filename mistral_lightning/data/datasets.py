@@ -11,7 +11,9 @@ import hashlib
 import itertools
 import math
 import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,18 @@ def split_bounds(size: int, weights: Sequence[float]) -> list[int]:
     return [int(round(edge * size)) for edge in itertools.accumulate(weights, initial=0.0)]
 
 
+def _write_atomically(path: Path, write: Callable) -> None:
+    """Write through a temporary file of this process's own, then rename: builders on several nodes can share
+    a filesystem (and a process id), so none writes a file another writes, and readers see whole files only."""
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "xb") as stream:
+            write(stream)
+        os.replace(tmp, path)  # concurrent builders write identical bytes; the last rename wins harmlessly
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cached_arrays(
     cache_dir: Path | None, description: str, names: Sequence[str], build: Callable[[], dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
@@ -61,12 +75,12 @@ def cached_arrays(
     arrays = build()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        (cache_dir / f"{stem}.txt").write_text(description + "\n")  # says what the hashed name stands for
+        # The description says what the hashed name stands for.
+        _write_atomically(
+            cache_dir / f"{stem}.txt", lambda stream: stream.write((description + "\n").encode())
+        )
         for name, path in paths.items():
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as stream:
-                np.save(stream, arrays[name])
-            os.replace(tmp, path)  # concurrent ranks write identical bytes; the last rename wins harmlessly
+            _write_atomically(path, partial(np.save, arr=arrays[name]))
     except OSError as error:
         raise UserError(
             f"cannot write the index cache in {cache_dir} ({error}); set cache_dir to a writable folder"
