@@ -182,11 +182,20 @@ def apply_fsdp(model: Mistral, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPol
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    """FSDP2's policy for Lightning's precision flag: bf16 compute with fp32 master weights and reductions."""
+    """FSDP2's policy for Lightning's precision flag: bf16 compute with fp32 master weights and reductions.
+
+    No input cast: the blocks' inputs are already in the compute dtype (the embedding's output, and RoPE
+    tables made in its dtype), and the cast runs outside a checkpointed block in the forward but inside it
+    in the recompute, which selective checkpointing refuses.
+    """
     if str(precision).startswith("bf16-mixed"):
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     if str(precision).startswith("16-mixed"):
-        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(
+            param_dtype=torch.float16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
     return MixedPrecisionPolicy()
 
 
