@@ -15,6 +15,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def without_process_group(env: dict) -> dict:
+    """`env` for a child that launches its own run: this process's in-process runs leave Lightning's
+    MASTER_PORT set, with its store still listening, so a child inheriting it fails with EADDRINUSE."""
+    names = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
+    return {key: value for key, value in env.items() if key not in names}
+
+
 def _worker(rank: int, world_size: int, port: int, target, args, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -20,15 +20,10 @@ from pathlib import Path
 
 import torch
 from checkpoint_runs import MAX_STEPS, SMALL_VOCAB, dcp_tensors, fit_config, logged_losses
+from distributed import without_process_group
 
 WORKER = Path(__file__).with_name("checkpoint_kill_worker.py")
 KILLED = 17
-
-
-def _without_process_group(env: dict) -> dict:
-    """This process's own in-process runs leave Lightning's MASTER_PORT set, with its store still listening."""
-    names = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
-    return {key: value for key, value in env.items() if key not in names}
 
 
 def _worker(runs: list[dict], folder: Path) -> list[int]:
@@ -36,7 +31,7 @@ def _worker(runs: list[dict], folder: Path) -> list[int]:
     spec.write_text(json.dumps({"runs": runs, "results": str(results)}))
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(spec)],
-        env={**_without_process_group(os.environ), "OMP_NUM_THREADS": "1"},
+        env={**without_process_group(os.environ), "OMP_NUM_THREADS": "1"},
         cwd=folder,
         capture_output=True,
         text=True,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from distributed import without_process_group
 
 from mistral_lightning.cli import main as mistral_lightning
 from mistral_lightning.config import MistralConfig, parameter_shapes
@@ -66,7 +67,7 @@ def tiny_tp2_config(data_prefix: str, root: Path) -> dict:
 
 def run(command: list[str], cwd: Path) -> None:
     env = {
-        **os.environ,
+        **without_process_group(os.environ),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
