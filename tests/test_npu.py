@@ -114,6 +114,8 @@ def test_evaluate_under_torchrun_takes_the_local_device_and_its_backend(monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
+    # An earlier in-process run of the same pytest session may have left its process group up.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     assert (evaluate_cli._init_distributed(device), *groups) == expected
     assert devices == ([expected[0]] if device == "cuda" else [])
@@ -202,6 +204,7 @@ if os.environ.get(FRESH_PROCESS):
         monkeypatch.setenv("WORLD_SIZE", "8")
         monkeypatch.setenv("LOCAL_RANK", "3")
         monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
         assert evaluate_cli._init_distributed("npu") == "npu:3"
         assert npu.calls == [("set_device", "npu:3")] and groups == ["hccl"]
 
