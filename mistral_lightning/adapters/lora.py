@@ -1,0 +1,115 @@
+"""LoRA as a plan applied from outside the model: chosen linear layers gain low-rank adapters, the rest freezes.
+
+A target `nn.Linear` keeps its identity (and so any tensor-parallel hooks and DTensor weight it already has)
+and its parameter names: its class becomes `LoRALinear`, which adds `lora_A` and `lora_B` children and
+computes `W x + (alpha / rank) * B A dropout(x)`, as Hugging Face PEFT's `LoraModel` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_lightning.errors import UserError
+
+# Our module names of the linear layers an adapter may target; "lm_head" is the (vocab-parallel) output layer.
+ATTENTION_TARGETS = ("q", "k", "v", "o")
+MLP_TARGETS = ("gate", "up", "down")
+LORA_TARGETS = (*ATTENTION_TARGETS, *MLP_TARGETS, "lm_head")
+ADAPTER_PARAMETERS = ("lora_A", "lora_B")
+
+
+class LoRAError(UserError):
+    """A LoRA option or adapter that cannot be applied to this model."""
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """`model.lora`: rank, alpha (scaling alpha / rank), dropout on the adapter's input, and the target layers
+    (names in LORA_TARGETS, or "all-linear" for all of them but lm_head, as PEFT's shorthand means)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ATTENTION_TARGETS
+
+    def __post_init__(self) -> None:
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if targets == ("all-linear",):
+            targets = (*ATTENTION_TARGETS, *MLP_TARGETS)
+        object.__setattr__(self, "targets", targets)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise LoRAError(
+                f"model.lora.targets: {unknown or 'none given'} not among {list(LORA_TARGETS)} (or 'all-linear')"
+            )
+        if not (isinstance(self.rank, int) and self.rank > 0):
+            raise LoRAError(f"model.lora.rank={self.rank!r} must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoRAError(f"model.lora.dropout={self.dropout!r} must be in [0, 1)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Linear):
+    """An `nn.Linear` with a low-rank adapter; made by `apply_lora` from an existing layer, never built directly."""
+
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
+        adapter_input = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        return result + self.lora_B(self.lora_A(adapter_input)).to(result.dtype) * self.scaling
+
+
+def _add_adapter(layer: nn.Linear, config: LoRAConfig) -> None:
+    device = layer.weight.device
+    layer.__class__ = LoRALinear
+    layer.lora_A = nn.Linear(layer.in_features, config.rank, bias=False, device=device)
+    layer.lora_B = nn.Linear(config.rank, layer.out_features, bias=False, device=device)
+    layer.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+    layer.scaling = config.scaling
+
+
+def target_layers(model: nn.Module, targets: tuple[str, ...]) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, layer) of every linear layer whose last name part is one of `targets`."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets:
+            yield name, module
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> None:
+    """Add adapters to the target layers in place (on the meta device too) and freeze every other parameter."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in list(target_layers(model, config.targets)):
+        _add_adapter(layer, config)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(part in ADAPTER_PARAMETERS for part in name.split("."))
+
+
+@torch.no_grad()
+def init_adapter_(name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """PEFT's default initialisation: A as `nn.Linear`'s (Kaiming uniform, a=sqrt(5)), B zero, so training starts
+    from the base model's function."""
+    if ".lora_B." in f".{name}":
+        tensor.zero_()
+    else:
+        bound = 1.0 / math.sqrt(tensor.shape[1])  # kaiming_uniform_ with a=sqrt(5) on [rank, in_features]
+        tensor.uniform_(-bound, bound, generator=generator)
