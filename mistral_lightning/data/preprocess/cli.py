@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from mistral_lightning.data.preprocess.columns import parse_columns
 from mistral_lightning.data.preprocess.config import PreprocessConfig
-from mistral_lightning.data.preprocess.handlers import HANDLER_CLASSES
+from mistral_lightning.data.preprocess.formats import AUTO
+from mistral_lightning.data.preprocess.handlers import FORMATS, HANDLER_CLASSES
 from mistral_lightning.data.preprocess.pipeline import preprocess
 from mistral_lightning.data.preprocess.summary import format_summary
 
@@ -13,10 +15,18 @@ from mistral_lightning.data.preprocess.summary import format_summary
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-lightning preprocess",
-        description="Tokenize parquet/jsonl/json data into Megatron indexed datasets (.bin/.idx).",
+        description="Tokenize parquet/jsonl/json/arrow data into Megatron indexed datasets (.bin/.idx).",
     )
     parser.add_argument(
-        "--input", required=True, help="a .parquet/.jsonl/.json file, a folder of them, or a glob"
+        "--input",
+        required=True,
+        help="a .parquet/.jsonl/.json/.arrow file, a folder of them, a glob, or a Hugging Face datasets "
+        "folder (save_to_disk, or a load_dataset cache folder), read offline with pyarrow",
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="the split of a datasets folder to read (default: train)",
     )
     tokenizer = parser.add_mutually_exclusive_group(required=True)
     tokenizer.add_argument(
@@ -53,14 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=["text"],
         help="text columns for GeneralPretrainHandler, one dataset each (default: text)",
     )
-    parser.add_argument(
+    handler = parser.add_mutually_exclusive_group()
+    handler.add_argument(
+        "--handler",
+        choices=(AUTO, *FORMATS),
+        default=None,
+        help="the data format: text (pretraining; --json-keys columns), alpaca (ModelLink's Alpaca template "
+        "over instruction/input/output), messages (OpenAI 'messages': list of {role, content}), sharegpt "
+        "('conversations': list of {from, value}, from human/gpt/system), prompt-completion (plain text, "
+        "loss on the completion and EOS); chats use the tokenizer's Mistral chat format; auto: chosen by "
+        "the first file's columns (default: text)",
+    )
+    handler.add_argument(
         "--handler-name",
         choices=tuple(HANDLER_CLASSES),
-        default="GeneralPretrainHandler",
-        help="GeneralPretrainHandler: plain text; GeneralInstructionHandler: Alpaca template over "
-        "instruction/input/output; MistralInstructionHandler: the tokenizer's Mistral chat format "
-        "(mistral-common's fine-tuning encoding, loss on the answers) over a 'messages' column (list of "
-        "{role, content}) or instruction/input/output",
+        default=None,
+        help="the same as --handler, spelled as ModelLink recipes do: "
+        + ", ".join(f"{name} = {cls.name}" for name, cls in HANDLER_CLASSES.items())
+        + "; MistralInstructionHandler also reads instruction/input/output as a one-turn chat",
+    )
+    parser.add_argument(
+        "--columns",
+        default=None,
+        help="your column names for the format's, as TARGET=SOURCE pairs: e.g. instruction=question,"
+        "output=answer or conversations=dialog,from=speaker,value=text",
     )
     parser.add_argument(
         "--append-eod",
@@ -98,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_model=args.tokenizer_model,
         output_prefix=args.output_prefix,
         use_fast=not (args.tokenizer_not_use_fast or args.tokenizer_type == "SentencePieceTokenizer"),
-        handler_name=args.handler_name,
+        handler_name=FORMATS.get(args.handler, args.handler) or args.handler_name or "GeneralPretrainHandler",
+        columns=parse_columns(args.columns),
+        split=args.split,
         json_keys=tuple(args.json_keys),
         append_eod=args.append_eod,
         seq_length=args.seq_length,

@@ -17,7 +17,9 @@ class PreprocessConfig:
     tokenizer_model: str
     output_prefix: str
     use_fast: bool = True  # False: never read an HF tokenizer.json (--tokenizer-not-use-fast)
-    handler_name: str = "GeneralPretrainHandler"
+    handler_name: str = "GeneralPretrainHandler"  # or "auto": chosen by the first file's columns
+    columns: tuple[tuple[str, str], ...] = ()  # --columns: (the format's name, the dataset's name)
+    split: str | None = None  # --split of a Hugging Face DatasetDict folder (train when None)
     json_keys: tuple[str, ...] = ("text",)
     append_eod: bool = False
     seq_length: int | None = None

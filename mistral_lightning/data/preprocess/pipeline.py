@@ -23,6 +23,7 @@ from pathlib import Path
 from mistral_lightning.data.indexed import MAGIC, IndexedDatasetWriter, bin_path, idx_path
 from mistral_lightning.data.preprocess.chunks import EncodedChunk, RowChunk
 from mistral_lightning.data.preprocess.config import PreprocessConfig, PreprocessError
+from mistral_lightning.data.preprocess.formats import AUTO, resolve_format
 from mistral_lightning.data.preprocess.handlers import HANDLER_CLASSES, Handler, create_handler
 from mistral_lightning.data.preprocess.progress import Progress
 from mistral_lightning.data.preprocess.readers import expand_inputs, read_chunks, total_rows
@@ -118,7 +119,7 @@ def _rows(chunk: RowChunk) -> str:
 
 
 def _check_options(config: PreprocessConfig) -> None:
-    if config.handler_name not in HANDLER_CLASSES:
+    if config.handler_name not in (*HANDLER_CLASSES, AUTO):
         raise PreprocessError(
             f"--handler-name {config.handler_name!r} is unknown; choose one of {', '.join(HANDLER_CLASSES)}"
         )
@@ -166,9 +167,10 @@ def _check_outputs(config: PreprocessConfig, prefixes: dict[str, str]) -> Output
 def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Tokenize `config.input` into the indexed datasets the handler's `dataset_prefixes()` names."""
     _check_options(config)
+    files = expand_inputs(config.input, config.split)
+    config, data_format = resolve_format(config, files)  # workers get the resolved config too
     handler = create_handler(config)
-    files = expand_inputs(config.input)
-    summary = PreprocessSummary(files=len(files))
+    summary = PreprocessSummary(files=len(files), format=data_format)
     progress = Progress(config.log_interval, total_rows(files))
     prefixes = handler.dataset_prefixes()
     target = _check_outputs(config, prefixes)

@@ -1,7 +1,8 @@
 """Input files: expand --input into files, and read each in chunks of rows that carry their origin.
 
-Readers run in the main process and check a file's columns against the handler before any row is
-encoded; a row that cannot be parsed travels on as a RowSkip so that the handler counts it.
+Readers run in the main process and check a file's columns (after --columns renames them) against the
+handler before any row is encoded; a row that cannot be parsed travels on as a RowSkip so that the
+handler counts it. Arrow files (Hugging Face `datasets`) are read with pyarrow alone.
 """
 
 from __future__ import annotations
@@ -9,23 +10,33 @@ from __future__ import annotations
 import glob
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mistral_lightning.data.preprocess.chunks import CHUNK_ROWS, ChunkOrigin, Row, RowChunk, RowSkip
 from mistral_lightning.data.preprocess.config import PreprocessError
 from mistral_lightning.data.preprocess.handlers import Handler
+from mistral_lightning.data.preprocess.hf_datasets import dataset_files
 
-SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json"}
+SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".arrow": "arrow"}
 NOT_AN_OBJECT = RowSkip("invalid JSON", "the row is not an object")
 WHITESPACE = re.compile(r"[ \t\n\r]*")
 # A string literal (escapes included) or one structural character: enough to find an array's elements.
 JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 
-def expand_inputs(spec: str) -> list[Path]:
-    """One file, every supported file directly inside a folder, or a glob; sorted for a stable order."""
+def expand_inputs(spec: str, split: str | None = None) -> list[Path]:
+    """One split of a Hugging Face `datasets` folder, one file, every supported file directly inside a
+    folder, or a glob; sorted for a stable order."""
     path = Path(spec)
+    files = dataset_files(path, split) if path.is_dir() else None
+    if files is not None:
+        return files
+    if split is not None:
+        raise PreprocessError(
+            f"--split {split}: --input {spec} is not a Hugging Face datasets folder (save_to_disk or a "
+            "load_dataset cache); leave out --split"
+        )
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
         where = f"folder {path}"
@@ -37,7 +48,8 @@ def expand_inputs(spec: str) -> list[Path]:
         where = f"pattern {spec}"
     if not files:
         raise PreprocessError(
-            f"--input {where} matches no file; give a .parquet, .jsonl or .json file, folder or glob"
+            f"--input {where} matches no file; give a .parquet, .jsonl, .json or .arrow file, a folder, a "
+            "glob or a Hugging Face datasets folder"
         )
     unsupported = [str(p) for p in files if p.suffix not in SUFFIXES]
     if unsupported:
@@ -48,46 +60,104 @@ def expand_inputs(spec: str) -> list[Path]:
 
 
 def total_rows(files: list[Path]) -> int | None:
-    """Known up front only when every input is parquet (its footer stores the row count)."""
-    if any(p.suffix != ".parquet" for p in files):
+    """Known up front only when every input is parquet or arrow (their metadata store the row count)."""
+    if any(SUFFIXES[p.suffix] not in ("parquet", "arrow") for p in files):
         return None
-    import pyarrow.parquet as pq
-
     try:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-    except Exception:  # unreadable files are reported properly when they are read
+        return sum(
+            _parquet_file(p).metadata.num_rows if p.suffix == ".parquet" else _arrow_table(p).num_rows
+            for p in files
+        )
+    except PreprocessError:  # unreadable files are reported properly when they are read
         return None
+
+
+def peek_columns(path: Path) -> list[str]:
+    """The columns of `path`: its schema, or the keys of its first JSON object (none in an empty file)."""
+    kind = SUFFIXES[path.suffix]
+    if kind == "parquet":
+        return _parquet_file(path).schema_arrow.names
+    if kind == "arrow":
+        return _arrow_table(path).column_names
+    rows = (row for chunk in READERS[kind](path) for row in chunk)
+    return list(next((row for row in rows if isinstance(row, dict)), {}))
 
 
 def read_chunks(path: Path, handler: Handler) -> Iterator[RowChunk]:
-    """The rows of `path` in chunks of at most CHUNK_ROWS, each with its file and first row number."""
-    first_row = 1
+    """The rows of `path` in chunks of at most CHUNK_ROWS, each with its file and first row number, and
+    with the columns --columns maps under the format's names."""
+    first_row, checked = 1, SUFFIXES[path.suffix] in SCHEMA_KINDS
     for rows in READERS[SUFFIXES[path.suffix]](path, handler):
+        if not checked:  # JSON has no schema: its first object stands for the file
+            first = next((row for row in rows if isinstance(row, dict)), None)
+            if first is not None:
+                check_columns(path, handler, first)
+                checked = True
+        rows = [handler.mapping.rename(row) if isinstance(row, dict) else row for row in rows]
         yield RowChunk(ChunkOrigin(path, first_row), rows)
         first_row += len(rows)
 
 
-def _missing_column_error(path: Path, missing: list[str], columns: set[str]) -> PreprocessError:
-    return PreprocessError(
-        f"{path}: missing column {', '.join(repr(c) for c in missing)}; columns found: "
-        f"{', '.join(sorted(columns)) or 'none'}. Rename the column or choose --json-keys/--handler-name"
-    )
+def check_columns(path: Path, handler: Handler, columns: Iterable[str]) -> None:
+    """Refuse a file without the columns the handler needs, naming them as the dataset would."""
+    columns = set(columns)
+    missing = handler.required_columns(handler.mapping.rename_columns(columns))
+    if missing:
+        sources = [handler.mapping.source(name) for name in missing]
+        raise PreprocessError(
+            f"{path}: missing column {', '.join(repr(c) for c in sources)}; columns found: "
+            f"{', '.join(sorted(columns)) or 'none'}; expected {handler.expected()}: map yours with "
+            f"--columns {missing[0]}=YOUR_COLUMN, or choose the format with --handler (auto: by the columns)"
+        )
+
+
+def _wanted_columns(handler: Handler, columns: set[str]) -> list[str]:
+    """The file's columns the handler reads (by their dataset names), so that no other is decoded."""
+    return sorted({handler.mapping.source(name) for name in handler.columns} & columns)
+
+
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several unrelated types for unreadable files
+        raise PreprocessError(f"cannot read parquet file {path}: {error}") from error
+
+
+def _arrow_table(path: Path):
+    """An arrow IPC file as `datasets` writes them (stream format), or in the random-access file format."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))  # the table's buffers keep the mapping open, no copy is made
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return pa.ipc.open_file(source).read_all()
+    except (OSError, pa.ArrowException) as error:
+        raise PreprocessError(
+            f"cannot read arrow file {path}: {error}; give an arrow IPC file written by pyarrow or datasets"
+        ) from error
+
+
+def _read_arrow(path: Path, handler: Handler) -> Iterator[list[Row]]:
+    table = _arrow_table(path)
+    check_columns(path, handler, table.column_names)
+    table = table.select(_wanted_columns(handler, set(table.column_names)))
+    for start in range(0, table.num_rows, CHUNK_ROWS):
+        yield table.slice(start, CHUNK_ROWS).to_pylist()
 
 
 def _read_parquet(path: Path, handler: Handler) -> Iterator[list[Row]]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as error:  # pyarrow raises several unrelated types for unreadable files
-        raise PreprocessError(f"cannot read parquet file {path}: {error}") from error
+    parquet = _parquet_file(path)
     columns = set(parquet.schema_arrow.names)
-    missing = handler.required_columns(columns)
-    if missing:
-        raise _missing_column_error(path, missing, columns)
-    wanted = {*handler.output_keys, "instruction", "input", "output", "messages"} & columns
-    batches, rows_read = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=sorted(wanted)), 0
+    check_columns(path, handler, columns)
+    wanted = _wanted_columns(handler, columns)
+    batches, rows_read = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted), 0
     while True:
         try:
             batch = next(batches, None)
@@ -170,20 +240,13 @@ def _json_syntax_error(path: Path, text: str, position: int, expected: str) -> N
     raise PreprocessError(f"{path} is not valid JSON: expected {expected} at line {line}")
 
 
-def _read_json_lines(path: Path, handler: Handler) -> Iterator[list[Row]]:
+def _read_json_lines(path: Path, handler: Handler | None = None) -> Iterator[list[Row]]:
     chunk: list[Row] = []
-    checked = False
     with open(path, "rb") as stream:
         for line in stream:
             if not line.strip():
                 continue
-            row = _parse_json_line(line)
-            if not checked and isinstance(row, dict):
-                missing = handler.required_columns(set(row))
-                if missing:
-                    raise _missing_column_error(path, missing, set(row))
-                checked = True
-            chunk.append(row)
+            chunk.append(_parse_json_line(line))
             if len(chunk) == CHUNK_ROWS:
                 yield chunk
                 chunk = []
@@ -191,7 +254,7 @@ def _read_json_lines(path: Path, handler: Handler) -> Iterator[list[Row]]:
         yield chunk
 
 
-def _read_json(path: Path, handler: Handler) -> Iterator[list[Row]]:
+def _read_json(path: Path, handler: Handler | None = None) -> Iterator[list[Row]]:
     """A .json file is either one array of objects or JSON lines (both occur in the wild)."""
     with open(path, "rb") as stream:
         head = stream.read(64).lstrip()
@@ -203,11 +266,9 @@ def _read_json(path: Path, handler: Handler) -> Iterator[list[Row]]:
     except UnicodeDecodeError as error:
         raise PreprocessError(f"{path} is not UTF-8 at byte {error.start}; re-export it as UTF-8") from error
     rows = _json_array_rows(path, text)
-    first = next((row for row in rows if isinstance(row, dict)), None)
-    if first is not None and handler.required_columns(set(first)):
-        raise _missing_column_error(path, handler.required_columns(set(first)), set(first))
     for start in range(0, len(rows), CHUNK_ROWS):
         yield rows[start : start + CHUNK_ROWS]
 
 
-READERS = {"parquet": _read_parquet, "jsonl": _read_json_lines, "json": _read_json}
+READERS = {"parquet": _read_parquet, "jsonl": _read_json_lines, "json": _read_json, "arrow": _read_arrow}
+SCHEMA_KINDS = ("parquet", "arrow")  # their readers check the columns before reading a row

@@ -15,6 +15,7 @@ SKIP_EXAMPLES = 5
 @dataclass
 class PreprocessSummary:
     files: int = 0
+    format: str = ""  # the format read, and whether --handler auto chose it
     empty_files: list[str] = field(default_factory=list)
     rows: int = 0
     documents: int = 0
@@ -74,6 +75,7 @@ def format_summary(summary: PreprocessSummary) -> str:
     lines = [
         "preprocess summary",
         f"  input files:       {summary.files} (empty: {len(summary.empty_files)})",
+        *([f"  format:            {summary.format}"] if summary.format else []),
         f"  rows read:         {summary.rows}",
         f"  documents written: {summary.documents}",
         f"  tokens written:    {summary.tokens}",
