@@ -241,6 +241,10 @@ def test_save_to_disk_folders_give_the_same_output_as_jsonl(tmp_path, tokenizer_
     assert _outputs(tmp_path / "dict_test") == _outputs(tmp_path / "test")
     with pytest.raises(PreprocessError, match=r"--split validation: .*splits has splits train, test"):
         _run(tokenizer_path, splits, tmp_path / "x", *options, "--split", "validation")
+    with pytest.raises(PreprocessError, match=r"--split test: .*single holds one dataset without splits"):
+        _run(tokenizer_path, single, tmp_path / "x", *options, "--split", "test")
+    with pytest.raises(PreprocessError, match=r"--split test: --input .*train.jsonl is not a Hugging Face"):
+        _run(tokenizer_path, tmp_path / "train.jsonl", tmp_path / "x", *options, "--split", "test")
 
 
 def test_sharegpt_save_to_disk_matches_jsonl(tmp_path):

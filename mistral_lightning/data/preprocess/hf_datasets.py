@@ -41,8 +41,11 @@ def _saved_dataset_files(folder: Path, split: str | None) -> list[Path]:
     """The arrow files of one Dataset saved with save_to_disk, in their order."""
     state = _read_json(folder / "state.json")
     saved_split = state.get("_split")
-    if split is not None and saved_split not in (None, split):
-        raise PreprocessError(f"--split {split}: the datasets folder {folder} holds only split {saved_split}")
+    if split is not None and saved_split != split:
+        holds = f"only split {saved_split}" if saved_split else "one dataset without splits"
+        raise PreprocessError(
+            f"--split {split}: the datasets folder {folder} holds {holds}; leave out --split"
+        )
     files = [folder / entry["filename"] for entry in state.get("_data_files", [])]
     missing = [str(path) for path in files if not path.is_file()]
     if missing or not files:
