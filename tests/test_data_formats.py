@@ -266,6 +266,15 @@ def test_cached_arrow_files_of_load_dataset_are_read_offline(tmp_path, tokenizer
     _run(tokenizer_path, data, tmp_path / "jsonl", *options)
     _run(tokenizer_path, cache_folder, tmp_path / "cache_out", *options)
     assert _outputs(tmp_path / "cache_out") == _outputs(tmp_path / "jsonl")
+    # map() leaves its own cache-<fingerprint>.arrow beside the split's file: it is no split.
+    loaded["train"].map(lambda row: {"prompt": row["prompt"].upper()})
+    assert len(list(cache_folder.glob("cache-*.arrow"))) == 1
+    _run(tokenizer_path, cache_folder, tmp_path / "after_map", *options)
+    assert _outputs(tmp_path / "after_map") == _outputs(tmp_path / "jsonl")
+    with pytest.raises(
+        PreprocessError, match=r"--split test: the datasets folder .* has splits train; choose"
+    ):
+        _run(tokenizer_path, cache_folder, tmp_path / "x", *options, "--split", "test")
     arrow_file = Path(loaded["train"].cache_files[0]["filename"])
     _run(tokenizer_path, arrow_file, tmp_path / "file_out", *options)
     assert _outputs(tmp_path / "file_out") == _outputs(tmp_path / "jsonl")
