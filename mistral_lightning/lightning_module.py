@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torchmetrics.aggregation import MeanMetric
 
+from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
@@ -31,6 +32,7 @@ from mistral_lightning.optim import OptimizerConfig, ScheduleConfig, build_optim
 from mistral_lightning.parallel import (
     ParallelConfig,
     clip_grad_norm_,
+    init_adapters,
     init_weights,
     mixed_precision_policy,
     parallelize,
@@ -53,6 +55,11 @@ def _settings(cls: type, value: Any) -> Any:
     return value if isinstance(value, cls) else cls(**value)
 
 
+def _describe(settings: Any) -> Any:
+    """A settings group as the user writes it in a config (none: not set)."""
+    return "none" if settings is None else dataclasses.asdict(settings)
+
+
 class MistralLightningModule(L.LightningModule):
     """Pretraining and fine-tuning of Mistral with tensor, sequence and fully sharded data parallelism.
 
@@ -63,6 +70,8 @@ class MistralLightningModule(L.LightningModule):
         optimizer: AdamW's lr, weight_decay, betas and eps (norm weights get no decay).
         schedule: warmup_fraction, then kind "cosine" (to min_lr at the last step) or "constant".
         parallel: sequence_parallel, activation_checkpointing and compile (the mesh sizes are the strategy's).
+        lora: train low-rank adapters (rank, alpha, dropout, targets) over the frozen `pretrained` weights;
+            checkpoints then hold the adapters and their optimizer state only.
         loss_chunk_size: positions per chunk of the LM head + cross-entropy, bounding fp32 logits.
         loss_normalization: "token": an optimizer step's loss is the mean over every labelled token of its
             global batch (all micro-batches, all data-parallel ranks), the same for any layout;
@@ -79,6 +88,7 @@ class MistralLightningModule(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
         schedule: ScheduleConfig = ScheduleConfig(),  # noqa: B008
         parallel: ParallelConfig = ParallelConfig(),  # noqa: B008
+        lora: LoRAConfig | None = None,
         loss_chunk_size: int = 1024,
         loss_normalization: LossNormalization = "token",
         max_new_tokens: int = 64,
@@ -95,12 +105,15 @@ class MistralLightningModule(L.LightningModule):
         self.optimizer_config = _settings(OptimizerConfig, optimizer)
         self.schedule_config = _settings(ScheduleConfig, schedule)
         self.parallel_config = _settings(ParallelConfig, parallel)
+        self.lora_config = None if lora is None else _settings(LoRAConfig, lora)
         # Checkpoint metadata must stay plain data: Lightning reloads it with torch.load(weights_only=True).
         if isinstance(model_config, MistralConfig):
             self.hparams["model_config"] = dataclasses.asdict(model_config)
         self.hparams["optimizer"] = dataclasses.asdict(self.optimizer_config)
         self.hparams["schedule"] = dataclasses.asdict(self.schedule_config)
         self.hparams["parallel"] = dataclasses.asdict(self.parallel_config)
+        # What an adapter checkpoint needs besides itself: this LoRA config and the base, `pretrained`.
+        self.hparams["lora"] = None if lora is None else dataclasses.asdict(self.lora_config)
         self.model: Mistral | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -140,13 +153,31 @@ class MistralLightningModule(L.LightningModule):
             compile=self.parallel_config.compile,
             mp_policy=mixed_precision_policy(self.trainer.precision),
             seq_length=getattr(datamodule, "seq_length", None),
+            lora=self.lora_config,
         )
         model.to_empty(device=self.trainer.strategy.root_device)
         if self.hparams.pretrained:
-            load_hf_weights(model, self.hparams.pretrained)
+            self._check_base_exists()
+            load_hf_weights(WithoutAdapters(model), self.hparams.pretrained)
         else:
             init_weights(model, self.hparams.init_seed)
+        if self.lora_config is not None:
+            init_adapters(model, self.hparams.init_seed)
         self.model = model
+
+    def _check_base_exists(self) -> None:
+        """An adapter run resumed without its base would train adapters over other weights: name the folder."""
+        pretrained = Path(self.hparams.pretrained)
+        if self.lora_config is not None and not pretrained.is_dir():
+            resuming = (
+                f" the checkpoint {self.trainer.ckpt_path} holds adapters only and"
+                if self.trainer.ckpt_path
+                else ""
+            )
+            raise UserError(
+                f"model.pretrained={pretrained} is not a folder:{resuming} the LoRA adapters train over that base "
+                "model; restore it there or set model.pretrained to a copy of it"
+            )
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -309,6 +340,23 @@ class MistralLightningModule(L.LightningModule):
             self.log("train/grad_norm", grad_norm)
 
     # ------------------------------------------------------------------ checkpoints
+    def check_resumable(self, saved_hparams: dict[str, Any], path: Path) -> None:
+        """Before a checkpoint loads: its adapters resume only into the same LoRA layout (a full checkpoint
+        only into a full run); the base comes from model.pretrained, not from the checkpoint."""
+        saved = saved_hparams.get("lora")
+        saved = None if saved is None else _settings(LoRAConfig, saved)
+        if saved != self.lora_config:
+            raise UserError(
+                f"{path}: saved with model.lora={_describe(saved)}, but this run has model.lora="
+                f"{_describe(self.lora_config)}; resume with the checkpoint's model.lora (a full checkpoint starts "
+                "a LoRA run once exported to an HF folder and given as model.pretrained)"
+            )
+        if saved is not None and saved_hparams.get("pretrained") != self.hparams.pretrained:
+            rank_zero_warn(
+                f"{path}: its adapters were trained over model.pretrained={saved_hparams.get('pretrained')}; "
+                f"this run loads {self.hparams.pretrained} as their base"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The resolved architecture travels with the checkpoint, so `export` needs nothing else.
         checkpoint["mistral_config"] = dataclasses.asdict(self.config)

@@ -36,16 +36,19 @@ class ScheduleConfig:
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices decay, norm weights (the only 1-D parameters) do not.
+    """AdamW over the trainable parameters (a LoRA run's adapters only) in two groups: matrices decay, norm
+    weights (the only 1-D parameters) do not; a group left empty is dropped.
 
     The split also keeps each group on one device mesh (TP-sharded matrices vs. replicated norms),
     which the optimizer's fused per-group updates need.
     """
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay}
+        for params, weight_decay in ((decay, config.weight_decay), (no_decay, 0.0))
+        if params
     ]
     # fused: one kernel per group instead of a Python loop of small ops per (DTensor) parameter.
     # tuple(): betas read back from a checkpoint's hyper-parameters may be a list.

@@ -1,13 +1,14 @@
 """The parallel plan: how the plain `Mistral` module is spread over a (data_parallel, tensor_parallel) mesh.
 
 Applied from outside the model, as torchtitan does, in this order: tensor/sequence parallelism
-(DTensor), activation checkpointing, `torch.compile` per block, then FSDP2 over the data-parallel
+(DTensor), LoRA adapters (sharded like the layers they adapt), activation checkpointing, `torch.compile` per block, then FSDP2 over the data-parallel
 dimension. Checkpointing and compiling use APIs that keep parameter names unchanged, so HF and
 distributed checkpoints see the same names whatever the plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial, reduce
 from typing import Literal
@@ -28,6 +29,13 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from mistral_lightning.adapters.lora import (
+    LoRAConfig,
+    apply_lora,
+    init_adapter_,
+    is_adapter_parameter,
+    shard_adapters,
+)
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.errors import UserError
 from mistral_lightning.model import Mistral
@@ -208,12 +216,21 @@ def parallelize(
     compile: bool = ParallelConfig.compile,
     mp_policy: MixedPrecisionPolicy | None = None,
     seq_length: int | None = None,
+    lora: LoRAConfig | None = None,
 ) -> Mistral:
-    """Apply the whole plan to a model built on the meta device; mesh dims: data_parallel, tensor_parallel."""
+    """Apply the whole plan to a model built on the meta device; mesh dims: data_parallel, tensor_parallel.
+
+    lora: add adapters to its targets and freeze the rest, after TP (the adapters take their layer's layout)
+    and before checkpointing, compile and FSDP2 (which then shard frozen and trainable parameters alike).
+    """
     tp_mesh, dp_mesh = mesh["tensor_parallel"], mesh["data_parallel"]
     check_parallel_config(model.config, tp_mesh.size(), sequence_parallel, seq_length)
     if tp_mesh.size() > 1:
         apply_tensor_parallel(model, tp_mesh, sequence_parallel)
+    if lora is not None:
+        apply_lora(model, lora)
+        if tp_mesh.size() > 1:
+            shard_adapters(model, tp_mesh)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
@@ -248,20 +265,24 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-@torch.no_grad()
-def init_weights(model: Mistral, seed: int) -> None:
-    """Random initialisation that does not depend on the layout.
+ParameterInit = Callable[[str, torch.Tensor, torch.Generator], None]
 
-    Each parameter is drawn whole, in name order, from one seeded generator and each rank keeps its
-    own slice, so any TP/DP layout starts from exactly the weights `model.init_weights(generator)`
-    gives an unsharded model (DTensor's own random ops repeat one shard's values on CPU).
-    """
+
+@torch.no_grad()
+def _init_layout_independent(
+    model: nn.Module, seed: int, init: ParameterInit, select: Callable[[str], bool]
+) -> None:
+    """Each selected parameter drawn whole by `init`, in name order, from one seeded generator; each rank keeps
+    its own slice, so any TP/DP layout starts from the weights an unsharded model gets (DTensor's own random
+    ops repeat one shard's values on CPU)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
+        if not select(name):
+            continue
         full = torch.empty(param.shape, dtype=param.dtype)
-        model.init_parameter_(name, full, generator)
+        init(name, full, generator)
         if isinstance(param, DTensor):
             # src_data_rank=None: every rank holds the full tensor already, so slicing needs no communication.
             local = distribute_tensor(
@@ -270,3 +291,14 @@ def init_weights(model: Mistral, seed: int) -> None:
             param.to_local().copy_(local)
         else:
             param.copy_(full)
+
+
+def init_weights(model: Mistral, seed: int) -> None:
+    """Random initialisation of the model's own weights (not its adapters) that does not depend on the layout:
+    exactly the weights `model.init_weights(generator)` gives an unsharded model."""
+    _init_layout_independent(model, seed, model.init_parameter_, lambda name: not is_adapter_parameter(name))
+
+
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """PEFT's initialisation of the LoRA adapters (A Kaiming-uniform, B zero), the same under any layout."""
+    _init_layout_independent(model, seed, init_adapter_, is_adapter_parameter)

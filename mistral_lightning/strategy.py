@@ -7,8 +7,10 @@ and renamed into place (outputs.publish), so an interrupted save leaves the prev
 a failed write (a full disk) removes the temporary and stops with one line naming the folder and its
 free space. Loading: the checkpoint is checked first (no pickled code unless `trust_checkpoint`, complete);
 an incomplete `last.ckpt` gives way to the newest complete checkpoint, with a note. A run stopped by a
-NaN/Inf loss names the last good checkpoint. `mistral-lightning fit|validate|test|predict` use it in
-place of Lightning's class (train_cli.py).
+NaN/Inf loss names the last good checkpoint. Frozen parameters (a LoRA run's base) are neither saved nor
+loaded: they come from `model.pretrained` again, so an adapter checkpoint holds the adapters and their
+optimizer state only. `mistral-lightning fit|validate|test|predict` use it in place of Lightning's class
+(train_cli.py).
 """
 
 from __future__ import annotations
@@ -20,11 +22,20 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
-from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError
+from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError, load_torch_file
 from mistral_lightning.checkpoint.integrity import (
+    LIGHTNING_METADATA,
     SAVE_ID,
     checkpoint_to_load,
     last_good_checkpoint,
@@ -32,6 +43,7 @@ from mistral_lightning.checkpoint.integrity import (
     resolve_last,
     write_completion_marker,
 )
+from mistral_lightning.checkpoint.safe_pickle import SafeFileSystemReader
 from mistral_lightning.errors import UserError
 from mistral_lightning.lightning_module import NonFiniteLossError
 from mistral_lightning.outputs import (
@@ -69,7 +81,19 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
     # Load checkpoints with full unpickling (`--trust-checkpoint`): only for checkpoints one trusts.
     trust_checkpoint: bool = False
 
+    def _has_frozen_parameters(self) -> bool:
+        return any(not param.requires_grad for param in self.model.parameters())
+
     # ------------------------------------------------------------------ saving
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Lightning's state dict, less the frozen parameters (skipped before any copy to the CPU).
+        options = StateDictOptions(
+            full_state_dict=not self._save_distributed_checkpoint,  # Lightning's save_distributed_checkpoint
+            cpu_offload=True,
+            ignore_frozen_params=True,
+        )
+        return get_model_state_dict(self.model, options=options)
+
     def _agree(self, ok: bool) -> bool:
         """True on every rank only if it is true on every rank."""
         flag = torch.tensor(1.0 if ok else 0.0, device=self.root_device)
@@ -168,7 +192,29 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
             rank_zero_info(f"note: {note}")
         if self.trust_checkpoint and weights_only is None:
             weights_only = False  # meta.pt may hold the objects the user chose to trust
+        path = Path(path)
+        if path.is_dir():
+            saved = load_torch_file(path / LIGHTNING_METADATA, trust_pickle=self.trust_checkpoint)
+            check = getattr(self.lightning_module, "check_resumable", None)
+            if check is not None:
+                check(saved.get("hyper_parameters") or {}, path)
+            if self._has_frozen_parameters():
+                return self._load_trainable_state(path, saved)
         return super().load_checkpoint(path, weights_only=weights_only)
+
+    def _load_trainable_state(self, path: Path, saved: dict[str, Any]) -> dict[str, Any]:
+        """Lightning's DCP load asks the checkpoint for every parameter; this asks only for the trainable ones
+        (and the optimizer's state of them), leaving the frozen base the module loaded from model.pretrained."""
+        trainable = StateDictOptions(ignore_frozen_params=True)
+        state = {"state_dict": get_model_state_dict(self.model, options=trainable)}
+        for index, optimizer in enumerate(self.optimizers):
+            state[f"optimizer_{index}"] = get_optimizer_state_dict(self.model, optimizer)
+        dcp_load(state, storage_reader=SafeFileSystemReader(path, trust_pickle=self.trust_checkpoint))
+        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{index}"])
+        # As Lightning's load returns it: the non-tensor state, for the loops, callbacks and hooks.
+        return saved
 
     # ------------------------------------------------------------------ stopping
     def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from mistral_lightning.errors import UserError
 
@@ -37,6 +39,8 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ATTENTION_TARGETS
+    # QLoRA: "nf4" stores the frozen block projections in 4-bit NF4 (adapters/nf4.py); "none" keeps them dense.
+    quantize_base: str = "none"
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -52,6 +56,8 @@ class LoRAConfig:
             raise LoRAError(f"model.lora.rank={self.rank!r} must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAError(f"model.lora.dropout={self.dropout!r} must be in [0, 1)")
+        if self.quantize_base not in ("none", "nf4"):
+            raise LoRAError(f"model.lora.quantize_base={self.quantize_base!r} is not one of 'none', 'nf4'")
 
     @property
     def scaling(self) -> float:
@@ -94,6 +100,29 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> None:
         _add_adapter(layer, config)
 
 
+def shard_adapters(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Give each adapter the tensor-parallel layout of its layer, so the adapted layer adds no collective to
+    the forward: a column-parallel layer (weight Shard(0)) gets B sharded by output rows and A replicated, its
+    output sharded like the base's; a row-parallel one (weight Shard(1)) gets A sharded by input columns and B
+    replicated, its output partial like the base's, reduced by the layer's existing output hook."""
+    for name, layer in lora_layers(model):
+        weight = layer.weight
+        placement = weight.placements[0] if isinstance(weight, DTensor) else None
+        if placement == Shard(0):
+            layouts = ((layer.lora_A, Replicate()), (layer.lora_B, Shard(0)))
+        elif placement == Shard(1):
+            layouts = ((layer.lora_A, Shard(1)), (layer.lora_B, Replicate()))
+        else:
+            raise LoRAError(
+                f"model.lora.targets: {name} is not split by the tensor-parallel plan (its weight is "
+                f"{placement or 'not a DTensor'}), so its adapter has no layout; drop it from the targets or "
+                "set tensor_parallel_size: 1"
+            )
+        for adapter, layout in layouts:
+            sharded = distribute_tensor(adapter.weight, tp_mesh, [layout], src_data_rank=None)
+            adapter.weight = nn.Parameter(sharded, requires_grad=adapter.weight.requires_grad)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -102,6 +131,18 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def is_adapter_parameter(name: str) -> bool:
     return any(part in ADAPTER_PARAMETERS for part in name.split("."))
+
+
+class WithoutAdapters:
+    """A model seen without its adapters, for the readers of base-model checkpoints (HF, Megatron), which fill
+    every parameter `named_parameters` lists and know no adapter names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = getattr(model, "config", None)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.model.named_parameters() if not is_adapter_parameter(n))
 
 
 @torch.no_grad()
