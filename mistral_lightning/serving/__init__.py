@@ -1,0 +1,1 @@
+"""`mistral-lightning serve`: the OpenAI chat-completions and completions API on LitServe."""

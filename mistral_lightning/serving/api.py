@@ -1,0 +1,62 @@
+"""The LitServe model worker: loads the checkpoint once, then decodes the batches LitServe collects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import litserve as ls
+
+from mistral_lightning.generation.loading import load_model, load_tokenizer
+from mistral_lightning.serving.decoding import decode_requests
+from mistral_lightning.serving.requests import DecodingRequest
+from mistral_lightning.serving.spec import OpenAIEndpoints
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What the worker needs to load the model and tokenizer (the `serve` options, picklable)."""
+
+    checkpoint: str
+    tokenizer_model: str | None
+    device: str
+    dtype: str
+    trust_checkpoint: bool
+    prefill_chunk_size: int | None
+
+
+class MistralAPI(ls.LitAPI):
+    """One model on the device `--device` names (LitServe's own device choice is not used: it knows no NPU)."""
+
+    def __init__(
+        self, settings: ModelSettings, spec: OpenAIEndpoints, max_batch_size: int, batch_timeout: float
+    ):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec)
+        self.settings = settings
+
+    def setup(self, device: str) -> None:
+        settings = self.settings
+        self.model = load_model(
+            settings.checkpoint,
+            device=settings.device,
+            dtype=settings.dtype,
+            trust_checkpoint=settings.trust_checkpoint,
+        )
+        self.tokenizer = load_tokenizer(
+            settings.tokenizer_model,
+            settings.checkpoint,
+            vocab_size=self.model.config.vocab_size,
+            trust_checkpoint=settings.trust_checkpoint,
+        )
+
+    def decode_request(self, request: DecodingRequest, **kwargs) -> DecodingRequest:
+        return request
+
+    def predict(self, requests: DecodingRequest | list[DecodingRequest], **kwargs) -> Iterator:
+        # LitServe hands a list when batching (--max-batch-size > 1), else one request.
+        batch = requests if isinstance(requests, list) else [requests]
+        for pieces in decode_requests(self.model, self.tokenizer, batch, self.settings.prefill_chunk_size):
+            yield pieces if isinstance(requests, list) else pieces[0]
+
+    def encode_response(self, outputs: Iterator, **kwargs) -> Iterator:
+        yield from outputs

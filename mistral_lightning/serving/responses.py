@@ -1,0 +1,93 @@
+"""OpenAI response bodies: whole responses, server-sent-event chunks, and the error object."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+CHAT = "chat"
+COMPLETION = "completion"
+STREAM_END = "data: [DONE]\n\n"
+
+
+@dataclass
+class Reply:
+    """One response being built: its id, kind (CHAT or COMPLETION), model name and token counts."""
+
+    kind: str
+    model: str
+    prompt_tokens: int
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = f"{'chatcmpl' if self.kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _body(self, choice: dict, chunk: bool) -> dict:
+        kind = "chat.completion" if self.kind == CHAT else "text_completion"
+        object_name = f"{kind}.chunk" if chunk and self.kind == CHAT else kind
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def whole(self, text: str, finish_reason: str, completion_tokens: int) -> dict:
+        if self.kind == CHAT:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._body(choice, chunk=False), "usage": self.usage(completion_tokens)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False) -> str:
+        """One server-sent event; for chat the first carries the role, and the last an empty delta."""
+        if self.kind == CHAT:
+            delta = (
+                {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            )
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return f"data: {json.dumps(self._body(choice, chunk=True))}\n\n"
+
+
+def error_body(message: str, error_type: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": error_type, "param": None, "code": None}}
+
+
+def error_response(status: int, message: str, error_type: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, error_type))
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """A body that does not parse (a missing field, a string for a number) gets OpenAI's 400 error object
+    with one line naming each bad field, instead of FastAPI's 422 list."""
+
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for problem in error.errors():
+            field = ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
+            problems.append(f"{field}: {problem['msg']}")
+        return error_response(400, "; ".join(problems))
+
+    app.add_exception_handler(RequestValidationError, invalid_body)

@@ -1,0 +1,277 @@
+"""`mistral-lightning serve` through the `openai` client, against independent references: mistral-common's
+chat prompt ids, transformers' greedy decoding of the same weights, and `mistral-lightning generate`.
+
+One server (a tiny random model with the v3 tokenizer, batching on) runs in its own session for the
+module and is stopped with SIGTERM at the end; the test fails if any of its processes is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+import transformers
+from distributed import free_port
+from tokenizer_references import SHIPPED, prompt_ids, reference
+
+from mistral_lightning import Mistral, MistralConfig
+from mistral_lightning.generation import cli as generate_cli
+
+CONTEXT = 96
+MESSAGES = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Name three colours."},
+]
+PROMPT = "The capital of France is"
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A random Mistral (window 8, context 96) with the v3 tokenizer, as an HF folder."""
+    config = MistralConfig(
+        vocab_size=32768,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        max_seq_length=CONTEXT,
+        initializer_range=0.2,
+    )
+    model = Mistral(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    path = model.save_pretrained(tmp_path_factory.mktemp("served") / "tiny-v3")
+    shutil.copy(SHIPPED["v3"], path / "tokenizer.model.v3")
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(folder, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "mistral_lightning",
+        "serve",
+        "--checkpoint",
+        str(folder),
+        "--device",
+        "cpu",
+    ]
+    command += [
+        "--port",
+        str(port),
+        "--max-batch-size",
+        "4",
+        "--batch-timeout",
+        "0.05",
+        "--log-level",
+        "warning",
+    ]
+    with open(log, "w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_until_healthy(server, port, log)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=40)
+        finally:
+            leftovers = _session_alive(server.pid)
+            if leftovers:
+                os.killpg(server.pid, signal.SIGKILL)
+    assert server.returncode == 0, log.read_text()
+    assert not leftovers, "the server left processes behind after SIGTERM"
+
+
+def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the server exited:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"the server was not healthy within 120 s:\n{log.read_text()}")
+
+
+def _session_alive(session: int, grace: float = 10.0) -> bool:
+    """Whether a process of the session is still there `grace` seconds after its leader exited (the
+    resource tracker and the manager exit just after it)."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(session, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.fixture(scope="module")
+def transformers_greedy(folder):
+    """transformers' greedy continuation of prompt ids, decoded by mistral-common's v3 tokenizer."""
+    theirs = transformers.MistralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    decoder = reference("v3")
+
+    def continuation(ids: list[int], new_tokens: int) -> tuple[str, list[int]]:
+        output = theirs.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=0
+        )
+        tokens = output[0, len(ids) :].tolist()
+        return decoder.decode(tokens), tokens
+
+    return continuation
+
+
+def _finish_reason(tokens: list[int]) -> str:
+    return "stop" if tokens[-1] == EOS else "length"
+
+
+def _encode(text: str) -> list[int]:
+    return reference("v3").instruct_tokenizer.tokenizer.encode(text, bos=True, eos=False)
+
+
+def _generate_command(folder: Path, capsys, *args: str) -> str:
+    assert generate_cli.main(["--checkpoint", str(folder), "--device", "cpu", *args]) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def test_greedy_chat_is_the_models_chat_format_and_equals_transformers_and_generate(
+    client, folder, transformers_greedy, capsys
+):
+    ids = prompt_ids("v3", MESSAGES)
+    expected, tokens = transformers_greedy(ids, 12)
+    reply = client.chat.completions.create(model="tiny-v3", messages=MESSAGES, temperature=0, max_tokens=12)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == _finish_reason(tokens)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), len(tokens))
+    # `generate --chat` takes one user turn, so compare it on that turn alone.
+    single = [MESSAGES[1]]
+    command = _generate_command(
+        folder, capsys, "--chat", "--prompt", single[0]["content"], "--max-new-tokens", "9"
+    )
+    served = client.chat.completions.create(model="tiny-v3", messages=single, temperature=0, max_tokens=9)
+    assert served.choices[0].message.content == command == transformers_greedy(prompt_ids("v3", single), 9)[0]
+
+
+def test_streamed_chunks_concatenate_to_the_same_text(client, transformers_greedy):
+    expected, tokens = transformers_greedy(prompt_ids("v3", MESSAGES), 12)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-v3", messages=MESSAGES, temperature=0, max_tokens=12, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == expected
+    assert [chunk.choices[0].finish_reason for chunk in chunks][-1] == _finish_reason(tokens)
+    assert all(chunk.choices[0].finish_reason is None for chunk in chunks[:-1])
+
+
+def test_completions_equal_transformers_and_generate_streaming_or_not(
+    client, folder, transformers_greedy, capsys
+):
+    ids = _encode(PROMPT)
+    expected, tokens = transformers_greedy(ids, 10)
+    reply = client.completions.create(model="tiny-v3", prompt=PROMPT, temperature=0, max_tokens=10)
+    assert (
+        reply.choices[0].text
+        == expected
+        == _generate_command(folder, capsys, "--prompt", PROMPT, "--max-new-tokens", "10")
+    )
+    assert reply.choices[0].finish_reason == _finish_reason(tokens)
+    stream = client.completions.create(
+        model="tiny-v3", prompt=PROMPT, temperature=0, max_tokens=10, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected
+
+
+def test_stop_cuts_the_text_as_generate_does(client, folder, transformers_greedy, capsys):
+    full, _ = transformers_greedy(prompt_ids("v3", [MESSAGES[1]]), 12)
+    stop = full[4:7]
+    command = _generate_command(
+        folder, capsys, "--chat", "--prompt", MESSAGES[1]["content"], "--max-new-tokens", "12", "--stop", stop
+    )
+    assert command == full[: full.index(stop)]
+    messages = [MESSAGES[1]]
+    reply = client.chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=12, stop=[stop]
+    )
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (command, "stop")
+    stream = client.chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=12, stop=stop, stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == command
+
+
+def test_seeded_sampling_equals_generate_with_that_seed_while_greedy_requests_share_the_batch(
+    client, folder, transformers_greedy, capsys
+):
+    options = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "7", "--max-new-tokens", "10"]
+    sampled = _generate_command(folder, capsys, "--prompt", PROMPT, *options)
+    greedy_prompts = ["Once upon a time", "def main():", "1, 2, 3,"]
+    expected = [transformers_greedy(_encode(p), 8)[0] for p in greedy_prompts]
+
+    def sample() -> str:
+        reply = client.completions.create(
+            model="m", prompt=PROMPT, temperature=0.9, top_p=0.95, seed=7, max_tokens=10
+        )
+        return reply.choices[0].text
+
+    def greedy(prompt: str) -> str:
+        return (
+            client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=8).choices[0].text
+        )
+
+    with ThreadPoolExecutor(4) as pool:  # arrive together, within the server's batch timeout
+        futures = [pool.submit(sample)] + [pool.submit(greedy, prompt) for prompt in greedy_prompts]
+        results = [future.result() for future in futures]
+    assert results == [sampled, *expected]
+    assert sampled != transformers_greedy(_encode(PROMPT), 10)[0]
+
+
+BAD_REQUESTS = [
+    ({"messages": [{"role": "tool", "content": "x"}]}, "message 0 has role 'tool'"),
+    ({"messages": []}, "conversation has no messages"),
+    ({"max_tokens": CONTEXT}, f"exceed the model's context of {CONTEXT} tokens"),
+    ({"temperature": 2.5}, "temperature: must be between 0 and 2"),
+    ({"top_p": 0}, "top_p: must be in (0, 1]"),
+    ({"stop": ""}, 'stop: "" would stop'),
+    ({"n": 2}, "one choice per request"),
+]
+
+
+def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(client, transformers_greedy):
+    request = {"model": "m", "messages": [MESSAGES[1]], "temperature": 0, "max_tokens": 4}
+    for change, message in BAD_REQUESTS:
+        for stream in (False, True):  # a streaming request is refused before its stream starts
+            with pytest.raises(openai.BadRequestError) as error:
+                client.chat.completions.create(**{**request, **change, "stream": stream})
+            assert error.value.status_code == 400
+            assert message in error.value.message, (change, stream)
+    reply = client.chat.completions.create(**request)
+    assert reply.choices[0].message.content == transformers_greedy(prompt_ids("v3", [MESSAGES[1]]), 4)[0]
+
+
+def test_a_body_that_does_not_parse_gets_400_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature="hot")
+    assert "temperature: Input should be a valid number" in error.value.message
