@@ -6,15 +6,26 @@ This is `convert --loader lightning --saver hf` under the training side's option
 the tokenizer, chat-template and generation files of the `model.pretrained` folder the checkpoint
 records, copied unchanged. It streams one parameter at a time; `fit --export_hf_dir` writes through
 the same `checkpoint.hf.save_hf`.
+
+A LoRA checkpoint (adapters only, over its `model.pretrained` base) is merged into that base by default
+(`W + scaling * B @ A` in fp32, then `--dtype`); `--lora-format peft` writes the adapters alone as a folder
+Hugging Face PEFT loads (`adapter_model.safetensors` + `adapter_config.json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+from mistral_lightning.adapters.merge import checkpoint_adapters, with_adapters
+from mistral_lightning.adapters.peft_format import AdapterError, write_peft_folder
 from mistral_lightning.checkpoint import convert
-from mistral_lightning.config import DTYPES
+from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
+from mistral_lightning.config import DTYPES, parse_dtype, resolve_model_config
+from mistral_lightning.outputs import OutputTarget
+
+LORA_FORMATS = ("merged", "peft")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset name or HF folder/config.json; default: the architecture stored in the checkpoint",
     )
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the saved weights"
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="dtype of the saved weights (default: bfloat16; for --lora-format peft the adapters' own)",
+    )
+    parser.add_argument(
+        "--lora-format",
+        choices=list(LORA_FORMATS),
+        default="merged",
+        help="a LoRA checkpoint: merged into its base as a full HF folder, or peft: the adapter folder alone",
     )
     parser.add_argument(
         "--overwrite",
@@ -42,20 +62,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def export_peft(args: argparse.Namespace) -> Path:
+    """The adapters of a LoRA `fit` checkpoint as a PEFT folder; the base is not needed."""
+    model_config = None if args.model_config is None else resolve_model_config(args.model_config)
+    checkpoint = LightningCheckpoint(
+        args.checkpoint, model_config=model_config, trust_pickle=args.trust_checkpoint
+    )
+    if not checkpoint.lora:
+        raise AdapterError(
+            f"--checkpoint {args.checkpoint}: records no model.lora, so it holds no LoRA adapters; drop "
+            "--lora-format peft to export the full model"
+        )
+    adapters = checkpoint_adapters(checkpoint)
+    base = checkpoint.pretrained
+    target = OutputTarget(
+        Path(args.out),
+        option="--out",
+        overwrite=args.overwrite,
+        protected={
+            "the --checkpoint source": args.checkpoint,
+            "the model.pretrained folder it records": base,
+        },
+    )
+    return write_peft_folder(
+        ((name, adapters.read(name)) for name in adapters.adapter_names),
+        adapters.lora,
+        target,
+        base_model_name_or_path=str(Path(base).resolve()) if base and Path(base).is_dir() else base,
+        dtype=None if args.dtype is None else parse_dtype(args.dtype),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    print(f"exporting {args.checkpoint} -> {args.out}", flush=True)
+    if args.lora_format == "peft":
+        out_dir = export_peft(args)
+        print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
+        return 0
     convert_argv = ["--loader", "lightning", "--saver", "hf", "--load-dir", args.checkpoint]
-    convert_argv += ["--save-dir", args.out, "--params-dtype", args.dtype]
+    convert_argv += ["--save-dir", args.out, "--params-dtype", args.dtype or "bfloat16"]
     if args.model_config is not None:
         convert_argv += ["--model-config", args.model_config]
     if args.overwrite:
         convert_argv.append("--overwrite")
     if args.trust_checkpoint:
         convert_argv.append("--trust-checkpoint")
-    start = time.perf_counter()
-    print(f"exporting {args.checkpoint} -> {args.out}", flush=True)
     out_dir = convert.convert(
-        convert.build_parser().parse_args(convert_argv), load_option="--checkpoint", out_option="--out"
+        convert.build_parser().parse_args(convert_argv),
+        load_option="--checkpoint",
+        out_option="--out",
+        weights_of=with_adapters,
     )
     print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0

@@ -13,6 +13,7 @@ import argparse
 import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -154,9 +155,14 @@ def companion_source(source: WeightSource, config_folder: Path | None, out_optio
 
 
 def convert(
-    args: argparse.Namespace, *, load_option: str = "--load-dir", out_option: str = "--save-dir"
+    args: argparse.Namespace,
+    *,
+    load_option: str = "--load-dir",
+    out_option: str = "--save-dir",
+    weights_of: Callable[[WeightSource], WeightSource] | None = None,
 ) -> Path:
-    """Run one conversion; the option names are the ones the user typed, for messages (`export` has its own)."""
+    """Run one conversion; the option names are the ones the user typed, for messages (`export` has its own).
+    `weights_of` turns the opened source into the weights to save (`export` merges LoRA adapters with it)."""
     loader, saver = LOADERS[args.loader], SAVERS[args.saver]
     save_dir = Path(args.save_dir)
     model_config = None if args.model_config is None else resolve_model_config(args.model_config)
@@ -178,9 +184,11 @@ def convert(
     if args.max_shard_size_gb <= 0:
         raise CheckpointError(f"--max-shard-size-gb must be positive, got {args.max_shard_size_gb}")
 
-    source = open_source(loader, args.load_dir, model_config, args.trust_checkpoint)
+    source = weights = open_source(loader, args.load_dir, model_config, args.trust_checkpoint)
     try:
-        check_shapes(source, parameter_shapes(source.config))
+        if weights_of is not None:
+            weights = weights_of(source)
+        check_shapes(weights, parameter_shapes(weights.config))
         files_from = companion_source(source, config_folder, out_option) if saver == "hf" else None
         target = OutputTarget(
             save_dir,
@@ -201,7 +209,7 @@ def convert(
             dtype = source.dtype  # ModelLink's fp16 default would silently round bf16
         if saver == "hf":
             return save_hf(
-                source,
+                weights,
                 target,
                 dtype=dtype,
                 max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
@@ -209,20 +217,23 @@ def convert(
                 files_from=files_from,
             )
         # Unset Megatron options keep the source checkpoint's values (or the ModelLink defaults).
-        inherited = source.layout if isinstance(source, MegatronCheckpoint) else MegatronLayout(source.config)
+        inherited = (
+            source.layout if isinstance(source, MegatronCheckpoint) else MegatronLayout(weights.config)
+        )
 
         def option(value: int | None, default: int) -> int:
             return default if value is None else value
 
         layout = MegatronLayout(
-            source.config,
+            weights.config,
             tp=option(args.target_tensor_parallel_size, inherited.tp),
             pp=option(args.target_pipeline_parallel_size, inherited.pp),
             vocab_divisible_by=option(args.make_vocab_size_divisible_by, inherited.vocab_divisible_by),
         )
         iteration = source.iteration if isinstance(source, MegatronCheckpoint) else 1
-        return save_megatron(source, target, layout, dtype=dtype, iteration=iteration)
+        return save_megatron(weights, target, layout, dtype=dtype, iteration=iteration)
     finally:
+        weights.close()
         source.close()
 
 

@@ -88,12 +88,16 @@ class LightningCheckpoint:
         hyper_parameters = saved_state.get(HYPER_PARAMETERS) or {}
         # The HF folder training started from, as recorded (maybe relative to where `fit` ran).
         self.pretrained: str | None = hyper_parameters.get("pretrained") or None
+        # A LoRA run records its adapter settings (LoRAConfig's fields); its checkpoints may hold only the adapters.
+        self.lora: dict | None = hyper_parameters.get("lora") or None
         self._shapes = parameter_shapes(self.config)
         if self._state is None:
             self._keys, self._meta = self._dcp_index()
         else:
             self._keys = self._match(self._state)
-        check_shapes(self, self._shapes)
+        self.holds_base = all(name in self._keys for name in self._shapes)
+        if self.holds_base:
+            check_shapes(self, self._shapes)
 
     def _dcp_index(self) -> tuple[dict[str, str], dict[str, TensorStorageMetadata]]:
         reader = SafeFileSystemReader(self.path, trust_pickle=self._trust_pickle)
@@ -107,33 +111,51 @@ class LightningCheckpoint:
         return keys, {name: metadata[f"{STATE_DICT}.{key}"] for name, key in keys.items()}
 
     def _match(self, state: dict) -> dict[str, str]:
-        """Our parameter name -> the checkpoint's key; every parameter must be present."""
+        """Our tensor name -> the checkpoint's key; every model parameter must be present, or (a LoRA
+        checkpoint of the adapters alone) none."""
         keys = {parameter_name(key): key for key in state}
         missing = [name for name in self._shapes if name not in keys]
-        if missing:
+        if missing and not (self.lora and len(missing) == len(self._shapes)):
             raise CheckpointError(
                 f"{self.path}: {len(missing)} model parameters are missing from '{STATE_DICT}' (e.g. "
                 f"model.{missing[0]}); found keys like {sorted(state)[:3]}"
             )
-        return {name: keys[name] for name in self._shapes}
+        return keys
+
+    @property
+    def extra_tensor_names(self) -> list[str]:
+        """The tensors besides the model's parameters, e.g. LoRA adapters, by our names."""
+        return [name for name in self._keys if name not in self._shapes]
+
+    def _key(self, name: str) -> str:
+        if name not in self._keys and not self.holds_base:
+            raise CheckpointError(
+                f"{self.path}: a LoRA checkpoint holding only the adapters (its base is model.pretrained="
+                f"{self.pretrained}); `mistral-lightning export` merges them into that base (or writes them with "
+                "--lora-format peft), and generate/evaluate --checkpoint load it as it is"
+            )
+        return self._keys[name]
 
     @property
     def dtype(self) -> torch.dtype:
+        key = self._key("embed.weight")
         if self._state is not None:
-            return self._state[self._keys["embed.weight"]].dtype
+            return self._state[key].dtype
         return self._meta["embed.weight"].properties.dtype
 
     def stored_name(self, name: str) -> str:
-        return self._keys[name]
+        return self._key(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        key = self._key(name)
         if self._state is not None:
-            return tuple(self._state[self._keys[name]].shape)
+            return tuple(self._state[key].shape)
         return tuple(self._meta[name].size)
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
+        key = self._key(name)
         if self._state is not None:
-            tensor = self._state[self._keys[name]]
+            tensor = self._state[key]
         else:
             meta = self._meta[name]
             tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
@@ -142,7 +164,7 @@ class LightningCheckpoint:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(
-                    {f"{STATE_DICT}.{self._keys[name]}": tensor},
+                    {f"{STATE_DICT}.{key}": tensor},
                     storage_reader=SafeFileSystemReader(self.path, trust_pickle=self._trust_pickle),
                     no_dist=True,
                 )

@@ -129,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     if "" in args.stop:
         raise GenerationError('--stop "" would stop before the first character; give a non-empty stop string')
     model = load_model(
-        args.checkpoint, device=args.device, dtype=args.dtype, trust_checkpoint=args.trust_checkpoint
+        args.checkpoint,
+        adapter=args.adapter,
+        device=args.device,
+        dtype=args.dtype,
+        trust_checkpoint=args.trust_checkpoint,
     )
     tokenizer = load_tokenizer(
         args.tokenizer_model,

@@ -1,0 +1,355 @@
+"""Hugging Face PEFT's LoRA adapter folders (`adapter_model.safetensors` + `adapter_config.json`), read and written.
+
+Tensor names are the ones PEFT saves for transformers' MistralForCausalLM: `base_model.model.` + the HF module
+name + `.lora_A.weight` / `.lora_B.weight`, the HF module names coming from checkpoint/hf.py's table. A folder
+written here loads with `PeftModel.from_pretrained(base, folder)` unchanged; a folder PEFT wrote loads here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from mistral_lightning.adapters.lora import (
+    LORA_TARGETS,
+    LoRAConfig,
+    LoRAError,
+    apply_lora,
+    is_adapter_parameter,
+    lora_layers,
+)
+from mistral_lightning.checkpoint.base import Index, local_chunk
+from mistral_lightning.checkpoint.hf import to_hf_name
+from mistral_lightning.checkpoint.lightning_ckpt import parameter_name
+from mistral_lightning.config import MistralConfig, parameter_shapes
+from mistral_lightning.outputs import FolderKind, OutputFolder, OutputTarget, as_target
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+BASE_LAYER = "base_layer"  # PEFT saves a targeted lm_head's own weight under this name
+PEFT_OUTPUT = FolderKind(
+    "PEFT adapter folder", patterns=(ADAPTER_WEIGHTS, ADAPTER_CONFIG), required=ADAPTER_CONFIG
+)
+# adapter_config.json options that change what the tensors mean, with the value under which they mean plain LoRA.
+_PLAIN_LORA = {
+    "use_rslora": False,
+    "use_dora": False,
+    "bias": "none",
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "modules_to_save": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+}
+
+
+class AdapterError(LoRAError):
+    """An adapter folder or checkpoint that cannot be read, or does not fit the base model."""
+
+
+def _module(parameter: str) -> str:
+    return parameter.removesuffix(".weight")
+
+
+def peft_module_name(layer: str) -> str:
+    """Our layer name -> PEFT's saved module prefix: 'layers.0.attn.q' -> 'base_model.model.model.layers.0.self_attn.q_proj'."""
+    return PEFT_PREFIX + _module(to_hf_name(f"{layer}.weight"))
+
+
+def adapter_shapes(model_config: MistralConfig, lora: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors `lora` adds to a model of `model_config`, by our names, with their shapes."""
+    shapes = {}
+    for name, (rows, columns) in _target_weights(model_config, lora.targets).items():
+        shapes[f"{_module(name)}.lora_A.weight"] = (lora.rank, columns)
+        shapes[f"{_module(name)}.lora_B.weight"] = (rows, lora.rank)
+    return shapes
+
+
+def _target_weights(model_config: MistralConfig, targets: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    targets = set(targets)
+    return {
+        name: shape
+        for name, shape in parameter_shapes(model_config).items()
+        if _module(name).rpartition(".")[2] in targets
+    }
+
+
+def _peft_names(model_config: MistralConfig) -> dict[str, str]:
+    """Every name a PEFT LoRA file for this architecture may hold -> our name (adapters and saved base layers)."""
+    names = {}
+    for name in _target_weights(model_config, LORA_TARGETS):
+        module = peft_module_name(_module(name))
+        for part in ("lora_A", "lora_B"):
+            names[f"{module}.{part}.weight"] = f"{_module(name)}.{part}.weight"
+        names[f"{module}.{BASE_LAYER}.weight"] = name
+    return names
+
+
+class AdapterWeights:
+    """LoRA adapter tensors by our names, from a PEFT folder or a `fit` checkpoint, checked against a base.
+
+    `read(name, index)` returns one tensor or a slice of it; `base_weights` are base weights the adapter
+    replaces (a targeted lm_head PEFT saved with its adapter).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        lora: LoRAConfig,
+        stored: dict[str, str],
+        shape: Callable[[str], tuple[int, ...]],
+        read: Callable[[str, Index | None], torch.Tensor],
+        model_config: MistralConfig,
+    ) -> None:
+        self.path, self.lora, self._stored, self._shape, self._read = path, lora, stored, shape, read
+        self.adapter_names = [name for name in stored if is_adapter_parameter(name)]
+        self.base_weights = [name for name in stored if not is_adapter_parameter(name)]
+        self._check(model_config)
+
+    def stored_name(self, name: str) -> str:
+        return self._stored[name]
+
+    def read(self, name: str, index: Index | None = None) -> torch.Tensor:
+        return self._read(self._stored[name], index)
+
+    def _check(self, model_config: MistralConfig) -> None:
+        """Every adapter of the targets present, none other, and each of the base's shapes; one line if not."""
+        expected = adapter_shapes(model_config, self.lora)
+        expected.update(parameter_shapes(model_config))
+        missing = [name for name in adapter_shapes(model_config, self.lora) if name not in self._stored]
+        if missing:
+            raise AdapterError(
+                f"{self.path}: adapters for {list(self.lora.targets)} but no tensor for {missing[0]!r} "
+                f"({len(missing)} missing); a LoRA adapter must cover every layer of its targets"
+            )
+        for name, stored in self._stored.items():
+            found, wanted = tuple(self._shape(stored)), expected.get(name)
+            if found != wanted:
+                raise AdapterError(
+                    f"{self.path}: tensor {stored!r} has shape {list(found)} but the base model needs "
+                    f"{list(wanted) if wanted else 'no such tensor'}; this adapter was made for another base "
+                    "model (or another rank): load it onto the model it was trained on"
+                )
+
+
+def open_peft_adapter(folder: str | Path, model_config: MistralConfig) -> AdapterWeights:
+    """A PEFT LoRA folder (written here or by PEFT's save_pretrained), checked against a base of `model_config`."""
+    folder = Path(folder)
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise AdapterError(
+            f"{folder}: no {ADAPTER_CONFIG}, so not a PEFT adapter folder; pass the folder that "
+            "`export --lora-format peft` or PEFT's save_pretrained wrote"
+        )
+    lora_config = _read_config(config_file)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise AdapterError(
+            f"{folder}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}; save the adapter with safetensors "
+            "(PEFT's default) or copy the file again"
+        )
+    try:
+        with safe_open(weights, "pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({err}); copy it again") from err
+    ours = _peft_names(model_config)
+    unknown = sorted(name for name in shapes if name not in ours)
+    if unknown:
+        raise AdapterError(
+            f"{weights}: holds {len(unknown)} tensor(s) a LoRA adapter of this Mistral base has no place for (e.g. "
+            f"{unknown[0]!r}); it was made for another architecture or with a PEFT feature not supported here"
+        )
+    stored = {ours[name]: name for name in shapes}
+    adapted = {
+        name.split(".")[-3] for name in stored if is_adapter_parameter(name)
+    }  # 'layers.0.attn.q.lora_A.weight'
+    targets = tuple(target for target in LORA_TARGETS if target in adapted)
+    if not targets:
+        raise AdapterError(f"{weights}: holds no lora_A/lora_B tensors, so there is no adapter to load")
+    lora = LoRAConfig(
+        rank=lora_config["r"],
+        alpha=lora_config["lora_alpha"],
+        dropout=lora_config.get("lora_dropout", 0.0),
+        targets=targets,
+    )
+
+    def read(name: str, index: Index | None) -> torch.Tensor:
+        with safe_open(weights, "pt") as handle:
+            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+
+    return AdapterWeights(folder, lora, stored, shapes.__getitem__, read, model_config)
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_file}: not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else None
+        raise AdapterError(f"{config_file}: peft_type is {found!r}; only LORA adapters can be loaded")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
+            raise AdapterError(f"{config_file}: {key} is {config.get(key)!r}; a LoRA config needs a number")
+    for key, plain in _PLAIN_LORA.items():
+        value = config.get(key, plain)
+        if value != plain and value not in (None, [], {}):
+            raise AdapterError(
+                f"{config_file}: {key}={value!r} is not supported (only plain LoRA: {key}={plain!r}); "
+                "train the adapter without it"
+            )
+    return config
+
+
+def peft_config(lora: LoRAConfig, target_modules: Iterable[str], base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json for PEFT's LoraConfig: plain LoRA on the HF modules named `target_modules`."""
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(set(target_modules)),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "revision": None,
+        **_PLAIN_LORA,
+    }
+
+
+def write_peft_folder(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    lora: LoRAConfig,
+    out: OutputTarget | str | Path,
+    *,
+    base_model_name_or_path: str | None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    is_writer: bool = True,
+) -> Path:
+    """Write (our adapter name, tensor) pairs as a PEFT folder under a temporary name, published when complete
+    (outputs.py's rules: `overwrite` replaces only a previous PEFT adapter folder). Every rank iterates the
+    tensors (they may be gathered); only `is_writer` writes."""
+    target = as_target(out, overwrite=overwrite)
+    folder = OutputFolder(target, PEFT_OUTPUT) if is_writer else nullcontext()
+    with folder as tmp:
+        saved = {}
+        for name, tensor in tensors:
+            if is_writer:
+                layer = _module(name).rpartition(".")[0]
+                saved[f"{peft_module_name(layer)}.{name.split('.')[-2]}.weight"] = (
+                    tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
+                )
+        if is_writer:
+            save_file(saved, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            modules = [
+                name.split(".")[-3] for name in saved
+            ]  # '...self_attn.q_proj.lora_A.weight' -> 'q_proj'
+            config = peft_config(lora, modules, base_model_name_or_path)
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return target.path
+
+
+def lora_config_of(model: nn.Module) -> LoRAConfig:
+    """The LoRAConfig a model's adapters were applied with, read back from its LoRA layers."""
+    layers = list(lora_layers(model))
+    if not layers:
+        raise AdapterError("the model has no LoRA adapters to save; apply LoRA (model.lora) first")
+    _, first = layers[0]
+    rank = first.lora_A.out_features
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    targets = {parameter_name(name).rpartition(".")[2] for name, _ in layers}
+    return LoRAConfig(
+        rank=rank,
+        alpha=first.scaling * rank,
+        dropout=dropout,
+        targets=tuple(t for t in LORA_TARGETS if t in targets),
+    )
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    folder: OutputTarget | str | Path,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
+    is_writer: bool = True,
+) -> Path:
+    """Write `model`'s LoRA adapters as a PEFT folder. Sharded (DTensor) adapters are gathered one at a time,
+    so every rank must call this; only `is_writer` writes."""
+    lora = lora_config_of(model)
+
+    def adapters() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in model.state_dict().items():
+            if is_adapter_parameter(name):
+                yield parameter_name(name), tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    return write_peft_folder(
+        adapters(),
+        lora,
+        folder,
+        base_model_name_or_path=base_model_name_or_path,
+        dtype=dtype,
+        overwrite=overwrite,
+        is_writer=is_writer,
+    )
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
+    """Fill `model`'s adapters from a PEFT folder, applying LoRA from its adapter_config.json first if the
+    model has none; a DTensor adapter reads only its rank's slice. Everything is checked before any write."""
+    adapter = open_peft_adapter(folder, model.config)
+    if not any(True for _ in lora_layers(model)):
+        apply_lora(model, adapter.lora)
+    applied = lora_config_of(model)
+    if (applied.targets, applied.rank, applied.scaling) != (
+        adapter.lora.targets,
+        adapter.lora.rank,
+        adapter.lora.scaling,
+    ):
+        raise AdapterError(
+            f"{adapter.path}: adapter of rank {adapter.lora.rank}, alpha {adapter.lora.alpha} on "
+            f"{list(adapter.lora.targets)}, but the model's LoRA has rank {applied.rank}, alpha {applied.alpha} on "
+            f"{list(applied.targets)}; set model.lora to the adapter's values"
+        )
+    params = {parameter_name(name): param for name, param in model.named_parameters()}
+    for name in (*adapter.adapter_names, *adapter.base_weights):
+        param = params[name]
+        index = local_chunk(param)
+        local = param if index is None else param.to_local()
+        local.copy_(adapter.read(name, index))
+    return adapter.lora
+
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "PEFT_OUTPUT",
+    "AdapterError",
+    "AdapterWeights",
+    "adapter_shapes",
+    "load_peft_adapter",
+    "lora_config_of",
+    "open_peft_adapter",
+    "peft_config",
+    "save_peft_adapter",
+    "write_peft_folder",
+]

@@ -1,0 +1,218 @@
+"""LoRA adapters in Hugging Face PEFT's format, merged exports and base + adapter inference, each checked against
+PEFT itself (`PeftModel` on transformers' MistralForCausalLM): its logits, its `merge_and_unload()` and its greedy
+generate."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import MistralForCausalLM
+
+from mistral_lightning import Mistral, MistralConfig
+from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter
+from mistral_lightning.adapters.peft_format import (
+    ADAPTER_CONFIG,
+    AdapterError,
+    load_peft_adapter,
+    save_peft_adapter,
+)
+from mistral_lightning.checkpoint.integrity import LIGHTNING_METADATA
+from mistral_lightning.cli import main as cli_main
+from mistral_lightning.generation.loading import load_model
+
+IDS = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+DEFAULT = LoRAConfig(rank=4, alpha=8.0)
+EVERY_LINEAR = LoRAConfig(rank=2, alpha=3.0, targets=("q", "k", "v", "o", "gate", "up", "down", "lm_head"))
+
+
+def tiny_model(**fields) -> Mistral:
+    # Large weights make greedy decoding depend on every weight, so a wrong merge changes the tokens.
+    model = Mistral(MistralConfig.from_name("tiny", initializer_range=0.2, **fields))
+    model.init_weights(torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Our tiny model and its HF folder (fp32), the base every adapter here goes onto."""
+    model = tiny_model()
+    return model, model.save_pretrained(tmp_path_factory.mktemp("base"), dtype=torch.float32)
+
+
+def adapted(model: Mistral, lora: LoRAConfig, seed: int = 1) -> Mistral:
+    """A copy of `model` with LoRA applied and random nonzero A and B, as if trained."""
+    model = copy.deepcopy(model)
+    apply_lora(model, lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_adapter_parameter(name):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def peft_model(folder, adapter) -> PeftModel:
+    hf = MistralForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return PeftModel.from_pretrained(hf, adapter).eval()
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    out = model(IDS)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def lora_fit_checkpoint(path, model: Mistral, lora: LoRAConfig, pretrained) -> None:
+    """What a LoRA `fit` saves (a DCP folder): the adapters alone, model.pretrained and model.lora recorded."""
+    state = {
+        f"model.{name}": p.detach() for name, p in model.named_parameters() if is_adapter_parameter(name)
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"state_dict": state}, checkpoint_id=path, no_dist=True)
+    hyper_parameters = {"pretrained": str(pretrained), "lora": dataclasses.asdict(lora)}
+    torch.save(
+        {"hyper_parameters": hyper_parameters, "mistral_config": dataclasses.asdict(model.config)},
+        path / LIGHTNING_METADATA,
+    )
+
+
+@pytest.mark.parametrize("lora", [DEFAULT, EVERY_LINEAR], ids=["default", "every-linear"])
+def test_our_adapter_loads_in_peft_and_gives_our_logits(base, tmp_path, lora):
+    model, folder = base
+    ours = adapted(model, lora)
+    save_peft_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(folder))
+    theirs = peft_model(folder, tmp_path / "adapter")
+    expected = logits(theirs)
+    assert not torch.allclose(expected, logits(model), atol=1e-3)  # the adapter changes the output
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_made_adapter_loads_onto_our_model_and_merged_for_inference(base, tmp_path):
+    model, folder = base
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+    theirs = get_peft_model(MistralForCausalLM.from_pretrained(folder, dtype=torch.float32), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.normal_(std=0.2)
+    theirs.save_pretrained(tmp_path / "peft")  # also saves the targeted lm_head's own weight
+    expected = logits(theirs.eval())
+    assert not torch.allclose(expected, logits(model), atol=1e-3)
+
+    ours = copy.deepcopy(model)
+    lora = load_peft_adapter(ours, tmp_path / "peft")
+    assert (lora.rank, lora.alpha, lora.targets) == (4, 8, ("q", "v", "down", "lm_head"))
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+    merged = load_model(folder, adapter=tmp_path / "peft")
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_checkpoint_exports_merged_as_peft_merges_and_as_a_peft_folder(base, tmp_path):
+    model, folder = base
+    ours = adapted(model, EVERY_LINEAR)
+    checkpoint = tmp_path / "step=2.ckpt"
+    lora_fit_checkpoint(checkpoint, ours, EVERY_LINEAR, folder)
+    peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
+    export = ["export", "--checkpoint", str(checkpoint), "--dtype", "float32"]
+    assert cli_main([*export, "--out", str(peft_dir), "--lora-format", "peft"]) == 0
+    assert cli_main([*export, "--out", str(merged_dir)]) == 0
+
+    theirs = peft_model(folder, peft_dir)
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    reference = theirs.merge_and_unload().state_dict()
+    exported = load_file(merged_dir / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert json.loads((peft_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(
+        folder.resolve()
+    )
+
+
+def test_generate_with_an_adapter_equals_the_merged_export_and_peft(
+    base, tmp_path, tokenizer, tokenizer_path, capsys
+):
+    model, folder = base
+    ours = adapted(model, DEFAULT, seed=3)
+    checkpoint = tmp_path / "lora-checkpoint"
+    lora_fit_checkpoint(checkpoint, ours, DEFAULT, folder)
+    export = ["export", "--checkpoint", str(checkpoint), "--dtype", "float32"]
+    assert cli_main([*export, "--out", str(tmp_path / "peft"), "--lora-format", "peft"]) == 0
+    assert cli_main([*export, "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+
+    prompt = "The capital of France is"
+    options = ["--tokenizer", tokenizer_path, "--max-new-tokens", "6", "--prompt", prompt]
+    outputs = []
+    for source in (
+        ["--checkpoint", str(folder), "--adapter", str(tmp_path / "peft")],
+        ["--checkpoint", str(tmp_path / "merged")],
+        ["--checkpoint", str(checkpoint)],  # the LoRA checkpoint alone: its recorded base + its adapters
+    ):
+        assert cli_main(["generate", *source, *options]) == 0
+        outputs.append(capsys.readouterr().out)
+    ids = tokenizer.encode(prompt, bos=True)
+    reference = peft_model(folder, tmp_path / "peft").generate(
+        torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_id, pad_token_id=0
+    )[0, len(ids) :]
+    expected = tokenizer.decode([t for t in reference.tolist() if t != tokenizer.eos_id]) + "\n"
+    base_output = ["generate", "--checkpoint", str(folder), *options]
+    assert cli_main(base_output) == 0
+    assert capsys.readouterr().out != expected  # the adapter changes the completion
+    assert outputs == [expected] * 3
+
+
+def test_bad_adapters_get_one_line(base, tmp_path, capsys):
+    model, folder = base
+    other = adapted(tiny_model(hidden_size=32), DEFAULT)
+    save_peft_adapter(other, tmp_path / "other")
+    with pytest.raises(
+        AdapterError, match=r"lora_A.weight' has shape \[4, 32\] but the base model needs \[4, 64\]"
+    ):
+        load_peft_adapter(copy.deepcopy(model), tmp_path / "other")
+
+    (tmp_path / "empty").mkdir()
+    for adapter, message in [
+        ("other", "has shape [4, 32] but the base model needs [4, 64]"),
+        ("empty", f"no {ADAPTER_CONFIG}, so not a PEFT adapter folder"),
+    ]:
+        argv = [
+            "generate",
+            "--checkpoint",
+            str(folder),
+            "--adapter",
+            str(tmp_path / adapter),
+            "--prompt",
+            "x",
+        ]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+    checkpoint = tmp_path / "lora-checkpoint"
+    lora_fit_checkpoint(checkpoint, adapted(model, DEFAULT), DEFAULT, tmp_path / "moved-away")
+    for argv, message in [
+        (
+            ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")],
+            "which is not a folder from here",
+        ),
+        (
+            ["convert", "--loader", "lightning", "--saver", "hf", "--load-dir", str(checkpoint)]
+            + ["--save-dir", str(tmp_path / "out")],
+            "holding only the adapters",
+        ),
+    ]:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
