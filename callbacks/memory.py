@@ -9,15 +9,15 @@ from mistral_lightning.devices import peak_memory
 
 
 class MemoryMonitor(L.Callback):
-    """Logs `memory/peak_*_mb` every step; at the end of training keeps the largest peak over all ranks
-    in `peak_memory_bytes` (reserved on accelerators, RSS on CPU) for the throughput summary row."""
+    """Logs `memory/peak_*_mib` (MiB, 2**20 bytes) every step; at the end of training keeps the largest
+    peak over all ranks in `peak_memory_bytes` (reserved on accelerators, RSS on CPU) for the summary row."""
 
     def __init__(self) -> None:
         self.peak_memory_bytes: int | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         figures = peak_memory(trainer.strategy.root_device)
-        pl_module.log_dict({f"memory/{name}_mb": value / 2**20 for name, value in figures.items()})
+        pl_module.log_dict({f"memory/{name}_mib": value / 2**20 for name, value in figures.items()})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = trainer.strategy.root_device

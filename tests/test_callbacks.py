@@ -36,7 +36,10 @@ def _run(monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: f
     clock = FakeClock()
     monkeypatch.setattr(throughput_module, "perf_counter", clock)
     strategy = SimpleNamespace(
-        distributed_sampler_kwargs={"num_replicas": replicas, "rank": 0}, root_device=torch.device("cpu")
+        distributed_sampler_kwargs={"num_replicas": replicas, "rank": 0},
+        root_device=torch.device("cpu"),
+        # Every rank counts the same tokens here, so their sum is world_size times this rank's.
+        reduce=lambda tensor, reduce_op: tensor * world_size,
     )
     trainer = SimpleNamespace(world_size=world_size, global_step=0, strategy=strategy, is_global_zero=True)
     logged: list[dict] = []
@@ -71,8 +74,8 @@ def test_recipe_figures_by_hand(monkeypatch, world_size, replicas):
         "throughput/tflops_per_device": tflops_per_device,
         "throughput/mfu": tflops_per_device / 295.0,
     }
-    assert len(logged) == 2  # rolling values appear once the window of 3 steps is full: steps 3 and 4
-    assert logged[-1] == pytest.approx(expected, rel=1e-9)
+    assert len(logged) == 3  # from the second step on (steps 2, 3 and 4), before the window of 3 is full
+    assert all(values == pytest.approx(expected, rel=1e-9) for values in logged)
     if world_size == 8:
         assert logged[-1]["throughput/tokens_per_sec_per_device"] == pytest.approx(2806.6, abs=0.1)
     summary = monitor.summary  # from the end of step 1 to the end of step 4
@@ -86,7 +89,7 @@ def test_summary_row_in_the_recipes_format(monkeypatch):
     assert "mfu" not in monitor.summary  # no peak for a CPU unless configured
     row = format_summary(monitor.summary, memory_bytes=44642 * 2**20).splitlines()
     assert row[0] == "| Device | Model | Iterations | samples/s | tokens/s/p | s/step | memory/p |"
-    assert row[2] == "| 8 x CPU | Mistral-7B 32K | 2 | 0.685 | 2807 | 46.7 | ~44642MB |"
+    assert row[2] == "| 8 x CPU | Mistral-7B 32K | 2 | 0.685 | 2807 | 46.7 | ~44642MiB |"
 
 
 def test_a_single_step_has_no_rates(monkeypatch):
