@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
+from checkpoint_runs import fit_config
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import MistralForCausalLM
@@ -216,3 +218,28 @@ def test_bad_adapters_get_one_line(base, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_fit_with_lora_then_export_loads_in_peft_and_transformers(base, toy_data, tmp_path):
+    """End to end through the CLI: a LoRA fit over an HF base -> `export --lora-format peft` -> PEFT gives the
+    logits of our model loaded from the checkpoint; `export` (merged) -> transformers gives the same."""
+    model, folder = base
+    config_path = fit_config(tmp_path / "run", toy_data, lr=1e-2, every=2)
+    config = yaml.safe_load(config_path.read_text())
+    config["model"].update(
+        pretrained=str(folder), lora={"rank": 4, "alpha": 8.0, "targets": ["q", "v", "down"]}
+    )
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli_main(["fit", "--config", str(config_path), "--trainer.max_steps", "2"]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "step=2.ckpt"
+    export = ["export", "--checkpoint", str(checkpoint), "--dtype", "float32"]
+    assert cli_main([*export, "--out", str(tmp_path / "peft"), "--lora-format", "peft"]) == 0
+    assert cli_main([*export, "--out", str(tmp_path / "merged")]) == 0
+
+    ours = logits(load_model(checkpoint))
+    expected = logits(peft_model(folder, tmp_path / "peft"))
+    assert (expected - logits(model)).abs().max() > 1e-4  # two steps moved the adapters off B = 0
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    merged = MistralForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    # Merged weights round in another order than PEFT's separate adapter path, hence 1e-4.
+    torch.testing.assert_close(logits(merged.eval()), expected, rtol=1e-4, atol=1e-4)
