@@ -275,3 +275,18 @@ def test_a_body_that_does_not_parse_gets_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature="hot")
     assert "temperature: Input should be a valid number" in error.value.message
+
+
+def test_a_wrong_checkpoint_or_device_is_one_line_before_anything_starts(folder, tmp_path, capsys):
+    from mistral_lightning import cli
+
+    assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"mistral-lightning serve: error: {tmp_path / 'missing'}: no such file or folder; pass an HF model folder "
+        "(config.json + *.safetensors) or a checkpoint written by `fit` (a DCP folder or a .ckpt file)"
+    ]
+    assert cli.main(["serve", "--checkpoint", str(folder), "--batch-timeout", "-1"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "mistral-lightning serve: error: --batch-timeout -1: give a number of seconds >= 0"
+    )

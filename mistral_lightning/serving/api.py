@@ -18,6 +18,7 @@ class ModelSettings:
     """What the worker needs to load the model and tokenizer (the `serve` options, picklable)."""
 
     checkpoint: str
+    adapter: str | None
     tokenizer_model: str | None
     device: str
     dtype: str
@@ -38,6 +39,7 @@ class MistralAPI(ls.LitAPI):
         settings = self.settings
         self.model = load_model(
             settings.checkpoint,
+            adapter=settings.adapter,
             device=settings.device,
             dtype=settings.dtype,
             trust_checkpoint=settings.trust_checkpoint,

@@ -70,18 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         import litserve as ls
     except ImportError:
         raise ServeError("serve needs LitServe: pip install 'mistral-lightning[serve]'") from None
-    from mistral_lightning.generation.loading import (
-        _open as open_checkpoint,
-    )  # the weights `load_model` reads
+    from mistral_lightning.adapters.merge import with_adapters
+    from mistral_lightning.devices import check_device_available
+    from mistral_lightning.generation.loading import _open as open_checkpoint  # what load_model reads
     from mistral_lightning.generation.loading import load_tokenizer
     from mistral_lightning.serving.api import MistralAPI, ModelSettings
     from mistral_lightning.serving.responses import add_error_handlers
     from mistral_lightning.serving.spec import OpenAIEndpoints
 
-    # Read the architecture and the tokenizer here, so a wrong path is one line before anything starts.
-    source = open_checkpoint(Path(args.checkpoint), args.trust_checkpoint)
-    config = source.config
-    source.close()
+    # The device, weights, adapter and tokenizer are checked here (the worker loads them again), so a
+    # mistake is one line before anything starts; the HTTP process needs the context length and tokenizer.
+    check_device_available(args.device, "--device")
+    weights = with_adapters(open_checkpoint(Path(args.checkpoint), args.trust_checkpoint), args.adapter)
+    config = weights.config
+    weights.close()
     tokenizer = load_tokenizer(
         args.tokenizer_model,
         args.checkpoint,
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     settings = ModelSettings(
         args.checkpoint,
+        args.adapter,
         args.tokenizer_model,
         args.device,
         args.dtype,
