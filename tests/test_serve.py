@@ -290,3 +290,35 @@ def test_a_wrong_checkpoint_or_device_is_one_line_before_anything_starts(folder,
         capsys.readouterr().err.strip()
         == "mistral-lightning serve: error: --batch-timeout -1: give a number of seconds >= 0"
     )
+
+
+def test_a_mixed_batch_decodes_each_request_as_it_would_alone(folder, transformers_greedy):
+    """What the worker does with a batch LitServe collects: greedy rows together, the sampled row alone,
+    each with its own max_tokens and stop strings."""
+    from mistral_lightning.generation import generate
+    from mistral_lightning.generation.loading import load_model, load_tokenizer
+    from mistral_lightning.serving.decoding import decode_requests
+    from mistral_lightning.serving.requests import DecodingRequest
+
+    model, tokenizer = load_model(folder), load_tokenizer(None, folder)
+    long_text, _ = transformers_greedy(_encode("def main():"), 12)
+    stop = long_text[5:8]
+    batch = [
+        DecodingRequest(_encode("Once upon a time"), 5, 0.0, 1.0, None, []),
+        DecodingRequest(_encode(PROMPT), 10, 0.9, 0.95, 7, []),
+        DecodingRequest(_encode("def main():"), 12, 0.0, 1.0, None, ["zzz", stop]),
+        DecodingRequest(_encode("1, 2, 3,"), 8, 0.0, 1.0, None, []),
+    ]
+    steps = list(decode_requests(model, tokenizer, batch))
+    texts = ["".join(step[row]["text"] for step in steps if step[row]) for row in range(len(batch))]
+    reasons = [[step[row]["finish_reason"] for step in steps if step[row]][-1] for row in range(len(batch))]
+    sampled = generate(
+        model, [_encode(PROMPT)], 10, temperature=0.9, top_p=0.95, generator=torch.Generator().manual_seed(7)
+    )
+    assert texts == [
+        transformers_greedy(_encode("Once upon a time"), 5)[0],
+        tokenizer.decode(sampled[0]),
+        long_text[: long_text.index(stop)],
+        transformers_greedy(_encode("1, 2, 3,"), 8)[0],
+    ]
+    assert reasons == ["length", "stop" if sampled[0][-1] == EOS else "length", "stop", "length"]
