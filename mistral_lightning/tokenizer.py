@@ -38,11 +38,35 @@ class TemplateError(UserError):
     """A conversation that the tokenizer's chat format cannot encode (wrong role order, empty turn, ...)."""
 
 
-def default_tokenizer_path() -> Path:
-    """Mistral's v1 sentencepiece model, shipped inside mistral-common: the tokenizer of Mistral-7B v0.1/v0.2."""
+# Names for the tokenizers mistral-common ships, accepted wherever a tokenizer file is (a path that exists
+# wins); each is the file behind mistral-common's MistralTokenizer.v1(), .v2(), .v3(), .v7(), .v3(is_tekken=True).
+SHIPPED_TOKENIZERS = {
+    "mistral-v1": "tokenizer.model.v1",  # Mistral-7B v0.1 / v0.2
+    "mistral-v2": "mistral_instruct_tokenizer_240216.model.v2",
+    "mistral-v3": "mistral_instruct_tokenizer_240323.model.v3",  # Mistral-7B v0.3
+    "mistral-v7": "mistral_instruct_tokenizer_241114.model.v7",
+    "tekken": "tekken_240718.json",  # Mistral NeMo
+}
+DEFAULT_TOKENIZER = "mistral-v1"
+
+
+def shipped_tokenizer_path(name: str) -> Path:
+    """The file inside mistral-common behind one of SHIPPED_TOKENIZERS' names."""
     import mistral_common
 
-    return Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
+    return Path(os.path.dirname(mistral_common.__file__)) / "data" / SHIPPED_TOKENIZERS[name]
+
+
+def default_tokenizer_path() -> Path:
+    """The file of DEFAULT_TOKENIZER (Mistral's v1 sentencepiece model): the tokenizer of Mistral-7B v0.1/v0.2."""
+    return shipped_tokenizer_path(DEFAULT_TOKENIZER)
+
+
+def resolve_tokenizer_name(path: str | os.PathLike) -> Path:
+    """`path` itself, or the shipped file a name such as `mistral-v3` stands for when no such path exists."""
+    if str(path) in SHIPPED_TOKENIZERS and not Path(path).exists():
+        return shipped_tokenizer_path(str(path))
+    return Path(path)
 
 
 def _versioned_models(folder: Path) -> list[Path]:
@@ -68,8 +92,9 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 def find_tokenizer_file(path: str | os.PathLike, *, use_fast: bool = True) -> Path:
-    """The tokenizer file `path` names: the file itself, or the first of an HF model folder's `tokenizer_files`."""
-    path = Path(path)
+    """The tokenizer file `path` names: the file itself, the first of an HF model folder's `tokenizer_files`, or
+    the file of a shipped tokenizer's name (`mistral-v1`, `mistral-v3`, `tekken`, ...)."""
+    path = resolve_tokenizer_name(path)
     if path.is_dir():
         found = tokenizer_files(path, use_fast=use_fast)
         if found:
@@ -88,7 +113,8 @@ def find_tokenizer_file(path: str | os.PathLike, *, use_fast: bool = True) -> Pa
     if not path.is_file():
         raise TokenizerError(
             f"tokenizer {path} does not exist; give a tokenizer file ({SENTENCEPIECE_FILE}[.vN], "
-            f"tekken*.json, {HF_JSON_FILE}) or an HF model folder holding one"
+            f"tekken*.json, {HF_JSON_FILE}), an HF model folder holding one, or the name of one mistral-common "
+            f"ships: {', '.join(SHIPPED_TOKENIZERS)}"
         )
     if _file_kind(path) is None:
         raise TokenizerError(

@@ -1,0 +1,1 @@
+"""The fit configs, installed as the package data of `mistral_lightning.configs` (see configs_cli.py)."""
