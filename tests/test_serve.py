@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -58,8 +59,16 @@ def folder(tmp_path_factory) -> Path:
     return path
 
 
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def client(folder, tmp_path_factory):
+def server(folder, tmp_path_factory):
+    """`serve` on a free port in its own session; its start overlaps the references the tests compute."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     command = [
@@ -83,20 +92,27 @@ def client(folder, tmp_path_factory):
         "warning",
     ]
     with open(log, "w") as output:
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_until_healthy(server, port, log)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        yield Server(process, port, log)
     finally:
-        server.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
         try:
-            server.wait(timeout=40)
+            process.wait(timeout=40)
         finally:
-            leftovers = _session_alive(server.pid)
+            leftovers = _session_alive(process.pid)
             if leftovers:
-                os.killpg(server.pid, signal.SIGKILL)
-    assert server.returncode == 0, log.read_text()
+                os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, log.read_text()
     assert not leftovers, "the server left processes behind after SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    _wait_until_healthy(server.process, server.port, server.log)
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=60
+    )
 
 
 def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path) -> None:
@@ -156,7 +172,7 @@ def _generate_command(folder: Path, capsys, *args: str) -> str:
 
 
 def test_greedy_chat_is_the_models_chat_format_and_equals_transformers_and_generate(
-    client, folder, transformers_greedy, capsys
+    server, transformers_greedy, client, folder, capsys
 ):
     ids = prompt_ids("v3", MESSAGES)
     expected, tokens = transformers_greedy(ids, 12)
