@@ -33,8 +33,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.distributed.tensor.parallel import loss_parallel
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from mistral_lightning.adapters.nf4 import materialize_nf4_
 from mistral_lightning.kernels.attention_dispatch import attention_path
 from mistral_lightning.model import Mistral
 from mistral_lightning.parallel import clip_grad_norm_
@@ -74,9 +75,21 @@ class MemoryReport:
     seconds: float
 
 
-def _grouped(snapshot: dict[Any, int]) -> dict[str, int]:
+def _grouped(snapshot: dict[Any, int], outside_fsdp: int = 0) -> dict[str, int]:
+    """CATEGORIES of a tracker snapshot; `outside_fsdp`: bytes of parameters FSDP2 leaves out (QLoRA's NF4
+    base), tracked as inputs and alive throughout, so moved to the parameters."""
     named = {getattr(key, "value", key): value for key, value in snapshot.items()}
-    return {group: sum(named.get(name, 0) for name in names) for group, names in CATEGORIES.items()}
+    grouped = {group: sum(named.get(name, 0) for name in names) for group, names in CATEGORIES.items()}
+    grouped["parameters"] += outside_fsdp
+    grouped["activations"] -= outside_fsdp
+    return grouped
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor's storage, or of a wrapper subclass's inner tensors (an NF4 weight's codes and scalers)."""
+    if is_traceable_wrapper_subclass(tensor):
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+    return tensor.untyped_storage().nbytes()
 
 
 @contextlib.contextmanager
@@ -179,6 +192,7 @@ def simulate_training_step(
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(_EveryPositionLabelled())
         model.to_empty(device=DEVICE)
+        materialize_nf4_(model)
         optimizer = make_optimizer(model)
         batch = _batch(shape)
         attn = model.layers[0].attn
@@ -192,8 +206,10 @@ def simulate_training_step(
             # FSDPMemTracker follows FSDP's forward hooks, which only `model(...)` runs: make the loss the forward.
             model.forward = partial(Mistral.loss, model)
         tracker = _tracker(model, optimizer, propagating)
+        outside_fsdp = [p for p in model.parameters() if not isinstance(p, DTensor)] if fsdp else []
         if fsdp:
-            tracker.track_inputs(tuple(batch.values()))
+            # FSDPMemTracker tracks only what FSDP2 manages, and inputs: the parameters it leaves out go as those.
+            tracker.track_inputs((*batch.values(), *outside_fsdp))
         else:
             tracker.track_external(*batch.values())
         loss_fn = model if fsdp else model.loss
@@ -216,10 +232,11 @@ def simulate_training_step(
                     optimizer.zero_grad(set_to_none=True)
             after_step = tracker.get_tracker_snapshot("current").get(DEVICE, {})
         peak = tracker.get_tracker_snapshot("peak").get(DEVICE, {})
+    held = sum(_tensor_bytes(p) for p in outside_fsdp)
     return MemoryReport(
         peak_bytes=int(peak.get("Total", 0)),
-        at_peak=_grouped(peak),
-        after_step=_grouped(after_step),
+        at_peak=_grouped(peak, held),
+        after_step=_grouped(after_step, held),
         tracker_categories={getattr(key, "value", key): int(value) for key, value in peak.items() if value},
         attention_path=attention_paths[0] if attention_paths else "none",
         seconds=time.perf_counter() - start,

@@ -23,6 +23,8 @@ from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, P
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 
+from mistral_lightning.adapters.lora import LoRAConfig
+from mistral_lightning.adapters.nf4 import check_quantize_base
 from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
 from mistral_lightning.lightning_module import MistralLightningModule
@@ -62,6 +64,7 @@ class TrainingLayout:
     parallel: ParallelConfig
     optimizer: OptimizerConfig
     step: StepShape
+    lora: LoRAConfig | None = None
 
     @property
     def world_size(self) -> int:
@@ -80,6 +83,7 @@ def precision_plugin(precision: str) -> Precision:
 def plan(layout: TrainingLayout) -> MemoryReport:
     """Simulate one rank of `layout`: the model built as `MistralLightningModule.configure_model` builds it."""
     plugin = precision_plugin(layout.precision)
+    check_quantize_base(layout.lora, layout.tensor_parallel)
 
     def build() -> Mistral:
         mesh = init_device_mesh(
@@ -97,6 +101,7 @@ def plan(layout: TrainingLayout) -> MemoryReport:
             activation_checkpointing=layout.parallel.activation_checkpointing,
             mp_policy=mixed_precision_policy(layout.precision),
             seq_length=layout.step.seq_length,
+            lora=layout.lora,
         )
 
     return simulate_training_step(
@@ -185,6 +190,14 @@ def _as_dict(value) -> dict:
     return value.as_dict() if hasattr(value, "as_dict") else dict(value or {})
 
 
+def _lora_config(value) -> LoRAConfig | None:
+    if value is None:
+        return None
+    settings = _as_dict(value)
+    settings["targets"] = tuple(settings.get("targets") or LoRAConfig.targets)
+    return LoRAConfig(**settings)
+
+
 def layout_from_config(config) -> TrainingLayout:
     """The TrainingLayout of a parsed `fit` config (a jsonargparse Namespace)."""
     trainer, model_args = config.trainer, config.model
@@ -210,6 +223,7 @@ def layout_from_config(config) -> TrainingLayout:
         precision=precision,
         parallel=ParallelConfig(**_as_dict(model_args.get("parallel"))),
         optimizer=OptimizerConfig(**_as_dict(model_args.get("optimizer"))),
+        lora=_lora_config(model_args.get("lora")),
         step=StepShape(
             micro_batch_size=int(data_args["micro_batch_size"]),
             seq_length=int(data_args["seq_length"]),
@@ -244,6 +258,13 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
 
 
+def _describe_lora(lora: LoRAConfig | None) -> str:
+    if lora is None:
+        return "full fine-tuning: every weight trained"
+    base = "4-bit NF4 (torchao)" if lora.quantize_base == "nf4" else "dense, frozen"
+    return f"LoRA rank {lora.rank} on {', '.join(lora.targets)}; base weights {base}; AdamW over the adapters only"
+
+
 def format_report(
     layout: TrainingLayout, report: MemoryReport, device: tuple[str, float | None], source: str
 ) -> str:
@@ -255,6 +276,7 @@ def format_report(
         f"{layout.data_parallel} x tensor_parallel {layout.tensor_parallel}), seq {step.seq_length}, micro-batch "
         f"{step.micro_batch_size} x {step.micro_batches} accumulated, {layout.precision}, activation checkpointing "
         f"{layout.parallel.activation_checkpointing}, sequence parallel {layout.parallel.sequence_parallel}",
+        f"{_describe_lora(layout.lora)}",
         f"simulated in {report.seconds:.0f} s under FakeTensorMode on a fake process group; attention path "
         f"{report.attention_path}; blocks eager (compiled ones peak lower); every position labelled",
         "",

@@ -108,9 +108,9 @@ def quantize_base_(model: nn.Module) -> set[nn.Parameter]:
 
 
 def nf4_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-    NF4Tensor = _nf4_tensor()
+    """The layers whose weight is NF4 (none, and no torchao import, where nothing was quantised)."""
     for name, layer in target_layers(model, QUANTIZED_LAYERS):
-        if isinstance(layer.weight, NF4Tensor):
+        if hasattr(layer.weight, "quantized_data") and isinstance(layer.weight, _nf4_tensor()):
             yield name, layer
 
 
