@@ -190,16 +190,25 @@ def test_greedy_chat_is_the_models_chat_format_and_equals_transformers_and_gener
 
 
 def test_streamed_chunks_concatenate_to_the_same_text(client, transformers_greedy):
-    expected, tokens = transformers_greedy(prompt_ids("v3", MESSAGES), 12)
-    chunks = list(
-        client.chat.completions.create(
-            model="tiny-v3", messages=MESSAGES, temperature=0, max_tokens=12, stream=True
-        )
+    ids = prompt_ids("v3", MESSAGES)
+    expected, tokens = transformers_greedy(ids, 12)
+    *chunks, usage = client.chat.completions.create(
+        model="m",
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == expected
     assert [chunk.choices[0].finish_reason for chunk in chunks][-1] == _finish_reason(tokens)
     assert all(chunk.choices[0].finish_reason is None for chunk in chunks[:-1])
+    assert (usage.choices, usage.usage.prompt_tokens, usage.usage.completion_tokens) == (
+        [],
+        len(ids),
+        len(tokens),
+    )
 
 
 def test_completions_equal_transformers_and_generate_streaming_or_not(

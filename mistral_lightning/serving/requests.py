@@ -39,6 +39,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
+    stream_options: dict | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 

@@ -30,7 +30,7 @@ class Reply:
         self.id = f"{'chatcmpl' if self.kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
-    def _body(self, choice: dict, chunk: bool) -> dict:
+    def _body(self, choices: list[dict], chunk: bool) -> dict:
         kind = "chat.completion" if self.kind == CHAT else "text_completion"
         object_name = f"{kind}.chunk" if chunk and self.kind == CHAT else kind
         return {
@@ -38,7 +38,7 @@ class Reply:
             "object": object_name,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
         }
 
     def usage(self, completion_tokens: int) -> dict:
@@ -57,7 +57,7 @@ class Reply:
             }
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._body(choice, chunk=False), "usage": self.usage(completion_tokens)}
+        return {**self._body([choice], chunk=False), "usage": self.usage(completion_tokens)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False) -> str:
         """One server-sent event; for chat the first carries the role, and the last an empty delta."""
@@ -68,7 +68,13 @@ class Reply:
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return f"data: {json.dumps(self._body(choice, chunk=True))}\n\n"
+        return f"data: {json.dumps(self._body([choice], chunk=True))}\n\n"
+
+    def usage_chunk(self, completion_tokens: int) -> str:
+        """The extra last event `stream_options: {"include_usage": true}` asks for: no choices, the usage."""
+        return (
+            f"data: {json.dumps({**self._body([], chunk=True), 'usage': self.usage(completion_tokens)})}\n\n"
+        )
 
 
 def error_body(message: str, error_type: str = "invalid_request_error") -> dict:

@@ -98,7 +98,9 @@ class OpenAIEndpoints(LitSpec):
         reply = Reply(kind, self.model_name, len(decoding.prompt_ids))
         pieces = self._pieces(decoding)
         if request.stream:
-            return StreamingResponse(self._events(reply, pieces), media_type="text/event-stream")
+            include_usage = bool((request.stream_options or {}).get("include_usage"))
+            events = self._events(reply, pieces, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
         text: list[str] = []
         try:
             async for piece in pieces:
@@ -109,7 +111,9 @@ class OpenAIEndpoints(LitSpec):
             pass
         return error_response(500, WORKER_FAILED, "server_error")
 
-    async def _events(self, reply: Reply, pieces: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async def _events(
+        self, reply: Reply, pieces: AsyncIterator[dict], include_usage: bool
+    ) -> AsyncIterator[str]:
         if reply.kind == CHAT:
             yield reply.chunk(None, first=True)
         try:
@@ -118,6 +122,8 @@ class OpenAIEndpoints(LitSpec):
                     yield reply.chunk(piece["text"])
                 if piece["finish_reason"]:
                     yield reply.chunk(None, piece["finish_reason"])
+                    if include_usage:
+                        yield reply.usage_chunk(piece["completion_tokens"])
         except WorkerFailed:
             yield f"data: {json.dumps(error_body(WORKER_FAILED, 'server_error'))}\n\n"
         yield STREAM_END
