@@ -1,4 +1,5 @@
-"""`mistral-lightning evaluate --task mmlu`: accuracy per subject and overall; JSON file plus a table.
+"""`mistral-lightning evaluate`: the recipe's MMLU (`--task mmlu`, the default) or lm-evaluation-harness tasks
+(`--harness --tasks ...`); a table, and a JSON file.
 
 Run it under torchrun to split the questions over processes (one model replica each).
 """
@@ -7,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from mistral_lightning.devices import accelerator_module
+from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu import SCORING_MODES, evaluate_mmlu, format_table
+from mistral_lightning.evaluation.ranks import init_distributed as _init_distributed
+from mistral_lightning.evaluation.ranks import is_rank_zero
 from mistral_lightning.generation.loading import add_model_arguments, load_model, load_tokenizer
-from mistral_lightning.kernels.backend import torch_npu
 from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
 
 # A report this command wrote starts as json.dumps of evaluate_mmlu's results does; --overwrite replaces only that.
@@ -23,15 +24,22 @@ MMLU_REPORT = FileKind(
     "MMLU report written by evaluate",
     lambda head: head.startswith(b"{") and b'"task": "mmlu"' in head,
 )
+LM_EVAL_MISSING = "evaluate --harness needs lm-eval: pip install 'mistral-lightning[eval]'"
+
+
+class MissingExtraError(UserError):
+    """An optional dependency the requested feature needs is not installed."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mistral-lightning evaluate", description="Evaluate a checkpoint on MMLU."
+        prog="mistral-lightning evaluate",
+        description="Evaluate a checkpoint on MMLU (the recipe's own scoring) or on lm-evaluation-harness tasks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--task", choices=["mmlu"], default="mmlu")
     parser.add_argument(
-        "--data-dir", required=True, help="MMLU folder with dev/ and test/ (or the test/ folder)"
+        "--data-dir", help="MMLU folder with dev/ and test/ (or the test/ folder); --task mmlu"
     )
     add_model_arguments(parser)
     parser.add_argument("--shots", type=int, default=5, help="solved dev examples before each question")
@@ -49,49 +57,114 @@ def build_parser() -> argparse.ArgumentParser:
         help="logits: compare the letters' next-token logits; generate: greedily generate one token",
     )
     parser.add_argument("--prefill-chunk-size", type=int, help="prompt tokens per forward pass")
-    parser.add_argument("--output", default="mmlu_results.json", help="where to write the JSON report")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an --output file that holds a previous MMLU report"
+        "--output", help="where to write the JSON report (default: mmlu_results.json, harness_results.json)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an --output file that holds a previous report"
+    )
+    harness = parser.add_argument_group("lm-evaluation-harness (pip install 'mistral-lightning[eval]')")
+    harness.add_argument("--harness", action="store_true", help="run lm-eval tasks instead of --task mmlu")
+    harness.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
+    harness.add_argument("--num-fewshot", type=int, help="examples before each question; default: the task's")
+    harness.add_argument(
+        "--limit", type=float, help="at most this many documents per task (below 1: this fraction of them)"
+    )
+    harness.add_argument(
+        "--include-path", help="a folder of your own task YAML files, beside lm-eval's tasks"
     )
     return parser
 
 
-def _init_distributed(device: str) -> str:
-    """The device this process evaluates on. Under torchrun: the one of the requested type numbered
-    LOCAL_RANK, in a process group on the backend PyTorch registers for that type (nccl for cuda, hccl for
-    npu, gloo for cpu)."""
-    if device.split(":")[0] == "npu":
-        torch_npu(needed_by="--device npu")  # registers the npu device type, torch.npu and hccl
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return device
-    device_type = torch.device(device).type
-    if device_type != "cpu":
-        device = f"{device_type}:{os.environ.get('LOCAL_RANK', '0')}"
-        accelerator_module(torch.device(device)).set_device(device)
-    torch.distributed.init_process_group(torch.distributed.get_default_backend_for_device(device_type))
-    return device
+def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    harness_only = {"--tasks": args.tasks, "--num-fewshot": args.num_fewshot, "--limit": args.limit}
+    harness_only["--include-path"] = args.include_path
+    if args.harness:
+        if not args.tasks:
+            parser.error("--harness needs --tasks (comma-separated lm-eval task names)")
+    elif given := [option for option, value in harness_only.items() if value is not None]:
+        parser.error(f"{', '.join(given)} need --harness")
+    elif not args.data_dir:
+        parser.error("--task mmlu needs --data-dir (the MMLU folder with dev/ and test/)")
 
 
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def _load(args: argparse.Namespace, device: str):
+    """The model (with --adapter merged in) and its tokenizer, as every evaluation loads them."""
+    model = load_model(
+        args.checkpoint,
+        adapter=args.adapter,
+        device=device,
+        dtype=args.dtype,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    tokenizer = load_tokenizer(
+        args.tokenizer_model,
+        args.checkpoint,
+        vocab_size=model.config.vocab_size,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    return model, tokenizer
+
+
+def _harness_module():
+    """evaluation.harness.run, or one line saying how to install lm-eval."""
+    try:
+        from mistral_lightning.evaluation.harness import run
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise MissingExtraError(LM_EVAL_MISSING) from None
+    return run
+
+
+def _limit(value: float | None) -> float | int | None:
+    """lm-eval's --limit: a count when whole, else a fraction."""
+    return int(value) if value is not None and value >= 1 and value.is_integer() else value
+
+
+def _evaluate_harness(args: argparse.Namespace) -> int:
+    harness = _harness_module()
+    output = OutputTarget(
+        Path(args.output or "harness_results.json"), option="--output", overwrite=args.overwrite
+    )
+    if is_rank_zero():
+        check_output_file(output, harness.HARNESS_REPORT)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    device = _init_distributed(args.device)
+    try:
+        model, tokenizer = _load(args, device)
+        lm = harness.MistralLightningLM(
+            model,
+            tokenizer,
+            batch_size=args.batch_size,
+            prefill_chunk_size=args.prefill_chunk_size,
+            checkpoint=str(args.checkpoint),
+        )
+        results = harness.evaluate_harness(
+            lm, tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit), include_path=args.include_path
+        )
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if results is not None:  # rank 0
+        harness.write_report(output, results, str(args.checkpoint))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    output = OutputTarget(Path(args.output), option="--output", overwrite=args.overwrite)
-    if _is_rank_zero():
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_mode(parser, args)
+    if args.harness:
+        return _evaluate_harness(args)
+    output = OutputTarget(
+        Path(args.output or "mmlu_results.json"), option="--output", overwrite=args.overwrite
+    )
+    if is_rank_zero():
         check_output_file(output, MMLU_REPORT)  # before scoring, so no result is lost to an unwritable path
     device = _init_distributed(args.device)
     try:
-        model = load_model(
-            args.checkpoint, device=device, dtype=args.dtype, trust_checkpoint=args.trust_checkpoint
-        )
-        tokenizer = load_tokenizer(
-            args.tokenizer_model,
-            args.checkpoint,
-            vocab_size=model.config.vocab_size,
-            trust_checkpoint=args.trust_checkpoint,
-        )
+        model, tokenizer = _load(args, device)
         results = evaluate_mmlu(
             model,
             tokenizer,
@@ -106,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if _is_rank_zero():
+    if is_rank_zero():
         results["checkpoint"] = str(args.checkpoint)
         print(format_table(results))
         written = write_output_file(output, MMLU_REPORT, json.dumps(results, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
+from tqdm import tqdm
 
 from mistral_lightning.distributed import gather_unique, rank_and_world_size
 from mistral_lightning.errors import UserError
@@ -141,6 +142,9 @@ def evaluate_mmlu(
         )
     # Batches of similar length waste little compute on padding.
     mine.sort(key=lambda item: len(item.prompt_ids))
+    # Rank 0 shows its own share; the others score theirs at the same pace.
+    desc = "MMLU questions" if world_size == 1 else f"MMLU questions (rank 0's 1/{world_size})"
+    progress = tqdm(total=len(mine), desc=desc, disable=rank != 0, leave=False)  # the table follows
     for start in range(0, len(mine), batch_size):
         batch = mine[start : start + batch_size]
         predictions = _predict(
@@ -148,6 +152,8 @@ def evaluate_mmlu(
         )
         for item, prediction in zip(batch, predictions):
             item.prediction, item.prompt_ids = prediction, None
+        progress.update(len(batch))
+    progress.close()
     scored = gather_unique(mine, key=lambda item: item.index)
     accuracy, per_subject = _summary(scored, loaded)
     return {
