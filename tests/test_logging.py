@@ -113,6 +113,41 @@ def test_replicas_with_different_padding_count_their_own_tokens(monkeypatch):
     )
 
 
+def _replica_summary(lengths_per_rank: list[list[int]]) -> dict:
+    """On each of 2 gloo ranks (DP2): 3 steps of this rank's padded batch, counted through Lightning's own
+    ModelParallelStrategy.reduce; returns the summary."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    rank = torch.distributed.get_rank()
+    now = [0.0]
+    throughput_module.perf_counter = lambda: now[0]
+    strategy = SimpleNamespace(
+        distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+        root_device=torch.device("cpu"),
+        reduce=ModelParallelStrategy().reduce,
+    )
+    trainer = SimpleNamespace(world_size=2, global_step=0, strategy=strategy, is_global_zero=rank == 0)
+    pl_module = SimpleNamespace(
+        config=MistralConfig.from_name("tiny"), model_name="tiny", log_dict=lambda _: None
+    )
+    monitor = ThroughputMonitor(window_size=10)
+    monitor.on_train_start(trainer, pl_module)
+    for _ in range(3):
+        now[0] += STEP_SECONDS
+        trainer.global_step += 1
+        monitor.on_train_batch_end(trainer, pl_module, None, _padded_batch(lengths_per_rank[rank], 8), 0)
+    monitor.on_train_end(trainer, pl_module)
+    return monitor.summary
+
+
+def test_two_real_ranks_sum_their_tokens_through_lightnings_reduce():
+    from distributed import run_on_ranks
+
+    summaries = run_on_ranks(_replica_summary, [[3, 5], [7, 7]])
+    for summary in summaries:  # both ranks agree: (8 + 14) tokens per step over 2 devices
+        assert summary["tokens_per_sec_per_device"] == pytest.approx((8 + 14) / STEP_SECONDS / 2)
+
+
 # ---------------------------------------------------------------------- a real fit through the CLI
 SAMPLE_TOKENS = 20  # every instruction sample: 19 shifted positions, padded to 24 (a multiple of 8)
 STEPS = 3
