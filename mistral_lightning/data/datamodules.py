@@ -2,7 +2,9 @@
 
 Batches are dicts of [B, T] int64 tensors: `input_ids`, `labels` (already shifted; -100 = no loss),
 `position_ids`, and `document_ids` (tokens attend only to earlier tokens of the same id; padding is -1).
-The training position (consumed samples) is saved in Lightning checkpoints via `state_dict()`.
+The training position (consumed samples) is saved in Lightning checkpoints twice: by the DataModule's
+`state_dict()`, and by the train DataLoader's, which Lightning's fit loop saves with its own state; having one
+is what tells Lightning that the loader resumes mid-epoch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ MAX_UNLABELLED_FRACTION = 0.5
 LABEL_CHECK_SAMPLES = 128
 
 
+class EmptySplitError(UserError):
+    """`validate` or `test` was asked to run on a split without one batch of samples."""
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position is its ResumableSampler's consumed-sample count (Lightning's stateful-loader
+    interface: the fit loop saves `state_dict()` in checkpoints and restores it before iterating)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state_dict)
+
+
+# The command that runs each evaluation split, for the error when that split is empty.
+EVAL_COMMANDS = {"validation": "validate", "test": "test"}
+
+
 class _ResumableDataModule(L.LightningDataModule, abc.ABC):
     """Shared plumbing: per-split datasets, data-parallel sampling from the strategy, consumed-sample state."""
 
@@ -51,7 +72,7 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
                 f"seq_length ({seq_length}) and micro_batch_size ({micro_batch_size}) must be positive"
             )
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
-        self.split_weights = parse_split(split)
+        self.split, self.split_weights = split, parse_split(split)
         self.seed, self.num_workers = seed, num_workers
         self.pad_to_multiple_of = 8
         self.consumed_samples = 0
@@ -117,8 +138,8 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         """(size, rank) of data parallelism; tensor-parallel peers report the same rank, so they get the same batch."""
         return data_parallel_layout(getattr(self.trainer, "strategy", None))
 
-    def _dataloader(self, split: str, sampler: ResumableSampler) -> DataLoader:
-        return DataLoader(
+    def _dataloader(self, split: str, sampler: ResumableSampler) -> ResumableDataLoader:
+        return ResumableDataLoader(
             self.datasets[split],
             batch_size=self.micro_batch_size,
             sampler=sampler,
@@ -151,12 +172,22 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         return self._dataloader("train", self._train_sampler)
 
     def _eval_dataloader(self, split: str) -> DataLoader | list:
-        if split not in self.datasets:
-            return []
         replicas, rank = self._data_parallel()
-        return self._dataloader(
-            split, ResumableSampler(self.datasets[split], self.micro_batch_size, replicas, rank, 0, False)
-        )
+        dataset = self.datasets.get(split, [])
+        sampler = ResumableSampler(dataset, self.micro_batch_size, replicas, rank, 0, False)
+        # During fit an empty split only means no validation; a `validate` or `test` run would report nothing.
+        command = EVAL_COMMANDS[split]
+        if (
+            sampler.samples_per_epoch == 0
+            and getattr(getattr(self.trainer, "state", None), "fn", None) == command
+        ):
+            raise EmptySplitError(
+                f"`{command}` has nothing to run: the {split} split holds {len(dataset)} samples, fewer than one "
+                f"batch (micro_batch_size {self.micro_batch_size} x {replicas} data-parallel ranks), with "
+                f"data.init_args.split {self.split!r} (train,validation,test); give the {split} split a share, "
+                f"e.g. --data.init_args.split {'98,2,0' if split == 'validation' else '98,1,1'}"
+            )
+        return self._dataloader(split, sampler) if split in self.datasets else []
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_dataloader("validation")
@@ -168,9 +199,12 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         # Counted when a training batch reaches the device, i.e. is consumed, not when a worker prefetches it.
         if self.trainer is not None and self.trainer.training:
             replicas, _ = self._data_parallel()
-            self.consumed_samples += self.micro_batch_size * replicas
-            if self._train_sampler is not None:
-                self._train_sampler.consumed_samples = self.consumed_samples
+            # The sampler's count is the one the fit loop restores (ResumableDataLoader.load_state_dict).
+            sampler = self._train_sampler
+            previous = self.consumed_samples if sampler is None else sampler.consumed_samples
+            self.consumed_samples = previous + self.micro_batch_size * replicas
+            if sampler is not None:
+                sampler.consumed_samples = self.consumed_samples
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -323,6 +323,12 @@ class ResumableSampler(DistributedSampler):
         for batch_start in range(start, self.samples_per_epoch, self.global_batch_size):
             yield from order[batch_start + first : batch_start + first + self.micro_batch_size].tolist()
 
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.consumed_samples = int(state_dict["consumed_samples"])
+
     def __len__(self) -> int:
         if self.samples_per_epoch == 0:
             return 0
