@@ -12,6 +12,8 @@ from types import ModuleType
 
 import torch
 
+from mistral_lightning.errors import UserError
+
 
 def accelerator_module(device: torch.device) -> ModuleType:
     """torch.cuda or torch.npu for an accelerator device."""
@@ -44,3 +46,35 @@ def peak_memory(device: torch.device) -> dict[str, int]:
         "peak_allocated": backend.max_memory_allocated(device),
         "peak_reserved": backend.max_memory_reserved(device),
     }
+
+
+class DeviceUnavailableError(UserError):
+    """A device option names a device this machine or this build of torch does not have."""
+
+
+def check_device_available(device: str, option: str) -> torch.device:
+    """`device` parsed, or one line naming `option`: not a device name, npu without torch_npu, or a device
+    type or index this machine lacks (e.g. cuda on a CPU-only torch)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        hint = " (npu needs torch_npu: pip install 'mistral-lightning[npu]' on an Ascend machine)"
+        raise DeviceUnavailableError(
+            f"{option} {device!r} is not a device name this torch knows{hint if device.startswith('npu') else ''}; "
+            "use cpu, cuda, cuda:N or npu:N"
+        ) from err
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if parsed.type == "cuda" and not torch.backends.cuda.is_built():
+        reason = f"this torch {torch.__version__} is built without CUDA"
+    elif count == 0:
+        reason = f"no {parsed.type} device is visible"
+    elif parsed.index is not None and parsed.index >= count:
+        reason = f"this machine has {count} {parsed.type} device(s), numbered from 0"
+    else:
+        return parsed
+    raise DeviceUnavailableError(
+        f"{option} {device}: {reason}; use {option} cpu or a device this machine has"
+    )

@@ -1,26 +1,87 @@
 """`mistral-lightning fit|validate|test|predict`: LightningCLI over MistralLightningModule and the DataModules.
 
 The model section takes MistralLightningModule's arguments; `data` names a DataModule by
-`class_path` (PretrainDataModule or InstructionDataModule); `trainer` is Lightning's Trainer, with
-ModelParallelStrategy (or the NPU variant) for the (data_parallel, tensor_parallel) mesh.
+`class_path` or short name (PretrainDataModule or InstructionDataModule); `trainer` is Lightning's Trainer,
+with ModelParallelStrategy (or the NPU variant) for the (data_parallel, tensor_parallel) mesh.
 `fit --export_hf_dir DIR` also writes the final weights as an HF folder, through the writer `export` uses.
+The optimizer is AdamW and its schedule is built once the model exists (`model.optimizer.*`,
+`model.schedule.*`), so LightningCLI's own `--optimizer`/`--lr_scheduler` are left out of the parser.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
+import mistral_lightning.data.datamodules  # noqa: F401  (imported, its DataModules resolve by short name)
 import mistral_lightning.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
 from mistral_lightning.checkpoint.base import ModelWeights
 from mistral_lightning.checkpoint.hf import HF_OUTPUT, save_hf
 from mistral_lightning.config import parse_dtype
+from mistral_lightning.configs_cli import resolve_config_argv
+from mistral_lightning.errors import UserError
 from mistral_lightning.lightning_module import MistralLightningModule
+from mistral_lightning.npu.accelerator import check_npu_accelerator
 from mistral_lightning.outputs import OutputTarget, check_output_folder, probe_writable
 from mistral_lightning.strategy import prepare_checkpoint_loading, use_safe_strategy
+
+# LightningCLI's optimizer options, which would build the optimizer before configure_model creates the weights.
+OPTIMIZER_OPTIONS = ("--optimizer", "--lr_scheduler")
+
+
+class TrainerSettingError(UserError):
+    """A trainer setting this machine or environment cannot honour."""
+
+
+def refuse_optimizer_options(argv: list[str]) -> None:
+    for argument in argv:
+        option = re.split(r"[=.]", argument, maxsplit=1)[0]
+        if option in OPTIMIZER_OPTIONS:
+            raise UserError(
+                f"{option} is not an option here: the optimizer is AdamW, built after the model exists; set it "
+                "with model.optimizer.* (lr, weight_decay, betas, eps) and its schedule with model.schedule.* "
+                "(kind, warmup_fraction, min_lr), e.g. --model.optimizer.lr 1e-4"
+            )
+
+
+def _config_key_of(settings: Any, class_path: str, prefix: str = "") -> str | None:
+    """The dotted config key whose value (or list item) names `class_path`, e.g. trainer.logger."""
+    if isinstance(settings, dict):
+        if settings.get("class_path") == class_path:
+            return prefix.rstrip(".")
+        for key, value in settings.items():
+            found = _config_key_of(value, class_path, f"{prefix}{key}.")
+            if found:
+                return found
+    if isinstance(settings, list):
+        for item in settings:
+            found = _config_key_of(item, class_path, prefix)
+            if found:
+                return found
+    return None
+
+
+def missing_package_error(err: BaseException, settings: Any) -> TrainerSettingError | None:
+    """One line for a class of the config (a logger, a callback) whose package is not installed, from the
+    ModuleNotFoundError jsonargparse wraps while instantiating it; None for any other error."""
+    class_path = None
+    while err is not None:
+        if isinstance(err, ModuleNotFoundError):
+            short = class_path.rsplit(".", 1)[-1] if class_path else "a class of the config"
+            key = _config_key_of(settings.as_dict(), class_path) if class_path else None
+            return TrainerSettingError(
+                f"{key or 'the config'} {short} cannot start: {' '.join(str(err).split())}"
+            )
+        found = re.search(r"Problem with given class_path '([\w.]+)'", str(err))
+        class_path = found.group(1) if found else class_path
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class MistralCLI(LightningCLI):
@@ -51,9 +112,19 @@ class MistralCLI(LightningCLI):
         )
 
     def instantiate_classes(self) -> None:
+        settings = self.config[self.subcommand]
         # Checkpoints are written and read through SafeModelParallelStrategy, whatever the config names.
-        use_safe_strategy(self.config[self.subcommand])
-        super().instantiate_classes()
+        use_safe_strategy(settings)
+        check_npu_accelerator(settings.trainer.accelerator)
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as err:  # Lightning's word on a trainer setting, e.g. a missing GPU
+            raise TrainerSettingError(f"trainer: {' '.join(str(err).split())}") from err
+        except ValueError as err:
+            missing = missing_package_error(err, settings)
+            if missing is None:
+                raise
+            raise missing from err
         prepare_checkpoint_loading(self.trainer, self.config_init[self.subcommand])
 
     def _export_target(self) -> OutputTarget | None:
@@ -104,10 +175,13 @@ def main(argv: list[str]) -> int:
     """argv starts with the LightningCLI subcommand (fit, validate, test or predict)."""
     # The `mistral-lightning` dispatcher hands over its own argv; Lightning would warn that sys.argv differs.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    refuse_optimizer_options(argv)
+    argv = resolve_config_argv(argv)  # --config tiny/finetune: a config shipped in the package
     MistralCLI(
         MistralLightningModule,
         L.LightningDataModule,
         subclass_mode_data=True,
+        auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=argv,
     )

@@ -13,8 +13,16 @@ from mistral_lightning.kernels.backend import torch_npu
 
 def _npu():
     """`torch.npu`, which torch_npu installs when imported."""
-    torch_npu(needed_by="trainer.accelerator=npu")
+    torch_npu(needed_by="trainer.accelerator npu")
     return torch.npu
+
+
+def check_npu_accelerator(accelerator: Any) -> None:
+    """When `trainer.accelerator` names the NPU, import torch_npu now: without it, one line saying so, instead
+    of Lightning's "NPUAccelerator can not run on your system" traceback."""
+    name = str(getattr(accelerator, "class_path", accelerator))
+    if name == NPUAccelerator.name() or name.rsplit(".", 1)[-1] == NPUAccelerator.__name__:
+        _npu()
 
 
 class NPUAccelerator(Accelerator):
