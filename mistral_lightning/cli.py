@@ -7,7 +7,10 @@ imported lazily so that `mistral-lightning preprocess --help` does not pay for L
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import logging
 import sys
+import warnings
 
 from mistral_lightning.errors import UserError
 
@@ -30,6 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mistral_lightning.generation.cli",
         "generate text or chat from a checkpoint (KV-cache decoding)",
     ),
+    "serve": (
+        "mistral_lightning.serving.cli",
+        "an OpenAI-compatible server (chat completions, completions) on LitServe",
+    ),
     "evaluate": ("mistral_lightning.evaluation.cli", "MMLU accuracy per subject and overall (--task mmlu)"),
     "export": (
         "mistral_lightning.export",
@@ -47,15 +54,63 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mistral_lightning.checkpoint.convert",
         "convert checkpoints between HF, Megatron/ModelLink and training checkpoints",
     ),
+    "configs": (
+        "mistral_lightning.configs_cli",
+        "list the fit configs shipped with the package (fit --config tiny/finetune), or copy them out (--out DIR)",
+    ),
 }
 # LightningCLI parses the subcommand itself, so these get it back in front of their arguments.
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+# Messages of the libraries underneath that say nothing true or useful about a run, each named exactly.
+KNOWN_NOISE_WARNINGS = (
+    # Lightning 2.6's CombinedLoader still builds torch's deprecated LeafSpec; nothing a user can change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+KNOWN_NOISE_LOGS = {
+    # Advertisements for Lightning's cloud logger and model registry, printed at every start.
+    "lightning.pytorch.utilities.rank_zero": (
+        "Tip: For seamless cloud logging",
+        "Tip: For seamless cloud uploads",
+    ),
+    # torchao registers its Enums with torch's pytree on import; torch 2.13 logs that as deprecated.
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+_LOG_FILTERS = {name: _DropMessages(fragments) for name, fragments in KNOWN_NOISE_LOGS.items()}
+
+
+def silence_known_noise() -> None:
+    """Filter KNOWN_NOISE_*; loggers are filtered by name, so neither torch nor Lightning is imported here."""
+    for pattern in KNOWN_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name, log_filter in _LOG_FILTERS.items():
+        logging.getLogger(name).addFilter(log_filter)  # adding the same filter twice keeps one
+
+
+def version() -> str:
+    return importlib.metadata.version("mistral-lightning")
+
+
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
     rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items())
-    return f"usage: mistral-lightning <command> [options]\n\ncommands:\n{rows}\n"
+    return (
+        f"usage: mistral-lightning <command> [options]\n       mistral-lightning --version\n\n"
+        f"commands:\n{rows}\n\n`mistral-lightning <command> --help` lists a command's options and their defaults.\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"mistral-lightning {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
         print(f"mistral-lightning: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    silence_known_noise()
     module = importlib.import_module(SUBCOMMANDS[command][0])
     try:
         return int(module.main([command, *rest] if command in LIGHTNING_SUBCOMMANDS else rest) or 0)
