@@ -19,6 +19,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
+import mistral_lightning.callbacks  # noqa: F401  (imported, its callbacks resolve by short name)
 import mistral_lightning.data.datamodules  # noqa: F401  (imported, its DataModules resolve by short name)
 import mistral_lightning.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
 from mistral_lightning.checkpoint.base import ModelWeights

@@ -73,6 +73,20 @@ def test_datamodule_short_names_resolve(toy_data, tmp_path, capsys):
     assert printed["data"]["init_args"]["data_prefixes"] == [toy_data]
 
 
+def _printed_config(capsys, argv: list[str]) -> dict:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*argv, "--print_config"])
+    assert exit_.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_our_callbacks_resolve_by_short_name(toy_data, tmp_path, capsys):
+    config = fit_config(tmp_path, toy_data)
+    printed = _printed_config(capsys, ["fit", "--config", str(config), "--trainer.callbacks+=MemoryMonitor"])
+    paths = [callback["class_path"] for callback in printed["trainer"]["callbacks"]]
+    assert paths[-1] == "mistral_lightning.callbacks.MemoryMonitor"
+
+
 # ---------------------------------------------------------------------- 4. one line instead of a traceback
 def test_npu_accelerator_without_torch_npu_is_one_line(toy_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(
