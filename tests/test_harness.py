@@ -11,13 +11,16 @@ does that with add_bos_token=False (with True it scores BOS after BOS too).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval.tasks
 import pytest
 import torch
 import yaml
@@ -240,6 +243,32 @@ def test_evaluate_harness_on_two_ranks_writes_lm_evals_results(hf_folder, task_f
         assert report["results"]["tiny_ppl"][metric] == pytest.approx(expected["tiny_ppl"][metric], rel=1e-5)
     # A second run refuses to replace the report without --overwrite, before loading anything.
     assert cli.main(argv) == 2
+
+
+def test_lm_evals_own_command_line_runs_the_registered_model(
+    hf_folder, task_folder, reference, monkeypatch, capsys
+):
+    """`python -m mistral_lightning.evaluation.harness` is `lm_eval` with our model registered; a bad
+    model_args key is one line."""
+    # lm-eval's command line indexes its ~15,000 built-in tasks (seconds); the test's tasks are all local.
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+
+    def lm_eval_main(model_args: str) -> int:
+        argv = ["lm_eval", "--model", "mistral-lightning", "--model_args", model_args, "--tasks", "tiny_mc"]
+        monkeypatch.setattr(sys, "argv", [*argv, "--include_path", str(task_folder), "--batch_size", "4"])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_module("mistral_lightning.evaluation.harness", run_name="__main__")
+        return exit_.value.code
+
+    assert lm_eval_main(f"checkpoint={hf_folder},dtype=float32") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("|tiny_mc"))
+    cells = [cell.strip() for cell in row.split("|")]
+    assert float(cells[cells.index("acc") + 2]) == pytest.approx(reference[1]["tiny_mc"]["acc,none"]), row
+    assert lm_eval_main(f"checkpoint={hf_folder},window=4") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mistral-lightning: error: model_args window: unknown to mistral-lightning"), (
+        err
+    )
 
 
 def test_missing_lm_eval_is_one_line(monkeypatch, hf_folder, capsys):

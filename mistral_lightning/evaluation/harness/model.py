@@ -122,10 +122,17 @@ class MistralLightningLM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> MistralLightningLM:
-        """lm-eval's model_args plus its own batch_size/device options (max_batch_size is not used)."""
+        """lm-eval's model_args, over its own batch_size and device options (max_batch_size is not used).
+
+        lm-eval's command line passes device cuda:0 unless told otherwise; like its hf model, a CUDA device
+        this machine lacks then gives way to the default (a device named in model_args is used as named).
+        """
         extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
         extra.pop("max_batch_size", None)
-        options = {**arg_dict, **extra}
+        if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
+            log.info("no CUDA device here; %s runs on the CPU", MODEL_NAME)
+            extra.pop("device")
+        options = {**extra, **arg_dict}
         known = {"checkpoint", "tokenizer", "adapter", "dtype", "device", "trust_checkpoint", "batch_size"}
         known |= {"max_gen_toks", "add_bos_token", "prefill_chunk_size"}
         unknown = sorted(set(options) - known)
