@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prefill-chunk-size", type=int, help="prompt tokens per forward pass")
     parser.add_argument(
-        "--output", help="where to write the JSON report (default: mmlu_results.json, harness_results.json)"
+        "--output",
+        help="the JSON report (None: mmlu_results.json, or harness_results.json with --harness)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an --output file that holds a previous report"
@@ -66,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     harness = parser.add_argument_group("lm-evaluation-harness (pip install 'mistral-lightning[eval]')")
     harness.add_argument("--harness", action="store_true", help="run lm-eval tasks instead of --task mmlu")
     harness.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
-    harness.add_argument("--num-fewshot", type=int, help="examples before each question; default: the task's")
     harness.add_argument(
-        "--limit", type=float, help="at most this many documents per task (below 1: this fraction of them)"
+        "--num-fewshot", type=int, help="examples before each question (None: the task's own)"
+    )
+    harness.add_argument(
+        "--limit",
+        type=float,
+        help="at most this many documents per task (below 1: this fraction of them; None: all)",
     )
     harness.add_argument(
         "--include-path", help="a folder of your own task YAML files, beside lm-eval's tasks"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 from tqdm import tqdm
 
 from mistral_lightning.distributed import gather_unique, rank_and_world_size
@@ -95,6 +94,9 @@ def _predict(
 
 def _summary(items: list[_Item], subjects: list[Subject]) -> tuple[float, dict[str, dict]]:
     """Micro-averaged accuracy and per-subject accuracy, with torchmetrics (items are already gathered)."""
+    # Imported here: torchmetrics takes seconds to import, which evaluate --harness need not pay.
+    from torchmetrics import MeanMetric
+
     overall = MeanMetric(sync_on_compute=False)
     per_subject = {}
     for subject in subjects:
