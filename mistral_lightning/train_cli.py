@@ -86,6 +86,10 @@ def missing_package_error(err: BaseException, settings: Any) -> TrainerSettingEr
 
 
 class MistralCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Every parser built on this one (fit's, plan's) leaves out the optimizer options (OPTIMIZER_OPTIONS).
+        super().__init__(*args, auto_configure_optimizers=False, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--export_hf_dir",
@@ -182,7 +186,6 @@ def main(argv: list[str]) -> int:
         MistralLightningModule,
         L.LightningDataModule,
         subclass_mode_data=True,
-        auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         args=argv,
     )
