@@ -100,6 +100,11 @@ class MistralLightningModule(L.LightningModule):
                 f"model.loss_normalization={loss_normalization!r} is not one of 'token', 'micro_batch'"
             )
         self.save_hyperparameters()
+        if lora is not None and pretrained and not Path(pretrained).is_dir():
+            raise UserError(
+                f"model.pretrained={pretrained} is not a folder: LoRA adapters, and their checkpoints, hold no "
+                "base weights; restore the base model there or set model.pretrained to a copy of it"
+            )
         self.config = resolve_model_config(model_config, pretrained)
         # A checkpoint's hyper-parameters come back as dicts (load_from_checkpoint).
         self.optimizer_config = _settings(OptimizerConfig, optimizer)
@@ -157,27 +162,16 @@ class MistralLightningModule(L.LightningModule):
         )
         model.to_empty(device=self.trainer.strategy.root_device)
         if self.hparams.pretrained:
-            self._check_base_exists()
             load_hf_weights(WithoutAdapters(model), self.hparams.pretrained)
         else:
             init_weights(model, self.hparams.init_seed)
         if self.lora_config is not None:
             init_adapters(model, self.hparams.init_seed)
-        self.model = model
+            if self.lora_config.adapter:
+                from mistral_lightning.adapters.peft_format import load_peft_adapter
 
-    def _check_base_exists(self) -> None:
-        """An adapter run resumed without its base would train adapters over other weights: name the folder."""
-        pretrained = Path(self.hparams.pretrained)
-        if self.lora_config is not None and not pretrained.is_dir():
-            resuming = (
-                f" the checkpoint {self.trainer.ckpt_path} holds adapters only and"
-                if self.trainer.ckpt_path
-                else ""
-            )
-            raise UserError(
-                f"model.pretrained={pretrained} is not a folder:{resuming} the LoRA adapters train over that base "
-                "model; restore it there or set model.pretrained to a copy of it"
-            )
+                load_peft_adapter(model, self.lora_config.adapter)
+        self.model = model
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -344,8 +338,10 @@ class MistralLightningModule(L.LightningModule):
         """Before a checkpoint loads: its adapters resume only into the same LoRA layout (a full checkpoint
         only into a full run); the base comes from model.pretrained, not from the checkpoint."""
         saved = saved_hparams.get("lora")
-        saved = None if saved is None else _settings(LoRAConfig, saved)
-        if saved != self.lora_config:
+        # Where the adapters started (model.lora.adapter) does not matter once they are in the checkpoint.
+        saved = None if saved is None else dataclasses.replace(_settings(LoRAConfig, saved), adapter=None)
+        current = None if self.lora_config is None else dataclasses.replace(self.lora_config, adapter=None)
+        if saved != current:
             raise UserError(
                 f"{path}: saved with model.lora={_describe(saved)}, but this run has model.lora="
                 f"{_describe(self.lora_config)}; resume with the checkpoint's model.lora (a full checkpoint starts "

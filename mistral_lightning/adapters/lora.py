@@ -38,9 +38,12 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ATTENTION_TARGETS
+    targets: tuple[str, ...] | str = ATTENTION_TARGETS  # str: "all-linear"
     # QLoRA: "nf4" stores the frozen block projections in 4-bit NF4 (adapters/nf4.py); "none" keeps them dense.
     quantize_base: str = "none"
+    # A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) whose weights the adapters start
+    # from, e.g. to continue training one; its rank, alpha and targets must be the ones above.
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
