@@ -35,6 +35,7 @@ from transformers import LlamaTokenizer
 from mistral_lightning import Mistral, MistralConfig, cli
 from mistral_lightning.evaluation import cli as evaluate_cli
 from mistral_lightning.evaluation.harness import MistralLightningLM
+from mistral_lightning.evaluation.harness import run as harness_run
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu
 from mistral_lightning.tokenizer import Tokenizer
 
@@ -269,6 +270,17 @@ def test_lm_evals_own_command_line_runs_the_registered_model(
     assert err[-1].startswith("mistral-lightning: error: model_args window: unknown to mistral-lightning"), (
         err
     )
+
+
+def test_an_unknown_task_is_one_line_before_the_model_loads(task_folder, tmp_path, monkeypatch, capsys):
+    # Built-in tasks left out of the index (indexing them takes seconds); "tiny_nope" is in neither.
+    monkeypatch.setattr(harness_run, "TaskManager", functools.partial(TaskManager, include_defaults=False))
+    argv = ["evaluate", "--harness", "--tasks", "tiny_mc,tiny_nope", "--include-path", str(task_folder)]
+    argv += ["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "report.json")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    expected = f"mistral-lightning evaluate: error: --tasks tiny_nope: not in lm-eval's tasks or --include-path {task_folder};"
+    assert err.startswith(expected) and err.count("\n") == 1, err  # named before the missing checkpoint
 
 
 def test_missing_lm_eval_is_one_line(monkeypatch, hf_folder, capsys):

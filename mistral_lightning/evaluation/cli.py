@@ -135,6 +135,7 @@ def _evaluate_harness(args: argparse.Namespace) -> int:
     if is_rank_zero():
         check_output_file(output, harness.HARNESS_REPORT)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    manager = harness.task_manager(tasks, args.include_path)  # an unknown task is named before any loading
     device = _init_distributed(args.device)
     try:
         model, tokenizer = _load(args, device)
@@ -146,7 +147,7 @@ def _evaluate_harness(args: argparse.Namespace) -> int:
             checkpoint=str(args.checkpoint),
         )
         results = harness.evaluate_harness(
-            lm, tasks, num_fewshot=args.num_fewshot, limit=_limit(args.limit), include_path=args.include_path
+            lm, tasks, manager, num_fewshot=args.num_fewshot, limit=_limit(args.limit)
         )
     finally:
         if torch.distributed.is_initialized():

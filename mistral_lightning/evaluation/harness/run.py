@@ -45,19 +45,14 @@ def task_manager(tasks: list[str], include_path: str | None) -> TaskManager:
 def evaluate_harness(
     lm: MistralLightningLM,
     tasks: list[str],
+    manager: TaskManager,
     *,
     num_fewshot: int | None = None,
     limit: float | None = None,
-    include_path: str | None = None,
 ) -> dict | None:
     """lm-eval's results for `tasks` (None on ranks other than 0, as lm-eval returns them)."""
     return simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=task_manager(tasks, include_path),
-        log_samples=False,
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False
     )
 
 
