@@ -43,9 +43,8 @@ _SAMPLING_OPTIONS = {"do_sample", "temperature", "top_k", "top_p"}
 
 log = logging.getLogger(__name__)
 
-Request = tuple[
-    tuple[str, str] | None, list[int], list[int]
-]  # (strings for lm-eval's cache, context, continuation)
+# (the strings, for lm-eval's cache; context ids; continuation ids)
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
 
 class HarnessOptionError(UserError):
@@ -285,7 +284,8 @@ class MistralLightningLM(TemplateLM):
         for batch in collator.get_batched(n=self.batch_size):
             contexts, all_kwargs = zip(*batch)
             options = dict(normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks))
-            until = handle_stop_sequences(options.pop("until", None), eos=None)
+            # EOS stops a row as a token; an empty stop string would cut every text at its start.
+            until = [stop for stop in handle_stop_sequences(options.pop("until", None), eos=None) if stop]
             max_gen_toks = options.pop("max_gen_toks")
             if max_gen_toks >= self.max_length:
                 raise HarnessOptionError(
