@@ -227,7 +227,8 @@ def logged_run(tmp_path_factory):
         for name, value in {**offline, "MLFLOW_ALLOW_FILE_STORE": "true"}.items():
             env.setenv(name, value)
         assert cli_main(["fit", "--config", str(_fit_config(root, prefix))]) == 0
-        wandb.finish()  # closes the run's log, as the end of the process would
+        wandb.finish()
+        wandb.teardown()  # stops W&B's service process, which writes the run's log to the end
     rows = list(csv.DictReader((root / "csv" / "run" / "metrics.csv").open()))
     return SimpleNamespace(
         root=root, rows=rows, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -280,7 +281,7 @@ def _wandb_run_summary(path: Path) -> dict:
 
     data, block = path.read_bytes(), 32768
     assert data[:4] == b":W&B"
-    position, pending, summary = 7, b"", {}
+    position, pending, summary, kinds = 7, b"", {}, []
     while position + 7 <= len(data):
         left = block - position % block
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
@@ -292,8 +293,10 @@ def _wandb_run_summary(path: Path) -> dict:
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
             record = wandb_internal_pb2.Record.FromString(pending)
-            if record.WhichOneof("record_type") == "summary":
+            kinds.append(record.WhichOneof("record_type"))
+            if kinds[-1] == "summary":
                 summary |= {
                     "/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.summary.update
                 }
+    assert kinds[-1] == "exit", "the run's log ends before its exit record"
     return summary
