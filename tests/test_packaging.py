@@ -92,6 +92,32 @@ def test_fit_takes_a_shipped_config_by_name(tmp_path, monkeypatch, capsys):
     assert printed["data"]["init_args"]["data_prefix"] == source["data"]["init_args"]["data_prefix"]
 
 
+def test_every_spelling_of_the_config_option_takes_a_name(tmp_path, monkeypatch):
+    from mistral_lightning.configs_cli import resolve_config_argv
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("trainer: {max_steps: 1}\n")
+    argv = [
+        "fit",
+        "--config=tiny/finetune",
+        "-c",
+        "tiny/pretrain.yaml",
+        "--config",
+        "configs/tiny/finetune_tp2",
+    ]
+    resolved = resolve_config_argv([*argv, "--config", "mine.yaml", "--trainer.max_steps", "tiny/pretrain"])
+    sources = source_configs()
+    assert Path(resolved[1].removeprefix("--config=")).read_bytes() == sources["tiny/finetune"].read_bytes()
+    assert Path(resolved[3]).read_bytes() == sources["tiny/pretrain"].read_bytes()
+    assert Path(resolved[5]).read_bytes() == sources["tiny/finetune_tp2"].read_bytes()
+    assert resolved[6:] == [
+        "--config",
+        "mine.yaml",
+        "--trainer.max_steps",
+        "tiny/pretrain",
+    ]  # files, other options
+
+
 def test_an_unknown_config_name_is_one_line_naming_the_shipped_ones(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli_main(["fit", "--config", "tiny/finetun"]) == 2
