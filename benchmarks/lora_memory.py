@@ -1,10 +1,11 @@
 """Peak memory and tokens/s of LoRA and QLoRA against full fine-tuning, on the bench config, in one run.
 
-    python -m benchmarks.lora_memory [--seq 2048 8192] [--steps 4] [--threads 2]
+    python -m benchmarks.lora_memory [--seq 2048 8192] [--steps 2] [--checkpointing none|full] [--threads 2]
 
 Each (method, sequence length) is a fresh worker process running the same training step on the same random
 tokens: bf16 weights, batch 1, the module's AdamW (`optim.build_optimizer`: over the trainable parameters
-only), eager blocks, no activation checkpointing. The model is built as training builds it (meta device,
+only), eager blocks, activation checkpointing as `--checkpointing` says (`parallel.apply_activation_checkpointing`;
+without it the activations dominate all three at these lengths). The model is built as training builds it (meta device,
 adapters, NF4 base for QLoRA, filled by `init_weights`). "full" trains every weight; "lora" trains rank-16
 adapters on every block projection over a frozen bf16 base; "qlora" is the same over a torchao NF4 base.
 Peak memory: the CPU allocator's own running total of allocated tensor bytes, recorded by the profiler over
@@ -26,7 +27,7 @@ from mistral_lightning.adapters.lora import LoRAConfig, apply_lora
 from mistral_lightning.adapters.nf4 import materialize_nf4_, quantize_base_
 from mistral_lightning.model import Mistral
 from mistral_lightning.optim import OptimizerConfig, build_optimizer
-from mistral_lightning.parallel import init_adapters, init_weights
+from mistral_lightning.parallel import apply_activation_checkpointing, init_adapters, init_weights
 
 METHODS = {
     "full": None,
@@ -34,10 +35,10 @@ METHODS = {
     "qlora": LoRAConfig(rank=16, alpha=32.0, targets="all-linear", quantize_base="nf4"),
 }
 PROFILED_STEPS = 2
-RESULT_NAME = "lora_memory"
+RESULT_NAME = "lora_memory"  # + _checkpointing_{none,full}.json
 
 
-def build(method: str) -> Mistral:
+def build(method: str, checkpointing: str) -> Mistral:
     lora = METHODS[method]
     with torch.device("meta"):
         model = Mistral(BENCH_CONFIG)
@@ -46,6 +47,7 @@ def build(method: str) -> Mistral:
     model.to(torch.bfloat16)  # bf16 weights and adapters, as under bf16-true
     if lora is not None and lora.quantize_base == "nf4":
         quantize_base_(model)
+    apply_activation_checkpointing(model, checkpointing)
     model.to_empty(device="cpu")
     materialize_nf4_(model)
     init_weights(model, 0)
@@ -54,7 +56,7 @@ def build(method: str) -> Mistral:
     return model
 
 
-def worker(method: str, seq_length: int, steps: int) -> dict:
+def worker(method: str, seq_length: int, steps: int, checkpointing: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     tokens = torch.randint(
@@ -69,7 +71,7 @@ def worker(method: str, seq_length: int, steps: int) -> dict:
         return loss.item()
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build(method)
+        model = build(method, checkpointing)
         optimizer = build_optimizer(model, OptimizerConfig())
         for _ in range(PROFILED_STEPS):
             step(model, optimizer)
@@ -80,6 +82,7 @@ def worker(method: str, seq_length: int, steps: int) -> dict:
     return {
         "method": method,
         "seq_length": seq_length,
+        "activation_checkpointing": checkpointing,
         "peak_allocated_bytes": peak_allocated_bytes(prof),
         "tokens_per_s": steps * seq_length / seconds,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -99,7 +102,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        write_worker_result(args.out, worker(args.method, args.seq[0], args.steps))
+        write_worker_result(args.out, worker(args.method, args.seq[0], args.steps, args.checkpointing))
         return
     rows = []
     for seq_length in args.seq:
@@ -107,7 +110,10 @@ def main() -> None:
         for method in METHODS:
             by_method[method] = run_worker(
                 "benchmarks.lora_memory",
-                ["--method", method, "--seq", str(seq_length), "--steps", str(args.steps)],
+                [
+                    *("--method", method, "--seq", str(seq_length)),
+                    *("--steps", str(args.steps), "--checkpointing", args.checkpointing),
+                ],
                 threads=args.threads,
             )
             print(by_method[method], flush=True)
@@ -125,7 +131,10 @@ def main() -> None:
             f"{row['memory_vs_full']:>7.2f} {row['tokens_per_s']:>9.0f} {row['tokens_per_s_vs_full']:>7.2f} "
             f"{row['trainable_parameters']:>10}"
         )
-    save_json(RESULT_NAME, {"machine": machine(), "config": "BENCH_CONFIG", "rows": rows})
+    save_json(
+        f"{RESULT_NAME}_checkpointing_{args.checkpointing}",
+        {"machine": machine(), "config": "BENCH_CONFIG", "rows": rows},
+    )
 
 
 if __name__ == "__main__":
