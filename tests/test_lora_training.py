@@ -258,3 +258,54 @@ def test_bad_lora_options_are_one_line_before_any_step(option, message, tmp_path
     error = one_line_error(capsys, [*_tiny_lora_argv(tmp_path), option])
     assert re.search(message, error), error
     assert not list(tmp_path.glob("logs/**/metrics.csv"))  # refused before the trainer ran
+
+
+# ---------------------------------------------------------------------- the rest of the plan
+def _checkpointing_and_bf16_runs() -> dict[str, tuple[float, float]]:
+    """Per activation-checkpointing mode and precision, the loss of one backward and the largest difference of
+    its adapter gradients from those without checkpointing in fp32 (small results: a spawned worker's queue)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mistral_lightning.parallel import init_adapters, init_weights, mixed_precision_policy, parallelize
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    config = MistralConfig.from_name("tiny", vocab_size=512)
+    batch = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = None
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        for mode in ("none", "full", "selective"):
+            with torch.device("meta"):
+                model = Mistral(config)
+            lora = LoRAConfig(rank=4, targets=tuple(ALL_TARGETS))
+            policy = mixed_precision_policy(precision)
+            parallelize(model, mesh, activation_checkpointing=mode, mp_policy=policy, lora=lora)
+            model.to_empty(device="cpu")
+            init_weights(model, seed=1)
+            init_adapters(model, seed=1)
+            with torch.no_grad():  # B nonzero, so that A has gradients
+                for name, param in model.named_parameters():
+                    if ".lora_B." in name:
+                        param.to_local().normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+            loss = model.loss(batch, batch.roll(-1, 1), chunk_size=8)
+            loss.backward()
+            grads = torch.cat(
+                [p.grad.full_tensor().float().flatten() for p in model.parameters() if p.grad is not None]
+            )
+            reference = grads if reference is None else reference
+            results[f"{precision}/{mode}"] = (loss.item(), (grads - reference).abs().max().item())
+    results["scale"] = (0.0, reference.abs().max().item())
+    return results
+
+
+def test_activation_checkpointing_and_bf16_mixed_keep_the_adapter_gradients():
+    (results,) = run_on_ranks(_checkpointing_and_bf16_runs, world_size=1)
+    assert results["scale"][1] > 0.01  # the adapters have gradients to compare
+    for mode in ("full", "selective"):  # recomputation changes nothing
+        assert results[f"32-true/{mode}"] == results["32-true/none"]
+        assert results[f"bf16-mixed/{mode}"] == results["bf16-mixed/none"]
+    loss_fp32, _ = results["32-true/none"]
+    loss_bf16, grad_error_bf16 = results["bf16-mixed/none"]
+    assert loss_bf16 == pytest.approx(loss_fp32, rel=1e-2)
+    assert 0 < grad_error_bf16 < 0.1 * results["scale"][1]
