@@ -14,14 +14,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from checkpoint_runs import fit_config
-from peft import LoraConfig, PeftModel, get_peft_model
+from distributed import run_on_ranks
 from safetensors.torch import load_file
-from transformers import MistralForCausalLM
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter
 from mistral_lightning.adapters.peft_format import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     AdapterError,
     load_peft_adapter,
     save_peft_adapter,
@@ -61,9 +61,17 @@ def adapted(model: Mistral, lora: LoRAConfig, seed: int = 1) -> Mistral:
     return model.eval()
 
 
-def peft_model(folder, adapter) -> PeftModel:
-    hf = MistralForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return PeftModel.from_pretrained(hf, adapter).eval()
+# PEFT and transformers are imported where used: the tensor-parallel workers import this module and need neither.
+def hf_model(folder):
+    from transformers import MistralForCausalLM
+
+    return MistralForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def peft_model(folder, adapter):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(hf_model(folder), adapter).eval()
 
 
 @torch.no_grad()
@@ -98,25 +106,71 @@ def test_our_adapter_loads_in_peft_and_gives_our_logits(base, tmp_path, lora):
     torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_peft_made_adapter_loads_onto_our_model_and_merged_for_inference(base, tmp_path):
-    model, folder = base
+PEFT_MADE = LoRAConfig(rank=4, alpha=8.0, targets=("q", "v", "down", "lm_head"))
+
+
+def peft_made_adapter(folder, out) -> torch.Tensor:
+    """An adapter made and saved by PEFT itself over the HF `folder` (random nonzero A and B); its logits."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
-    theirs = get_peft_model(MistralForCausalLM.from_pretrained(folder, dtype=torch.float32), config)
-    torch.manual_seed(2)
+    theirs = get_peft_model(hf_model(folder), config)
+    generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, param in theirs.named_parameters():
             if "lora_" in name:
-                param.normal_(std=0.2)
-    theirs.save_pretrained(tmp_path / "peft")  # also saves the targeted lm_head's own weight
-    expected = logits(theirs.eval())
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    theirs.save_pretrained(out)  # also saves the targeted lm_head's own weight
+    return logits(theirs.eval())
+
+
+def test_a_peft_made_adapter_loads_onto_our_model_and_merged_for_inference(base, tmp_path):
+    model, folder = base
+    expected = peft_made_adapter(folder, tmp_path / "peft")
     assert not torch.allclose(expected, logits(model), atol=1e-3)
 
     ours = copy.deepcopy(model)
     lora = load_peft_adapter(ours, tmp_path / "peft")
-    assert (lora.rank, lora.alpha, lora.targets) == (4, 8, ("q", "v", "down", "lm_head"))
+    assert lora == PEFT_MADE
     torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
     merged = load_model(folder, adapter=tmp_path / "peft")
     torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)
+
+
+def _adapter_under_tensor_parallelism(folder, adapter, out, expected_file) -> float:
+    """Greatest difference between this rank's logits and PEFT's (returned small: run_on_ranks collects
+    results after the workers exit, which a large one would block)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from mistral_lightning.adapters.lora import WithoutAdapters
+    from mistral_lightning.checkpoint.hf import load_hf_weights
+    from mistral_lightning.parallel import parallelize
+
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    with torch.device("meta"):
+        model = Mistral(MistralConfig.from_hf(folder))
+    parallelize(model, mesh, sequence_parallel=False, lora=PEFT_MADE)
+    model.to_empty(device="cpu")
+    load_hf_weights(WithoutAdapters(model), folder)
+    load_peft_adapter(model, adapter)
+    save_peft_adapter(model, out, is_writer=torch.distributed.get_rank() == 0)
+    result = logits(model.eval())
+    result = result.full_tensor() if isinstance(result, DTensor) else result
+    return float((result - torch.load(expected_file)).abs().max())
+
+
+def test_a_peft_adapter_loads_and_saves_under_tensor_parallelism(base, tmp_path):
+    """Each TP rank fills its shard of the adapters (B by rows for q/v/lm_head, A by columns for down)."""
+    _, folder = base
+    torch.save(peft_made_adapter(folder, tmp_path / "peft"), tmp_path / "expected.pt")
+    args = (folder, tmp_path / "peft", tmp_path / "saved", tmp_path / "expected.pt")
+    # 1e-4: the row-parallel layers sum their two halves in another order than one process does.
+    assert max(run_on_ranks(_adapter_under_tensor_parallelism, *args, timeout=300)) < 1e-4
+    saved = load_file(tmp_path / "saved" / ADAPTER_WEIGHTS)
+    original = load_file(tmp_path / "peft" / ADAPTER_WEIGHTS)
+    assert saved.keys() == {name for name in original if ".lora_" in name}
+    assert all(torch.equal(tensor, original[name]) for name, tensor in saved.items())
 
 
 def test_lora_checkpoint_exports_merged_as_peft_merges_and_as_a_peft_folder(base, tmp_path):
@@ -240,6 +294,6 @@ def test_fit_with_lora_then_export_loads_in_peft_and_transformers(base, toy_data
     expected = logits(peft_model(folder, tmp_path / "peft"))
     assert (expected - logits(model)).abs().max() > 1e-4  # two steps moved the adapters off B = 0
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
-    merged = MistralForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    merged = hf_model(tmp_path / "merged")
     # Merged weights round in another order than PEFT's separate adapter path, hence 1e-4.
     torch.testing.assert_close(logits(merged.eval()), expected, rtol=1e-4, atol=1e-4)
