@@ -8,14 +8,15 @@ import copy
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from checkpoint_runs import fit_config
 from distributed import run_on_ranks
 from safetensors.torch import load_file
+from training_utils import write_instruction_data
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter
@@ -30,6 +31,7 @@ from mistral_lightning.checkpoint.integrity import LIGHTNING_METADATA
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.generation.loading import load_model
 
+LORA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "lora.yaml"
 IDS = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
 DEFAULT = LoRAConfig(rank=4, alpha=8.0)
 EVERY_LINEAR = LoRAConfig(rank=2, alpha=3.0, targets=("q", "k", "v", "o", "gate", "up", "down", "lm_head"))
@@ -274,26 +276,38 @@ def test_bad_adapters_get_one_line(base, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_fit_with_lora_then_export_loads_in_peft_and_transformers(base, toy_data, tmp_path):
-    """End to end through the CLI: a LoRA fit over an HF base -> `export --lora-format peft` -> PEFT gives the
-    logits of our model loaded from the checkpoint; `export` (merged) -> transformers gives the same."""
-    model, folder = base
-    config_path = fit_config(tmp_path / "run", toy_data, lr=1e-2, every=2)
-    config = yaml.safe_load(config_path.read_text())
-    config["model"].update(
-        pretrained=str(folder), lora={"rank": 4, "alpha": 8.0, "targets": ["q", "v", "down"]}
-    )
-    config_path.write_text(yaml.safe_dump(config))
-    assert cli_main(["fit", "--config", str(config_path), "--trainer.max_steps", "2"]) == 0
-    checkpoint = tmp_path / "run" / "checkpoints" / "step=2.ckpt"
+def test_fit_with_lora_then_export_loads_in_peft_and_transformers(tmp_path, monkeypatch):
+    """End to end through the CLI: `fit --config configs/tiny/lora.yaml` over an HF base (2 steps) ->
+    `export --lora-format peft` -> PEFT gives the logits of our model loaded from the checkpoint; `export`
+    (merged) -> transformers gives them too."""
+    monkeypatch.chdir(tmp_path)  # the config's runs/ folder goes here
+    config = yaml.safe_load(LORA_CONFIG.read_text())
+    base_model = Mistral(MistralConfig(**config["model"]["model_config"], initializer_range=0.2))
+    base_model.init_weights(torch.Generator().manual_seed(0))
+    folder = base_model.eval().save_pretrained(tmp_path / "base", dtype=torch.float32)
+    data = write_instruction_data(str(tmp_path / "sft"), [(5, 20)] * 8)
+    checkpoints = tmp_path / "checkpoints"
+    fit = ["fit", "--config", str(LORA_CONFIG), "--model.pretrained", str(folder), "--trainer.max_steps", "2"]
+    fit += [
+        "--trainer.limit_val_batches",
+        "0",
+        "--data.init_args.data_prefix",
+        data,
+        "--data.init_args.split",
+        "1,0,0",
+    ]
+    fit += ["--data.init_args.seq_length", "32", "--data.init_args.micro_batch_size", "2"]
+    fit += ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={checkpoints}"]
+    fit += ["--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.filename={step}"]
+    assert cli_main(fit) == 0
+    checkpoint = checkpoints / "step=2.ckpt"
     export = ["export", "--checkpoint", str(checkpoint), "--dtype", "float32"]
     assert cli_main([*export, "--out", str(tmp_path / "peft"), "--lora-format", "peft"]) == 0
     assert cli_main([*export, "--out", str(tmp_path / "merged")]) == 0
 
     ours = logits(load_model(checkpoint))
     expected = logits(peft_model(folder, tmp_path / "peft"))
-    assert (expected - logits(model)).abs().max() > 1e-4  # two steps moved the adapters off B = 0
+    assert (expected - logits(base_model)).abs().max() > 1e-4  # two steps moved the adapters off B = 0
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
-    merged = hf_model(tmp_path / "merged")
     # Merged weights round in another order than PEFT's separate adapter path, hence 1e-4.
-    torch.testing.assert_close(logits(merged.eval()), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(hf_model(tmp_path / "merged").eval()), expected, rtol=1e-4, atol=1e-4)
