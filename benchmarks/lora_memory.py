@@ -94,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps after the profiled ones")
+    parser.add_argument("--checkpointing", choices=["none", "full"], default="none")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per worker (OMP_NUM_THREADS)"
     )
