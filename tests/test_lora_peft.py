@@ -276,7 +276,9 @@ def test_bad_adapters_get_one_line(base, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_fit_with_lora_then_export_loads_in_peft_and_transformers(tmp_path, monkeypatch):
+def test_fit_with_lora_then_export_loads_in_peft_and_transformers(
+    tmp_path, monkeypatch, tokenizer_path, capsys
+):
     """End to end through the CLI: `fit --config configs/tiny/lora.yaml` over an HF base (2 steps) ->
     `export --lora-format peft` -> PEFT gives the logits of our model loaded from the checkpoint; `export`
     (merged) -> transformers gives them too."""
@@ -311,3 +313,20 @@ def test_fit_with_lora_then_export_loads_in_peft_and_transformers(tmp_path, monk
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     # Merged weights round in another order than PEFT's separate adapter path, hence 1e-4.
     torch.testing.assert_close(logits(hf_model(tmp_path / "merged").eval()), expected, rtol=1e-4, atol=1e-4)
+
+    # predict --ckpt_path with the LoRA checkpoint runs the adapters unmerged: the same greedy text as generate.
+    prompts, completions = tmp_path / "prompts.jsonl", tmp_path / "completions.jsonl"
+    prompts.write_text('{"prompt": "The capital of France is"}\n')
+    predict = ["predict", "--config", str(LORA_CONFIG), "--model.pretrained", str(folder)]
+    predict += ["--ckpt_path", str(checkpoint)]
+    predict += ["--model.parallel.sequence_parallel", "false", "--model.max_new_tokens", "6"]
+    predict += ["--data", "mistral_lightning.generation.predict_data.PromptsDataModule"]
+    predict += ["--data.prompts_file", str(prompts), "--data.tokenizer_model", tokenizer_path]
+    predict += ["--trainer.callbacks+=mistral_lightning.generation.predict_writer.JsonlPredictionWriter"]
+    predict += [f"--trainer.callbacks.output_file={completions}"]
+    assert cli_main(predict) == 0
+    capsys.readouterr()
+    generate = ["generate", "--checkpoint", str(checkpoint), "--tokenizer", tokenizer_path]
+    assert cli_main([*generate, "--max-new-tokens", "6", "--prompt", "The capital of France is"]) == 0
+    completion = json.loads(completions.read_text())["completion"]
+    assert completion + "\n" == capsys.readouterr().out
