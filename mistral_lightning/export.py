@@ -84,13 +84,16 @@ def export_peft(args: argparse.Namespace) -> Path:
             "the model.pretrained folder it records": base,
         },
     )
-    return write_peft_folder(
-        ((name, adapters.read(name)) for name in adapters.adapter_names),
-        adapters.lora,
-        target,
-        base_model_name_or_path=str(Path(base).resolve()) if base and Path(base).is_dir() else base,
-        dtype=None if args.dtype is None else parse_dtype(args.dtype),
-    )
+    try:
+        return write_peft_folder(
+            ((name, adapters.read(name)) for name in adapters.adapter_names),
+            adapters.lora,
+            target,
+            base_model_name_or_path=str(Path(base).resolve()) if base and Path(base).is_dir() else base,
+            dtype=None if args.dtype is None else parse_dtype(args.dtype),
+        )
+    finally:
+        checkpoint.close()
 
 
 def main(argv: list[str] | None = None) -> int:

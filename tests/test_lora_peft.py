@@ -83,18 +83,20 @@ def logits(model) -> torch.Tensor:
 
 
 def lora_fit_checkpoint(path, model: Mistral, lora: LoRAConfig, pretrained) -> None:
-    """What a LoRA `fit` saves (a DCP folder): the adapters alone, model.pretrained and model.lora recorded."""
+    """What a LoRA `fit` saves, a DCP folder or (`path` ending in .ckpt) one file: the adapters alone,
+    model.pretrained and model.lora recorded."""
     state = {
         f"model.{name}": p.detach() for name, p in model.named_parameters() if is_adapter_parameter(name)
     }
+    hyper_parameters = {"pretrained": str(pretrained), "lora": dataclasses.asdict(lora)}
+    metadata = {"hyper_parameters": hyper_parameters, "mistral_config": dataclasses.asdict(model.config)}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state, **metadata}, path)
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"state_dict": state}, checkpoint_id=path, no_dist=True)
-    hyper_parameters = {"pretrained": str(pretrained), "lora": dataclasses.asdict(lora)}
-    torch.save(
-        {"hyper_parameters": hyper_parameters, "mistral_config": dataclasses.asdict(model.config)},
-        path / LIGHTNING_METADATA,
-    )
+    torch.save(metadata, path / LIGHTNING_METADATA)
 
 
 @pytest.mark.parametrize("lora", [DEFAULT, EVERY_LINEAR], ids=["default", "every-linear"])
@@ -175,10 +177,11 @@ def test_a_peft_adapter_loads_and_saves_under_tensor_parallelism(base, tmp_path)
     assert all(torch.equal(tensor, original[name]) for name, tensor in saved.items())
 
 
-def test_lora_checkpoint_exports_merged_as_peft_merges_and_as_a_peft_folder(base, tmp_path):
+@pytest.mark.parametrize("form", ["dcp-folder", "last.ckpt"])
+def test_lora_checkpoint_exports_merged_as_peft_merges_and_as_a_peft_folder(base, tmp_path, form):
     model, folder = base
     ours = adapted(model, EVERY_LINEAR)
-    checkpoint = tmp_path / "step=2.ckpt"
+    checkpoint = tmp_path / form
     lora_fit_checkpoint(checkpoint, ours, EVERY_LINEAR, folder)
     peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
     export = ["export", "--checkpoint", str(checkpoint), "--dtype", "float32"]
