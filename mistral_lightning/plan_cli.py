@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from mistral_lightning.adapters.lora import LoRAConfig
 from mistral_lightning.adapters.nf4 import check_quantize_base
 from mistral_lightning.config import MistralConfig, resolve_model_config
+from mistral_lightning.configs_cli import resolve_config_argv
 from mistral_lightning.errors import UserError
 from mistral_lightning.lightning_module import MistralLightningModule
 from mistral_lightning.memory_plan import MemoryReport, StepShape, simulate_training_step
@@ -308,7 +309,7 @@ def parse_config(argv: list[str]):
         L.LightningDataModule,
         subclass_mode_data=True,
         run=False,
-        args=argv,
+        args=resolve_config_argv(argv),  # --config mistral-7b-32k/finetune_tp8: a shipped config
         seed_everything_default=False,
     )
     return cli.config
