@@ -272,6 +272,18 @@ def test_bad_adapters_get_one_line(base, tmp_path, capsys):
             + ["--save-dir", str(tmp_path / "out")],
             "holding only the adapters",
         ),
+        (
+            [
+                "generate",
+                "--checkpoint",
+                str(checkpoint),
+                "--adapter",
+                str(tmp_path / "other"),
+                "--prompt",
+                "x",
+            ],
+            "would stack a second one",
+        ),
     ]:
         assert cli_main(argv) == 2
         err = capsys.readouterr().err
