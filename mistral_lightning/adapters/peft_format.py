@@ -174,9 +174,8 @@ def open_peft_adapter(folder: str | Path, model_config: MistralConfig) -> Adapte
             f"{unknown[0]!r}); it was made for another architecture or with a PEFT feature not supported here"
         )
     stored = {ours[name]: name for name in shapes}
-    adapted = {
-        name.split(".")[-3] for name in stored if is_adapter_parameter(name)
-    }  # 'layers.0.attn.q.lora_A.weight'
+    # The target of 'layers.0.attn.q.lora_A.weight' is 'q'; of 'lm_head.lora_A.weight', 'lm_head'.
+    adapted = {name.split(".")[-3] for name in stored if is_adapter_parameter(name)}
     targets = tuple(target for target in LORA_TARGETS if target in adapted)
     if not targets:
         raise AdapterError(f"{weights}: holds no lora_A/lora_B tensors, so there is no adapter to load")
