@@ -13,6 +13,7 @@ from mistral_lightning.checkpoint.base import CheckpointError, load_torch_file
 from mistral_lightning.checkpoint.hf import HFCheckpoint
 from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LIGHTNING_METADATA, LightningCheckpoint
 from mistral_lightning.config import DTYPES, parse_dtype
+from mistral_lightning.devices import check_device_available
 from mistral_lightning.kernels import pack_linear_weights
 from mistral_lightning.model import Mistral
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path, has_tokenizer
@@ -37,6 +38,7 @@ def load_model(
     On the CPU its linear weights are packed for oneDNN (kernels/packed_linear.py): several times faster
     decoding, but the model can then no longer be trained or saved.
     """
+    check_device_available(device, "--device")  # one line for cuda on a CPU-only torch, before any reading
     torch_dtype = None if dtype == AUTO_DTYPE else parse_dtype(dtype)
     weights = with_adapters(_open(Path(checkpoint), trust_checkpoint), adapter)
     model = Mistral.from_pretrained(weights, torch_dtype, device).eval()
