@@ -179,7 +179,14 @@ def _tp2_against_one_device() -> dict:
     results = {}
     for sequence_parallel in (True, False):
         one_logits, one_grads, _ = run(build(1, sequence_parallel, True))
-        tp_logits, tp_grads, tp_comms = run(build(2, sequence_parallel, True))
+        tp_model = build(2, sequence_parallel, True)
+        # The tensor-parallel placement (the mesh's last dimension) of layer 0's adapters.
+        layouts = {
+            name: str(param.placements[-1])
+            for name, param in tp_model.named_parameters()
+            if name.startswith("layers.0.") and is_adapter_parameter(name)
+        }
+        tp_logits, tp_grads, tp_comms = run(tp_model)
         _, _, base_comms = run(build(2, sequence_parallel, False))
         results[sequence_parallel] = {
             "logits_diff": (tp_logits - one_logits).abs().max().item(),
@@ -189,6 +196,7 @@ def _tp2_against_one_device() -> dict:
             "tp_grad_names": sorted(tp_grads),
             "comms": tp_comms,
             "base_comms": base_comms,
+            "layouts": layouts,
         }
     return results
 
@@ -202,6 +210,13 @@ def test_tp2_adapters_match_one_device_and_add_no_collective():
             )
             assert max(result["grad_diffs"].values()) < 1e-5, result["grad_diffs"]
             assert result["comms"] == result["base_comms"]  # the same collectives as without adapters
+            # Column-parallel layers: B split like the weight's rows, A whole; row-parallel: A split like its columns.
+            for layer in ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up"):
+                assert result["layouts"][f"layers.0.{layer}.lora_A.weight"] == "R"
+                assert result["layouts"][f"layers.0.{layer}.lora_B.weight"] == "S(0)"
+            for layer in ("attn.o", "mlp.down"):
+                assert result["layouts"][f"layers.0.{layer}.lora_A.weight"] == "S(1)"
+                assert result["layouts"][f"layers.0.{layer}.lora_B.weight"] == "R"
 
 
 # ---------------------------------------------------------------------- the CLI and the configs
