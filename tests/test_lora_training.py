@@ -324,3 +324,36 @@ def test_activation_checkpointing_and_bf16_mixed_keep_the_adapter_gradients():
     loss_bf16, grad_error_bf16 = results["bf16-mixed/none"]
     assert loss_bf16 == pytest.approx(loss_fp32, rel=1e-2)
     assert 0 < grad_error_bf16 < 0.1 * results["scale"][1]
+
+
+def test_training_starts_from_a_peft_adapter_folder(toy_data, single_thread, tmp_path):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    base_folder = Mistral(MistralConfig.from_name("tiny")).save_pretrained(tmp_path / "base")
+    hf = transformers.MistralForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.save_pretrained(tmp_path / "adapter")  # PEFT's own folder
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+
+    lora = {"rank": 4, "alpha": 8.0, "targets": ["q", "v"], "adapter": str(tmp_path / "adapter")}
+    # lr 0: the one step changes nothing, so the adapters after it are the ones loaded.
+    run = module(
+        model_config=None,
+        pretrained=str(base_folder),
+        lora=lora,
+        optimizer={"lr": 0.0},
+        schedule={"min_lr": 0.0},
+    )
+    trainer(tmp_path / "run", max_steps=1).fit(run, datamodule=datamodule(toy_data))
+    for name, param in run.model.named_parameters():
+        if is_adapter_parameter(name):
+            index, module_name = name.split(".")[1], {"q": "q_proj", "v": "v_proj"}[name.split(".")[3]]
+            factor = name.split(".")[4]
+            peft_key = f"base_model.model.model.layers.{index}.self_attn.{module_name}.{factor}.weight"
+            assert torch.equal(param.full_tensor(), saved[peft_key]), name
