@@ -357,3 +357,27 @@ def test_training_starts_from_a_peft_adapter_folder(toy_data, single_thread, tmp
             factor = name.split(".")[4]
             peft_key = f"base_model.model.model.layers.{index}.self_attn.{module_name}.{factor}.weight"
             assert torch.equal(param.full_tensor(), saved[peft_key]), name
+
+
+def test_a_one_device_lora_checkpoint_resumes_under_tp2(toy_data, tmp_path):
+    import shutil
+
+    from checkpoint_runs import SMALL_VOCAB, fit_config, logged_losses
+    from test_checkpoint_ranks import _launch
+
+    lora = ["--model.lora.rank=4", f"--model.lora.targets={json.dumps(ALL_TARGETS)}"]
+    straight = tmp_path / "straight"
+    assert (
+        cli_main(
+            ["fit", "--config", str(fit_config(straight, toy_data, lr=2e-2, model_config=SMALL_VOCAB)), *lora]
+        )
+        == 0
+    )
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step=2.ckpt", resumed / "checkpoints" / "step=2.ckpt")
+    config = fit_config(resumed, toy_data, lr=2e-2, model_config=SMALL_VOCAB)
+    results = _launch(["fit", "--config", str(config), "--ckpt_path", "last", *lora], tmp_path)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    reference = logged_losses(straight)
+    # The DCP checkpoint of the adapters reshards to TP=2; the base comes from the same init_seed.
+    assert logged_losses(resumed) == pytest.approx({step: reference[step] for step in (2, 3, 4, 5)}, rel=1e-5)
