@@ -1,11 +1,11 @@
 """QLoRA's base: the frozen linear weights of the blocks stored as torchao's 4-bit NormalFloat (NF4) tensors.
 
-Every frozen projection of the blocks (q, k, v, o, gate, up, down) becomes an `NF4Tensor` (blocks of
-64 weights with one absmax scaler each, the scalers themselves quantised to int8 in blocks of 256: Dettmers
-et al.'s double quantisation, as torchtune's QLoRA recipes store Mistral). The embedding, the norms and
-the LM head stay in the compute dtype, as in QLoRA. `F.linear` on an NF4Tensor dequantises the whole weight to the input's dtype for that one call
-(torchao's `linear_nf4`), so only one layer's weight is ever held at full precision, and the adapters of
-`lora.py` keep their own dtype. Pure PyTorch: CPU, CUDA and NPU alike.
+Every frozen projection of the blocks (q, k, v, o, gate, up, down) becomes an `NF4Tensor` (blocks of 64
+weights with one absmax scaler each, the scalers themselves quantised to int8 in blocks of 256: Dettmers et
+al.'s double quantisation, as torchtune's QLoRA recipes store Mistral). The embedding, the norms and the LM
+head stay in the compute dtype, as in QLoRA. `F.linear` on an NF4Tensor dequantises the whole weight to the
+input's dtype for that one call (torchao's `linear_nf4`), so only one layer's weight is ever held at full
+precision, and the adapters of `lora.py` keep their own dtype. Pure PyTorch: CPU, CUDA and NPU alike.
 
 `quantize_base_` makes them NF4 on the meta device, between the adapters and FSDP2 (`parallel.parallelize`);
 `materialize_nf4_` gives them storage after `to_empty`; the loaders' `copy_` then quantises the weights into
