@@ -1,7 +1,8 @@
 """`mistral-lightning evaluate`: the recipe's MMLU (`--task mmlu`, the default) or lm-evaluation-harness tasks
 (`--harness --tasks ...`); a table, and a JSON file.
 
-Run it under torchrun to split the questions over processes (one model replica each).
+Run it under torchrun to split the questions over processes (one model replica each). The parser is
+torch-free, so `--help` is quick; the model stack is imported after parsing.
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
+from mistral_lightning.cli_options import DefaultsHelpFormatter
 from mistral_lightning.errors import UserError
-from mistral_lightning.evaluation.mmlu import SCORING_MODES, evaluate_mmlu, format_table
-from mistral_lightning.evaluation.ranks import init_distributed as _init_distributed
-from mistral_lightning.evaluation.ranks import is_rank_zero
-from mistral_lightning.generation.loading import add_model_arguments, load_model, load_tokenizer
+from mistral_lightning.evaluation.mmlu_data import SCORING_MODES
+from mistral_lightning.generation.options import add_model_arguments
 from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
 
 # A report this command wrote starts as json.dumps of evaluate_mmlu's results does; --overwrite replaces only that.
@@ -35,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-lightning evaluate",
         description="Evaluate a checkpoint on MMLU (the recipe's own scoring) or on lm-evaluation-harness tasks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--task", choices=["mmlu"], default="mmlu")
+    parser.add_argument("--task", choices=["mmlu"], default="mmlu", help="the recipe's own evaluation")
     parser.add_argument(
         "--data-dir", help="MMLU folder with dev/ and test/ (or the test/ folder); --task mmlu"
     )
@@ -49,17 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="encode each prompt as a user turn in the tokenizer's Mistral chat format (mistral-common)",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument(
         "--scoring",
         choices=SCORING_MODES,
         default="logits",
         help="logits: compare the letters' next-token logits; generate: greedily generate one token",
     )
-    parser.add_argument("--prefill-chunk-size", type=int, help="prompt tokens per forward pass")
+    parser.add_argument(
+        "--prefill-chunk-size", type=int, help="prompt tokens per forward pass; default: the whole prompt"
+    )
     parser.add_argument(
         "--output",
-        help="the JSON report (None: mmlu_results.json, or harness_results.json with --harness)",
+        help="the JSON report; default: mmlu_results.json, or harness_results.json with --harness",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an --output file that holds a previous report"
@@ -68,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_argument("--harness", action="store_true", help="run lm-eval tasks instead of --task mmlu")
     harness.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
     harness.add_argument(
-        "--num-fewshot", type=int, help="examples before each question (None: the task's own)"
+        "--num-fewshot", type=int, help="examples before each question; default: the task's own"
     )
     harness.add_argument(
         "--limit",
         type=float,
-        help="at most this many documents per task (below 1: this fraction of them; None: all)",
+        help="at most this many documents per task (below 1: this fraction of them); default: all",
     )
     harness.add_argument(
         "--include-path", help="a folder of your own task YAML files, beside lm-eval's tasks"
@@ -95,6 +95,8 @@ def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 def _load(args: argparse.Namespace, device: str):
     """The model (with --adapter merged in) and its tokenizer, as every evaluation loads them."""
+    from mistral_lightning.generation.loading import load_model, load_tokenizer
+
     model = load_model(
         args.checkpoint,
         adapter=args.adapter,
@@ -128,6 +130,11 @@ def _limit(value: float | None) -> float | int | None:
 
 
 def _evaluate_harness(args: argparse.Namespace) -> int:
+    import torch
+
+    from mistral_lightning.evaluation.ranks import init_distributed, is_rank_zero
+    from mistral_lightning.generation.loading import resolve_device
+
     harness = _harness_module()
     output = OutputTarget(
         Path(args.output or "harness_results.json"), option="--output", overwrite=args.overwrite
@@ -136,7 +143,7 @@ def _evaluate_harness(args: argparse.Namespace) -> int:
         check_output_file(output, harness.HARNESS_REPORT)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     manager = harness.task_manager(tasks, args.include_path)  # an unknown task is named before any loading
-    device = _init_distributed(args.device)
+    device = init_distributed(resolve_device(args.device))
     try:
         model, tokenizer = _load(args, device)
         lm = harness.MistralLightningLM(
@@ -163,12 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     _check_mode(parser, args)
     if args.harness:
         return _evaluate_harness(args)
+    import torch
+
+    from mistral_lightning.evaluation.mmlu import evaluate_mmlu, format_table
+    from mistral_lightning.evaluation.ranks import init_distributed, is_rank_zero
+    from mistral_lightning.generation.loading import resolve_device
+
     output = OutputTarget(
         Path(args.output or "mmlu_results.json"), option="--output", overwrite=args.overwrite
     )
     if is_rank_zero():
         check_output_file(output, MMLU_REPORT)  # before scoring, so no result is lost to an unwritable path
-    device = _init_distributed(args.device)
+    device = init_distributed(resolve_device(args.device))
     try:
         model, tokenizer = _load(args, device)
         results = evaluate_mmlu(

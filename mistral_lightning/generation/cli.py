@@ -1,23 +1,23 @@
 """`mistral-lightning generate`: continue a prompt, answer one chat turn, or chat on stdin.
 
 Stop strings are checked on the decoded text as tokens arrive; text is printed as it is
-generated, holding back anything that could still turn out to be the start of a stop string.
+generated, holding back anything that could still turn out to be the start of a stop string
+(generation/text_stream.py, shared with the server). The parser is torch-free, so `--help` is quick;
+the model stack is imported after parsing.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-import torch
+from mistral_lightning.cli_options import DefaultsHelpFormatter
+from mistral_lightning.generation.options import add_model_arguments
 
-from mistral_lightning.generation.generate import stream_generate
-from mistral_lightning.generation.loading import add_model_arguments, load_model, load_tokenizer
-from mistral_lightning.generation.sampling import GenerationError
-from mistral_lightning.model import Mistral
-from mistral_lightning.prompts import encode_chat_prompt
-from mistral_lightning.tokenizer import Tokenizer
+if TYPE_CHECKING:
+    from mistral_lightning.model import Mistral
+    from mistral_lightning.tokenizer import Tokenizer
 
 RESET_COMMAND = "/reset"
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-lightning generate",
         description="Generate text with a Mistral checkpoint (greedy by default).",
+        formatter_class=DefaultsHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument("--prompt", help="text to continue; with --chat, the user's message")
@@ -36,19 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
         f"interactively (one turn per stdin line, {RESET_COMMAND} forgets the conversation, an empty line or "
         "EOF ends it)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens only; default: all")
+    parser.add_argument(
+        "--top-p", type=float, help="sample among the likeliest tokens holding this probability; default: all"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling (temperature > 0)")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    parser.add_argument("--prefill-chunk-size", type=int, help="prompt tokens per forward pass")
+    parser.add_argument(
+        "--prefill-chunk-size", type=int, help="prompt tokens per forward pass; default: the whole prompt"
+    )
     return parser
 
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    found = [text.find(stop) for stop in stops if stop in text]
-    return min(found) if found else None
+def stream_generate(*args, **kwargs):
+    """generation.generate.stream_generate, imported when first called, as it loads torch."""
+    from mistral_lightning.generation.generate import stream_generate as decode
+
+    return decode(*args, **kwargs)
 
 
 def stream_completion(
@@ -59,10 +66,12 @@ def stream_completion(
     out: TextIO,
 ) -> str:
     """Generate for one prompt, writing text to `out` as it comes; returns the completion (stop string cut)."""
+    import torch
+
+    from mistral_lightning.generation.text_stream import StopTextStream
+
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    holdback = max((len(stop) for stop in args.stop), default=1) - 1
-    tokens: list[int] = []
-    text, shown = "", 0
+    text = StopTextStream(tokenizer, args.stop)
     for step in stream_generate(
         model,
         [prompt_ids],
@@ -74,26 +83,22 @@ def stream_completion(
         generator=generator,
         prefill_chunk_size=args.prefill_chunk_size,
     ):
-        tokens.append(step[0])
-        text = tokenizer.decode(tokens)
-        stop_at = _first_stop(text, args.stop)
-        if stop_at is not None:
-            text = text[:stop_at]
+        out.write(text.add(step[0]))
+        out.flush()
+        if text.stopped:
             break
-        # An incomplete UTF-8 sequence decodes to U+FFFD until its last byte token arrives.
-        if not text.endswith("\ufffd") and len(text) - holdback > shown:
-            out.write(text[shown : len(text) - holdback])
-            shown = len(text) - holdback
-            out.flush()
-    out.write(text[shown:] + "\n")
+    out.write(text.finish() + "\n")
     out.flush()
-    return text
+    return text.text
 
 
 def chat_loop(
     model: Mistral, tokenizer: Tokenizer, args: argparse.Namespace, lines: TextIO, out: TextIO
 ) -> None:
     """Read user turns from `lines`, answer each with the whole conversation as context."""
+    from mistral_lightning.generation.sampling import GenerationError
+    from mistral_lightning.prompts import encode_chat_prompt
+
     messages: list[dict] = []
     interactive = lines.isatty()
     while True:
@@ -126,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --prompt TEXT to continue a text, or --chat to chat interactively")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty; give the text to continue")
+    from mistral_lightning.generation.loading import load_model, load_tokenizer, resolve_device
+    from mistral_lightning.generation.sampling import GenerationError
+    from mistral_lightning.prompts import encode_chat_prompt
+
     if "" in args.stop:
         raise GenerationError('--stop "" would stop before the first character; give a non-empty stop string')
+    args.device = resolve_device(args.device)
     model = load_model(
         args.checkpoint,
         adapter=args.adapter,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,13 +12,24 @@ from mistral_lightning.adapters.merge import with_adapters
 from mistral_lightning.checkpoint.base import CheckpointError, load_torch_file
 from mistral_lightning.checkpoint.hf import HFCheckpoint
 from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LIGHTNING_METADATA, LightningCheckpoint
-from mistral_lightning.config import DTYPES, parse_dtype
+from mistral_lightning.config import parse_dtype
 from mistral_lightning.devices import check_device_available
+from mistral_lightning.generation.options import AUTO_DEVICE, AUTO_DTYPE, add_model_arguments
 from mistral_lightning.kernels import pack_linear_weights
+from mistral_lightning.kernels.backend import torch_npu
 from mistral_lightning.model import Mistral
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path, has_tokenizer
 
-AUTO_DTYPE = "auto"  # keep the checkpoint's own dtype
+__all__ = [
+    "AUTO_DTYPE",
+    "add_model_arguments",
+    "load_model",
+    "load_tokenizer",
+    "open_weights",
+    "recorded_pretrained",
+    "resolve_device",
+    "tokenizer_source",
+]
 
 
 def load_model(
@@ -38,15 +49,30 @@ def load_model(
     On the CPU its linear weights are packed for oneDNN (kernels/packed_linear.py): several times faster
     decoding, but the model can then no longer be trained or saved.
     """
+    device = resolve_device(device)
     check_device_available(device, "--device")  # one line for cuda on a CPU-only torch, before any reading
     torch_dtype = None if dtype == AUTO_DTYPE else parse_dtype(dtype)
-    weights = with_adapters(_open(Path(checkpoint), trust_checkpoint), adapter)
+    weights = with_adapters(open_weights(Path(checkpoint), trust_checkpoint), adapter)
     model = Mistral.from_pretrained(weights, torch_dtype, device).eval()
     pack_linear_weights(model)
     return model
 
 
-def _open(path: Path, trust_checkpoint: bool = False) -> HFCheckpoint | LightningCheckpoint:
+def resolve_device(device: str) -> str:
+    """`device`, or for "auto" the machine's accelerator: cuda if available, else npu if torch_npu sees one,
+    else cpu."""
+    if device != AUTO_DEVICE:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if importlib.util.find_spec("torch_npu") is not None:
+        torch_npu()  # registers torch.npu
+        if torch.npu.is_available():
+            return "npu"
+    return "cpu"
+
+
+def open_weights(path: Path, trust_checkpoint: bool = False) -> HFCheckpoint | LightningCheckpoint:
     """The weights at `path`: an HF folder, or a `fit` checkpoint (DCP folder or single file)."""
     if not path.exists():
         raise CheckpointError(
@@ -118,34 +144,3 @@ def recorded_pretrained(checkpoint: Path, trust_checkpoint: bool = False) -> Pat
     hyper_parameters = saved.get("hyper_parameters") if isinstance(saved, dict) else None
     pretrained = (hyper_parameters or {}).get("pretrained")
     return Path(pretrained) if pretrained else None
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every inference command shares."""
-    parser.add_argument(
-        "--checkpoint", required=True, help="HF model folder, or a `fit` checkpoint (DCP folder or .ckpt)"
-    )
-    parser.add_argument(
-        "--adapter",
-        help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the --checkpoint "
-        "base, merged into its weights; a LoRA fit checkpoint brings its own adapters and needs none",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        "--tokenizer-model",
-        dest="tokenizer_model",
-        help="a tokenizer file (tokenizer.model[.vN], tekken*.json, tokenizer.json) or an HF folder; default: "
-        "the checkpoint's own (its HF folder, or the model.pretrained folder of a fit checkpoint), else Mistral v1",
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype",
-        choices=[AUTO_DTYPE, *DTYPES],
-        default=AUTO_DTYPE,
-        help="dtype of the loaded weights; auto: the checkpoint's own",
-    )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="load a `fit` checkpoint with full unpickling, running any code it holds (only checkpoints you trust)",
-    )

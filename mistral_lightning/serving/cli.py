@@ -7,7 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
+from mistral_lightning.cli_options import DefaultsHelpFormatter
 from mistral_lightning.errors import UserError
+from mistral_lightning.generation.options import add_model_arguments
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -30,17 +32,15 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mistral_lightning.generation.loading import add_model_arguments
-
     parser = argparse.ArgumentParser(
         prog="mistral-lightning serve",
         description="Serve a checkpoint over the OpenAI API: POST /v1/chat/completions (in the model's own "
         "mistral-common chat format) and /v1/completions, streaming or not; GET /v1/models, /health.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument("--host", choices=HOSTS, default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=_port, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
     parser.add_argument(
         "--max-batch-size",
         type=_positive,
@@ -50,11 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-timeout", type=float, default=0.05, help="seconds to wait for more requests to fill a batch"
     )
-    parser.add_argument("--prefill-chunk-size", type=_positive, help="prompt tokens per forward pass")
+    parser.add_argument(
+        "--prefill-chunk-size",
+        type=_positive,
+        help="prompt tokens per forward pass; default: the whole prompt",
+    )
     parser.add_argument(
         "--served-model-name", help="the model name in responses; default: the checkpoint's name"
     )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the web server's log level")
     return parser
 
 
@@ -72,16 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ServeError("serve needs LitServe: pip install 'mistral-lightning[serve]'") from None
     from mistral_lightning.adapters.merge import with_adapters
     from mistral_lightning.devices import check_device_available
-    from mistral_lightning.generation.loading import _open as open_checkpoint  # what load_model reads
-    from mistral_lightning.generation.loading import load_tokenizer
+    from mistral_lightning.generation.loading import load_tokenizer, open_weights, resolve_device
     from mistral_lightning.serving.api import MistralAPI, ModelSettings
     from mistral_lightning.serving.responses import add_error_handlers
     from mistral_lightning.serving.spec import OpenAIEndpoints
 
     # The device, weights, adapter and tokenizer are checked here (the worker loads them again), so a
     # mistake is one line before anything starts; the HTTP process needs the context length and tokenizer.
+    args.device = resolve_device(args.device)
     check_device_available(args.device, "--device")
-    weights = with_adapters(open_checkpoint(Path(args.checkpoint), args.trust_checkpoint), args.adapter)
+    weights = with_adapters(open_weights(Path(args.checkpoint), args.trust_checkpoint), args.adapter)
     config = weights.config
     weights.close()
     tokenizer = load_tokenizer(
