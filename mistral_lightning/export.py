@@ -18,30 +18,40 @@ import argparse
 import time
 from pathlib import Path
 
-from mistral_lightning.adapters.merge import checkpoint_adapters, with_adapters
-from mistral_lightning.adapters.peft_format import AdapterError, write_peft_folder
+# Only torch-free modules here, so `--help` is quick; the checkpoint stack is imported after parsing.
 from mistral_lightning.checkpoint import convert
-from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
-from mistral_lightning.config import DTYPES, parse_dtype, resolve_model_config
+from mistral_lightning.cli_options import DTYPE_NAMES, DefaultsHelpFormatter
 from mistral_lightning.outputs import OutputTarget
 
 LORA_FORMATS = ("merged", "peft")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistral-lightning export", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="Lightning checkpoint: DCP folder or .ckpt file")
-    parser.add_argument("--out", required=True, help="HF folder to write (config.json + safetensors)")
+    parser = argparse.ArgumentParser(
+        prog="mistral-lightning export",
+        description=__doc__,
+        formatter_class=DefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        default=argparse.SUPPRESS,
+        help="Lightning checkpoint: DCP folder or .ckpt file",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        default=argparse.SUPPRESS,
+        help="HF folder to write (config.json + safetensors)",
+    )
     parser.add_argument(
         "--model-config",
-        default=None,
         help="preset name or HF folder/config.json; default: the architecture stored in the checkpoint",
     )
     parser.add_argument(
         "--dtype",
-        choices=list(DTYPES),
-        default=None,
-        help="dtype of the saved weights (default: bfloat16; for --lora-format peft the adapters' own)",
+        choices=list(DTYPE_NAMES),
+        help="dtype of the saved weights; default: bfloat16, or for --lora-format peft the adapters' own",
     )
     parser.add_argument(
         "--lora-format",
@@ -64,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_peft(args: argparse.Namespace) -> Path:
     """The adapters of a LoRA `fit` checkpoint as a PEFT folder; the base is not needed."""
+    from mistral_lightning.adapters.merge import checkpoint_adapters
+    from mistral_lightning.adapters.peft_format import AdapterError, write_peft_folder
+    from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
+    from mistral_lightning.config import parse_dtype, resolve_model_config
+
     model_config = None if args.model_config is None else resolve_model_config(args.model_config)
     checkpoint = LightningCheckpoint(
         args.checkpoint, model_config=model_config, trust_pickle=args.trust_checkpoint
@@ -112,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         convert_argv.append("--overwrite")
     if args.trust_checkpoint:
         convert_argv.append("--trust-checkpoint")
-    out_dir = convert.convert(
+    from mistral_lightning.adapters.merge import with_adapters
+    from mistral_lightning.checkpoint.conversion import convert as run_conversion
+
+    out_dir = run_conversion(
         convert.build_parser().parse_args(convert_argv),
         load_option="--checkpoint",
         out_option="--out",
