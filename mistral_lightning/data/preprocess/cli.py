@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mistral_lightning.cli_options import DefaultsHelpFormatter
 from mistral_lightning.data.preprocess.columns import parse_columns
 from mistral_lightning.data.preprocess.config import PreprocessConfig
 from mistral_lightning.data.preprocess.formats import AUTO
@@ -16,10 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-lightning preprocess",
         description="Tokenize parquet/jsonl/json/arrow data into Megatron indexed datasets (.bin/.idx).",
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--input",
         required=True,
+        default=argparse.SUPPRESS,
         help="a .parquet/.jsonl/.json/.arrow file, a folder of them, a glob, or a Hugging Face datasets "
         "folder (save_to_disk, or a load_dataset cache folder), read offline with pyarrow",
     )
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-type",
         choices=("PretrainedFromHF", "SentencePieceTokenizer"),
         default="PretrainedFromHF",
-        help="PretrainedFromHF (default): any tokenizer file or HF folder; SentencePieceTokenizer: as "
+        help="PretrainedFromHF: any tokenizer file or HF folder; SentencePieceTokenizer: as "
         "--tokenizer-not-use-fast",
     )
     parser.add_argument(
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-prefix",
         required=True,
+        default=argparse.SUPPRESS,
         help="writes <prefix>_<key>_document (pretrain) or <prefix>_packed_{input_ids,"
         "attention_mask,labels}_document (instruction) .bin/.idx",
     )
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json-keys",
         nargs="+",
         default=["text"],
-        help="text columns for GeneralPretrainHandler, one dataset each (default: text)",
+        help="text columns for GeneralPretrainHandler, one dataset each",
     )
     handler = parser.add_mutually_exclusive_group()
     handler.add_argument(
@@ -104,8 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlong",
         choices=("skip", "truncate"),
         default="skip",
-        help="skip (default) drops rows longer than --seq-length; truncate keeps their first "
-        "--seq-length tokens",
+        help="skip drops rows longer than --seq-length; truncate keeps their first --seq-length tokens",
     )
     parser.add_argument(
         "--workers",
