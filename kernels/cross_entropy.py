@@ -145,7 +145,8 @@ def chunked_cross_entropy(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     weight = getattr(head, "weight", None)
-    if isinstance(head, nn.Linear) and head.bias is None and not isinstance(weight, DTensor):
+    # type(), not isinstance: a subclass (a LoRA head) computes more than weight @ hidden.
+    if type(head) is nn.Linear and head.bias is None and not isinstance(weight, DTensor):
         return _FusedLinearCrossEntropy.apply(
             hidden.flatten(0, -2), weight, labels.flatten(), chunk_size, compiled, reduction == "mean"
         )

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 import mistral_lightning.callbacks  # noqa: F401  (imported, its callbacks resolve by short name)
 import mistral_lightning.data.datamodules  # noqa: F401  (imported, its DataModules resolve by short name)
 import mistral_lightning.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
-from mistral_lightning.checkpoint.base import ModelWeights
+from mistral_lightning.adapters.merge import trained_weights
 from mistral_lightning.checkpoint.hf import HF_OUTPUT, save_hf
 from mistral_lightning.config import parse_dtype
 from mistral_lightning.configs_cli import resolve_config_argv
@@ -85,6 +85,14 @@ def missing_package_error(err: BaseException, settings: Any) -> TrainerSettingEr
     return None
 
 
+def _settings_check(err: BaseException | None) -> UserError | None:
+    """The one-line UserError of a settings group's own check (e.g. model.lora's), which jsonargparse wraps in a
+    ValueError listing every Union member it tried; None if there is none."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 class MistralCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Every parser built on this one (fit's, plan's) leaves out the optimizer options (OPTIMIZER_OPTIONS).
@@ -126,7 +134,7 @@ class MistralCLI(LightningCLI):
         except MisconfigurationException as err:  # Lightning's word on a trainer setting, e.g. a missing GPU
             raise TrainerSettingError(f"trainer: {' '.join(str(err).split())}") from err
         except ValueError as err:
-            missing = missing_package_error(err, settings)
+            missing = missing_package_error(err, settings) or _settings_check(err)
             if missing is None:
                 raise
             raise missing from err
@@ -167,7 +175,9 @@ class MistralCLI(LightningCLI):
         if target is not None and self.trainer.state.status == "finished":
             # Every rank takes part in gathering the shards; only global rank 0 writes.
             save_hf(
-                ModelWeights(self.model.model),
+                trained_weights(
+                    self.model.model, self.model.lora_config, self.model.hparams.get("pretrained")
+                ),
                 target,
                 dtype=parse_dtype(self.config[self.subcommand]["export_hf_dtype"]),
                 is_writer=self.trainer.is_global_zero,

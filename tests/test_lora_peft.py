@@ -316,6 +316,7 @@ def test_fit_with_lora_then_export_loads_in_peft_and_transformers(
     fit += ["--data.init_args.seq_length", "32", "--data.init_args.micro_batch_size", "2"]
     fit += ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={checkpoints}"]
     fit += ["--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.filename={step}"]
+    fit += ["--export_hf_dir", str(tmp_path / "fit_export"), "--export_hf_dtype", "float32"]
     assert cli_main(fit) == 0
     checkpoint = checkpoints / "step=2.ckpt"
     export = ["export", "--checkpoint", str(checkpoint), "--dtype", "float32"]
@@ -328,6 +329,8 @@ def test_fit_with_lora_then_export_loads_in_peft_and_transformers(
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     # Merged weights round in another order than PEFT's separate adapter path, hence 1e-4.
     torch.testing.assert_close(logits(hf_model(tmp_path / "merged").eval()), expected, rtol=1e-4, atol=1e-4)
+    # fit --export_hf_dir merges the adapters too (it wrote the bare base before).
+    torch.testing.assert_close(logits(hf_model(tmp_path / "fit_export").eval()), expected, rtol=1e-4, atol=1e-4)
 
     # predict --ckpt_path with the LoRA checkpoint runs the adapters unmerged: the same greedy text as generate.
     prompts, completions = tmp_path / "prompts.jsonl", tmp_path / "completions.jsonl"

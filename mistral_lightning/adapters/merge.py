@@ -13,7 +13,7 @@ import torch
 
 from mistral_lightning.adapters.lora import LoRAConfig, is_adapter_parameter
 from mistral_lightning.adapters.peft_format import AdapterError, AdapterWeights, open_peft_adapter
-from mistral_lightning.checkpoint.base import Index, WeightSource, check_shapes
+from mistral_lightning.checkpoint.base import Index, ModelWeights, WeightSource, check_shapes
 from mistral_lightning.checkpoint.hf import HFCheckpoint
 from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
 from mistral_lightning.config import MistralConfig, parameter_shapes
@@ -82,6 +82,17 @@ def base_of(checkpoint: LightningCheckpoint) -> WeightSource:
     return HFCheckpoint(pretrained)
 
 
+def trained_weights(model: torch.nn.Module, lora: LoRAConfig | None, pretrained: str | None) -> WeightSource:
+    """What a `fit` run trained, as full weights: the model's own, or with LoRA its adapters merged into the dense
+    `pretrained` base (the one `export` of its checkpoint merges into; a QLoRA model holds only NF4 copies)."""
+    weights = ModelWeights(model)
+    if lora is None:
+        return weights
+    names = {name: name for name, _ in model.named_parameters() if is_adapter_parameter(name)}
+    adapters = AdapterWeights(weights.path, lora, names, weights.shape, weights.read, model.config)
+    return MergedWeights(HFCheckpoint(pretrained) if pretrained else weights, adapters, model.config)
+
+
 def with_adapters(source: WeightSource, adapter: str | Path | None = None) -> WeightSource:
     """`source` with its LoRA adapters merged: a PEFT `adapter` folder over it, or the adapters of a LoRA `fit`
     checkpoint over its base; `source` itself when there are none."""
@@ -98,4 +109,4 @@ def with_adapters(source: WeightSource, adapter: str | Path | None = None) -> We
     return source
 
 
-__all__ = ["MergedWeights", "base_of", "checkpoint_adapters", "with_adapters"]
+__all__ = ["MergedWeights", "base_of", "checkpoint_adapters", "trained_weights", "with_adapters"]
