@@ -20,6 +20,7 @@ from mistral_lightning.distributed import gather_unique, rank_and_world_size
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu_data import (
     LETTERS,
+    SCORING_MODES,
     MMLUDataError,
     Question,
     Subject,
@@ -29,8 +30,6 @@ from mistral_lightning.evaluation.mmlu_data import (
 from mistral_lightning.generation import generate, next_token_logits
 from mistral_lightning.prompts import encode_chat_prompt
 from mistral_lightning.tokenizer import Tokenizer
-
-SCORING_MODES = ("logits", "generate")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from mistral_lightning.errors import UserError
 
 LETTERS = ("A", "B", "C", "D")
+SCORING_MODES = ("logits", "generate")  # compare the letters' next-token logits, or generate one token
 
 
 class MMLUDataError(UserError):
