@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torchmetrics.aggregation import MeanMetric
 
 from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters
+from mistral_lightning.adapters.nf4 import check_quantize_base, materialize_nf4_
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
@@ -147,6 +148,7 @@ class MistralLightningModule(L.LightningModule):
                 "MistralLightningModule needs a device mesh: set trainer.strategy to "
                 "lightning.pytorch.strategies.ModelParallelStrategy (NPU: mistral_lightning.npu.NPUModelParallelStrategy)"
             )
+        check_quantize_base(self.lora_config, self.device_mesh["tensor_parallel"].size())
         with torch.device("meta"):
             model = Mistral(self.config)
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -161,6 +163,7 @@ class MistralLightningModule(L.LightningModule):
             lora=self.lora_config,
         )
         model.to_empty(device=self.trainer.strategy.root_device)
+        materialize_nf4_(model)  # QLoRA's NF4 weights get device storage, for the loaders to quantise into
         if self.hparams.pretrained:
             load_hf_weights(WithoutAdapters(model), self.hparams.pretrained)
         else:

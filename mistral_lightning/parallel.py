@@ -36,6 +36,7 @@ from mistral_lightning.adapters.lora import (
     is_adapter_parameter,
     shard_adapters,
 )
+from mistral_lightning.adapters.nf4 import quantize_base_
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.errors import UserError
 from mistral_lightning.model import Mistral
@@ -179,12 +180,19 @@ def apply_compile(model: Mistral) -> None:
         block.compile(fullgraph=False, dynamic=False)
 
 
-def apply_fsdp(model: Mistral, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
-    """FSDP2 per block and for the whole model, sharding parameters over the data-parallel ranks."""
+def apply_fsdp(
+    model: Mistral,
+    dp_mesh: DeviceMesh,
+    mp_policy: MixedPrecisionPolicy,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> None:
+    """FSDP2 per block and for the whole model, sharding parameters over the data-parallel ranks, except
+    `ignored_params` (QLoRA's NF4 weights, which every rank holds whole)."""
+    ignored = ignored_params or None
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored)
     # The root keeps embedding, final norm and LM head; gathering them once per step is cheapest.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False, ignored_params=ignored)
     # Training calls `model.loss(...)`, not `model(...)`: FSDP must gather parameters around it too.
     register_fsdp_forward_method(model, "loss")
 
@@ -231,12 +239,14 @@ def parallelize(
         apply_lora(model, lora)
         if tp_mesh.size() > 1:
             shard_adapters(model, tp_mesh)
+    # QLoRA: the frozen block projections become NF4 (TP > 1 is refused before this, by check_quantize_base).
+    nf4_base = quantize_base_(model) if lora is not None and lora.quantize_base == "nf4" else set()
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
     # Applied even with one data-parallel rank: parameters become DTensors, which is what Lightning's
     # distributed checkpoints (and their resharding to another TP size) are built on.
-    apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy())
+    apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy(), ignored_params=nf4_base)
     return model
 
 

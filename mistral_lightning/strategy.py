@@ -100,7 +100,8 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
         return bool(self.reduce(flag, reduce_op="min").item())
 
     def _state_is_finite(self) -> bool:
-        tensors = list(self.lightning_module.parameters())
+        # What a checkpoint holds: frozen weights (a LoRA base, QLoRA's NF4 copies) are neither trained nor saved.
+        tensors = [param for param in self.lightning_module.parameters() if param.requires_grad]
         for optimizer in self.optimizers:
             for state in optimizer.state.values():
                 tensors += [value for value in state.values() if isinstance(value, torch.Tensor)]

@@ -170,3 +170,49 @@ def test_unsupported_qlora_is_one_line():
     with pytest.raises(LoRAError, match=r"layers\.0\.attn\.q\.weight \[64, 64\] has 4096 elements") as error:
         quantize_base_(model)
     assert "\n" not in str(error.value)
+
+
+def test_qlora_fit_through_the_cli_checkpoints_adapters_only_and_exports_merged(tmp_path, monkeypatch):
+    """`fit --config configs/tiny/lora.yaml` with `model.lora.quantize_base nf4` over an HF base: the block
+    projections train as NF4 (the checkpoint holds the adapters and nothing of the base), and `export` merges
+    them into the dense base, as transformers then reads."""
+    from training_utils import write_instruction_data
+    from transformers import MistralForCausalLM
+
+    from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
+    from mistral_lightning.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    base = _dense_model(seed=3).eval()
+    folder = base.save_pretrained(tmp_path / "base", dtype=torch.float32)
+    data = write_instruction_data(str(tmp_path / "sft"), [(5, 20)] * 8)
+    checkpoints = tmp_path / "checkpoints"
+    fit = ["fit", "--config", "tiny/lora", "--model.pretrained", str(folder), "--model.model_config", "null"]
+    fit += ["--model.lora.quantize_base", "nf4", "--model.lora.targets", "[q, v, down]"]
+    fit += ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+    fit += ["--trainer.precision", "bf16-mixed"]  # the 7B configs' precision: bf16 activations over NF4
+    fit += ["--data.init_args.data_prefix", data, "--data.init_args.split", "1,0,0"]
+    fit += ["--data.init_args.seq_length", "32", "--data.init_args.micro_batch_size", "2"]
+    fit += ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={checkpoints}"]
+    fit += ["--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.filename={step}"]
+    assert cli_main(fit) == 0
+    checkpoint = LightningCheckpoint(checkpoints / "step=2.ckpt")
+    adapters = {
+        f"layers.{i}.{m}.lora_{p}.weight"
+        for i in range(2)
+        for m in ("attn.q", "attn.v", "mlp.down")
+        for p in "AB"
+    }
+    assert not checkpoint.holds_base
+    assert set(checkpoint.extra_tensor_names) == adapters
+    checkpoint.close()
+    assert (
+        cli_main(
+            ["export", "--checkpoint", str(checkpoints / "step=2.ckpt"), "--out", "merged", "--dtype", "fp32"]
+        )
+        == 0
+    )
+    merged = MistralForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    moved = merged.model.layers[0].self_attn.q_proj.weight - base.layers[0].attn.q.weight
+    assert moved.abs().max() > 0  # the two steps' adapters are in the merged weights
+    torch.testing.assert_close(merged.model.layers[0].self_attn.k_proj.weight, base.layers[0].attn.k.weight)
