@@ -4,7 +4,7 @@
 
 The peak is the best of several large square bf16 matmuls on all of torch's threads: what this machine's
 matrix units really deliver, where a data-sheet figure would not account for clocks, the hypervisor or
-its neighbours. Training MFU divides the model FLOPs per token (ThroughputMonitor's formula) times
+its neighbours. Training MFU divides the model FLOPs per token (RecipeThroughputMonitor's formula) times
 tokens/s by it.
 """
 

@@ -8,7 +8,7 @@ The model is the real `Mistral` with Mistral-7B's layer shape (hidden 4096, FFN 
 head_dim 128, window 4096, vocab 32000), bf16 weights and AdamW states, batch 1, activation
 checkpointing from parallel.py's plan (default "full"). The number of layers is chosen by measuring the
 peak memory of a 1- and a 2-layer model and filling 90% of the device. Reported, in the recipe's units:
-tokens/s per device, s/step, TFLOPs per device, MFU (model FLOPs as ThroughputMonitor counts them, peak
+tokens/s per device, s/step, TFLOPs per device, MFU (model FLOPs as RecipeThroughputMonitor counts them, peak
 from its table or --peak-tflops), peak memory, and the tokens/s/p the whole 32-layer model would reach
 on 8 such devices at the same MFU (an estimate to set beside the recipe's 2806 tokens/s/p on 8 x 910B).
 """

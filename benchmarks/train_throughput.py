@@ -4,12 +4,12 @@
 
 Both sides read the same data (random tokens in a Megatron indexed dataset, through PretrainDataModule),
 use the same AdamW (`mistral_lightning.optim.build_optimizer`, same hyper-parameters), bf16 weights and
-batch 1. Ours is `mistral-lightning fit` (LightningCLI, ModelParallelStrategy, ThroughputMonitor and
+batch 1. Ours is `mistral-lightning fit` (LightningCLI, ModelParallelStrategy, RecipeThroughputMonitor and
 MemoryMonitor on), with `model.parallel.compile: true` unless --no-compile; transformers' MistralForCausalLM
 (SDPA attention) runs a plain eager loop, as in the performance issue's reference table. Each measurement
 is a fresh process (its own peak RSS); the pair alternates within the run (ours, transformers, ours, ...)
 and the best round of each is reported, with their ratio. Tokens/s leaves out the first step (one-off
-allocation), as ThroughputMonitor does. Transformers is skipped where it would not fit in memory.
+allocation), as RecipeThroughputMonitor does. Transformers is skipped where it would not fit in memory.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from benchmarks.common import (
 from benchmarks.cpu_mfu import mfu
 from mistral_lightning.callbacks import (
     MemoryMonitor,
-    ThroughputMonitor,
+    RecipeThroughputMonitor,
     peak_memory,
 )
 from mistral_lightning.config import MistralConfig
@@ -69,13 +69,13 @@ def transformers_fits(seq_length: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------- ours
 class ResultWriter(L.Callback):
-    """Copies the ThroughputMonitor summary and the MemoryMonitor peak into a JSON file at the end of fit."""
+    """Copies the RecipeThroughputMonitor summary and the MemoryMonitor peak into a JSON file at the end of fit."""
 
     def __init__(self, out: str) -> None:
         self.out = out
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        summary = next(cb.summary for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor))
+        summary = next(cb.summary for cb in trainer.callbacks if isinstance(cb, RecipeThroughputMonitor))
         memory = next(cb.peak_memory_bytes for cb in trainer.callbacks if isinstance(cb, MemoryMonitor))
         write_worker_result(
             self.out,
@@ -136,7 +136,7 @@ def fit_config(
             "default_root_dir": workdir,
             "callbacks": [
                 {
-                    "class_path": "mistral_lightning.callbacks.ThroughputMonitor",
+                    "class_path": "mistral_lightning.callbacks.RecipeThroughputMonitor",
                     "init_args": {"window_size": 2, "peak_tflops": peak_tflops},
                 },
                 {"class_path": "mistral_lightning.callbacks.MemoryMonitor"},

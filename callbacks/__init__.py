@@ -1,13 +1,13 @@
 """Lightning callbacks: throughput (tokens/s/p, samples/s, s/step, TFLOPs, MFU) and peak memory per device.
 
 This folder sits at the top of the repository but installs as `mistral_lightning.callbacks` (the
-`package-dir` mapping in pyproject.toml), so configs name it `mistral_lightning.callbacks.ThroughputMonitor`.
+`package-dir` mapping in pyproject.toml), so configs name it `mistral_lightning.callbacks.RecipeThroughputMonitor`.
 """
 
 from mistral_lightning.callbacks.memory import MemoryMonitor, peak_memory
 from mistral_lightning.callbacks.throughput import (
     PEAK_TFLOPS,
-    ThroughputMonitor,
+    RecipeThroughputMonitor,
     format_summary,
     lookup_peak_tflops,
     training_flops_per_token,
@@ -16,9 +16,24 @@ from mistral_lightning.callbacks.throughput import (
 __all__ = [
     "PEAK_TFLOPS",
     "MemoryMonitor",
-    "ThroughputMonitor",
+    "RecipeThroughputMonitor",
     "format_summary",
     "lookup_peak_tflops",
     "peak_memory",
     "training_flops_per_token",
 ]
+
+
+def __getattr__(name: str):
+    # The old name: Lightning has its own ThroughputMonitor, so ours is named for the recipe row it prints.
+    if name == "ThroughputMonitor":
+        import warnings
+
+        warnings.warn(
+            "mistral_lightning.callbacks.ThroughputMonitor is now RecipeThroughputMonitor "
+            "(lightning.pytorch.callbacks.ThroughputMonitor is another class)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RecipeThroughputMonitor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

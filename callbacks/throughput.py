@@ -1,4 +1,4 @@
-"""ThroughputMonitor: s/step, samples/s, tokens/s/p, TFLOPs per device and MFU, as the recipe reports them.
+"""RecipeThroughputMonitor: s/step, samples/s, tokens/s/p, TFLOPs per device and MFU, as the recipe reports them.
 
 Definitions (docs/ARCHITECTURE.md, "Throughput and memory"): tokens/s/p = tokens of the global batch / step
 time / number of devices, all devices included (TP ranks too); samples/s = global batch / step time. Padding
@@ -27,7 +27,7 @@ from mistral_lightning.distributed import data_parallel_layout
 
 # Dense bf16 peak TFLOPs per device, matched as a substring of the device name (first match wins, so a
 # variant comes before its family). Ascend 910_93 (A3) has no row: no official dense bf16 figure was found;
-# give ThroughputMonitor's peak_tflops there.
+# give RecipeThroughputMonitor's peak_tflops there.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("910B1", 374.0),
     ("910B2", 354.0),
@@ -83,7 +83,7 @@ class _Totals:
     token_keys: int = 0  # sum over tokens of the keys each attends (for the FLOPs)
 
 
-class ThroughputMonitor(L.Callback):
+class RecipeThroughputMonitor(L.Callback):
     """Logs throughput every optimizer step from the second on (rolling over up to `window_size` steps),
     prints the recipe's summary row at the end of `fit` and sends it to the loggers as `summary/*` metrics.
 
@@ -96,7 +96,7 @@ class ThroughputMonitor(L.Callback):
 
     def __init__(self, window_size: int = 20, peak_tflops: float | None = None) -> None:
         if window_size < 2:
-            raise ValueError(f"ThroughputMonitor.window_size must be at least 2, got {window_size}")
+            raise ValueError(f"RecipeThroughputMonitor.window_size must be at least 2, got {window_size}")
         self.window_size = window_size
         self.peak_tflops = peak_tflops
         self.summary: dict[str, float | int | str] | None = None

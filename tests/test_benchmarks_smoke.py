@@ -65,7 +65,7 @@ def test_fit_config_runs_our_callbacks_on_the_real_data_path():
         {"num_layers": 1}, "data/x_text_document", 2048, 3, "/tmp/w", "/tmp/o.json", "none", 0.2, True
     )
     callbacks = [cb["class_path"].rsplit(".", 1)[-1] for cb in config["trainer"]["callbacks"]]
-    assert callbacks == ["ThroughputMonitor", "MemoryMonitor", "ResultWriter"]
+    assert callbacks == ["RecipeThroughputMonitor", "MemoryMonitor", "ResultWriter"]
     assert config["data"]["class_path"].endswith("PretrainDataModule")
     assert config["model"]["parallel"]["compile"] is True
 

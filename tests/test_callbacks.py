@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mistral_lightning.callbacks import MemoryMonitor, ThroughputMonitor, format_summary, lookup_peak_tflops
+from mistral_lightning.callbacks import MemoryMonitor, RecipeThroughputMonitor, format_summary, lookup_peak_tflops
 from mistral_lightning.callbacks import throughput as throughput_module
 from mistral_lightning.config import MistralConfig
 
@@ -46,7 +46,7 @@ def _run(monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: f
     pl_module = SimpleNamespace(
         config=MistralConfig.from_name("mistral-7b-32k"), model_name="Mistral-7B 32K", log_dict=logged.append
     )
-    monitor = ThroughputMonitor(window_size=3, peak_tflops=peak_tflops)
+    monitor = RecipeThroughputMonitor(window_size=3, peak_tflops=peak_tflops)
     monitor.on_train_start(trainer, pl_module)
     micro_batches = GLOBAL_BATCH // replicas  # micro-batch size 1 on each replica
     batch = {"input_ids": torch.zeros(1, SEQ, dtype=torch.long)}

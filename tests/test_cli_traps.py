@@ -87,6 +87,27 @@ def test_our_callbacks_resolve_by_short_name(toy_data, tmp_path, capsys):
     assert paths[-1] == "mistral_lightning.callbacks.MemoryMonitor"
 
 
+def test_throughput_monitor_names_cannot_be_confused(toy_data, tmp_path, capsys):
+    """Ours is RecipeThroughputMonitor; the short name ThroughputMonitor is Lightning's alone (it was refused as
+    ambiguous before the rename); the old full path still imports, with a warning."""
+    config = fit_config(tmp_path, toy_data)
+    argv = ["fit", "--config", str(config)]
+    printed = _printed_config(capsys, [*argv, "--trainer.callbacks+=RecipeThroughputMonitor"])
+    assert (
+        printed["trainer"]["callbacks"][-1]["class_path"]
+        == "mistral_lightning.callbacks.RecipeThroughputMonitor"
+    )
+    lightning_monitor = "--trainer.callbacks+=ThroughputMonitor"
+    printed = _printed_config(capsys, [*argv, lightning_monitor, "--trainer.callbacks.batch_size_fn=builtins.len"])
+    assert (
+        printed["trainer"]["callbacks"][-1]["class_path"] == "lightning.pytorch.callbacks.ThroughputMonitor"
+    )
+    import mistral_lightning.callbacks as callbacks
+
+    with pytest.warns(DeprecationWarning, match="RecipeThroughputMonitor"):
+        assert callbacks.ThroughputMonitor is callbacks.RecipeThroughputMonitor
+
+
 # ---------------------------------------------------------------------- 4. one line instead of a traceback
 def test_npu_accelerator_without_torch_npu_is_one_line(toy_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from mistral_lightning.callbacks import ThroughputMonitor
+from mistral_lightning.callbacks import RecipeThroughputMonitor
 from mistral_lightning.callbacks import throughput as throughput_module
 from mistral_lightning.config import MistralConfig
 
@@ -36,7 +36,7 @@ def _tokens_and_keys(batch: dict[str, torch.Tensor]) -> list[int]:
 def _drive(
     monkeypatch, batches_per_replica: list[list[dict]], world_size: int = 1
 ) -> tuple[list[dict], dict]:
-    """ThroughputMonitor on rank 0 of `len(batches_per_replica)` replicas, one micro-batch per step each;
+    """RecipeThroughputMonitor on rank 0 of `len(batches_per_replica)` replicas, one micro-batch per step each;
     the fake all-reduce sums what every rank would contribute (each replica has world/replicas ranks)."""
     now = [0.0]
     monkeypatch.setattr(throughput_module, "perf_counter", lambda: now[0])
@@ -58,7 +58,7 @@ def _drive(
     pl_module = SimpleNamespace(
         config=MistralConfig.from_name("tiny"), model_name="tiny", log_dict=logged.append
     )
-    monitor = ThroughputMonitor(window_size=10)
+    monitor = RecipeThroughputMonitor(window_size=10)
     monitor.on_train_start(trainer, pl_module)
     for batch in batches_per_replica[0]:
         now[0] += STEP_SECONDS
@@ -130,7 +130,7 @@ def _replica_summary(lengths_per_rank: list[list[int]]) -> dict:
     pl_module = SimpleNamespace(
         config=MistralConfig.from_name("tiny"), model_name="tiny", log_dict=lambda _: None
     )
-    monitor = ThroughputMonitor(window_size=10)
+    monitor = RecipeThroughputMonitor(window_size=10)
     monitor.on_train_start(trainer, pl_module)
     for _ in range(3):
         now[0] += STEP_SECONDS
@@ -188,7 +188,7 @@ def _fit_config(root: Path, data_prefix: str) -> Path:
             ],
             "callbacks": [
                 {
-                    "class_path": "mistral_lightning.callbacks.ThroughputMonitor",
+                    "class_path": "mistral_lightning.callbacks.RecipeThroughputMonitor",
                     "init_args": {"window_size": 10},
                 },
                 {"class_path": "mistral_lightning.callbacks.MemoryMonitor"},
