@@ -2,14 +2,19 @@
 
 synthetic Alpaca-style data -> `preprocess` -> `fit` the tiny preset (printing the recipe's
 throughput/memory row) -> HF export -> greedy answers to held-out prompts and 5-shot MMLU on the
-synthetic set, for the untrained and the fine-tuned model side by side. Everything goes through the
-same commands and functions a user calls; nothing is downloaded.
+synthetic set, for the untrained and the fine-tuned model side by side. Then LoRA next to full
+fine-tuning: from the full run's first checkpoint, LoRA adapters train for as many steps as the full run
+went on, on the same data, and both are scored with their trainable parameters, peak memory and
+tokens/s. Everything goes through the same commands and functions a user calls; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import torch
 import yaml
 
 from mistral_lightning import Mistral, MistralConfig, generate
+from mistral_lightning.adapters.lora import LoRAConfig, apply_lora
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.demo_data import write_demo_data
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu
@@ -26,8 +32,10 @@ from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 
 # The tiny config reads demo_output/data and writes runs/tiny-finetune, relative to the repository root.
 CONFIG = Path("configs/tiny/finetune.yaml")
+LORA_CONFIG = Path("configs/tiny/lora.yaml")
 DATA_DIR = Path("demo_output")
 RUN_DIR = Path("runs/tiny-finetune")
+LORA_RUN_DIR = Path("runs/tiny-lora")
 
 
 def heldout_accuracy(model: Mistral, tokenizer: Tokenizer, rows: list[dict]) -> tuple[float, list[tuple]]:
@@ -51,9 +59,25 @@ def untrained_model(seed: int) -> Mistral:
 
 
 def _command(argv: list[str]) -> None:
-    """Run one `mistral-lightning` command as a user would; a failure stops the demo."""
-    if cli_main(argv):
+    """Run one `mistral-lightning` command as a user would; a failure stops the demo. `fit` runs in its own
+    process, so that each run's peak memory (the process's peak RSS on the CPU) is its own."""
+    if argv[0] == "fit":
+        failed = subprocess.run([sys.executable, "-m", "mistral_lightning", *argv]).returncode
+    else:
+        failed = cli_main(argv)
+    if failed:
         raise RuntimeError(f"mistral-lightning {argv[0]} failed in the demo; see its error above")
+
+
+@dataclass(frozen=True)
+class RunScores:
+    """One fine-tuning method's row of the LoRA comparison."""
+
+    heldout: float
+    mmlu: float
+    trainable_params: int
+    peak_memory_mib: float
+    tokens_per_sec: float
 
 
 @dataclass(frozen=True)
@@ -62,12 +86,94 @@ class DemoScores:
     heldout_after: float
     mmlu_before: float
     mmlu_after: float
+    # From the full run's first checkpoint: that checkpoint itself, then full and LoRA fine-tuning onwards.
+    start: RunScores | None = None
+    full: RunScores | None = None
+    lora: RunScores | None = None
 
 
-def run(max_steps: int | None = None, heldout: int = 100) -> DemoScores:
+def run_summary(run_dir: Path) -> dict[str, float]:
+    """The `summary/*` row the throughput monitor logged at the end of a run (the CSV logger's metrics)."""
+    (metrics,) = run_dir.glob("lightning_logs/version_*/metrics.csv")
+    summary: dict[str, float] = {}
+    with metrics.open() as rows:
+        for row in csv.DictReader(rows):
+            summary.update(
+                {key: float(value) for key, value in row.items() if key.startswith("summary/") and value}
+            )
+    return summary
+
+
+def first_checkpoint(run_dir: Path) -> tuple[Path, int]:
+    """The full run's earliest step checkpoint (the LoRA run starts from its weights) and its step."""
+    by_step = {
+        int(path.name.split("step=")[1].split(".")[0]): path for path in run_dir.glob("checkpoints/*step=*")
+    }
+    step = min(by_step)
+    return by_step[step], step
+
+
+def lora_trainable_parameters() -> int:
+    """What the LoRA config trains: its adapters applied to the config's architecture, counted."""
+    settings = yaml.safe_load(LORA_CONFIG.read_text())["model"]
+    with torch.device("meta"):
+        model = Mistral(MistralConfig(**settings["model_config"]))
+    apply_lora(model, LoRAConfig(**settings["lora"]))
+    return sum(param.numel() for param in model.parameters() if param.requires_grad)
+
+
+def scores(model: Mistral, tokenizer: Tokenizer, rows: list[dict], mmlu: Path) -> tuple[float, float]:
+    """Held-out exact match and synthetic 5-shot MMLU accuracy."""
+    return heldout_accuracy(model, tokenizer, rows)[0], evaluate_mmlu(model, tokenizer, mmlu)["accuracy"]
+
+
+def compare_lora(
+    tokenizer: Tokenizer, rows: list[dict], mmlu: Path, full_scores: tuple[float, float], full_params: int
+) -> tuple[RunScores, ...]:
+    """From the full run's first checkpoint, LoRA trains for the steps the full run went on; all three scored."""
+    checkpoint, start_step = first_checkpoint(RUN_DIR)
+    full_summary = run_summary(RUN_DIR)
+    total_steps = int(full_summary["summary/iterations"])
+    start_dir, lora_dir = DATA_DIR / f"hf-step{start_step}", DATA_DIR / "hf-lora"
+    _command(["export", "--checkpoint", str(checkpoint), "--out", str(start_dir), "--dtype", "float32"])
+    print(
+        f"== 6b. LoRA from step {start_step} for {total_steps - start_step} steps (fit --config {LORA_CONFIG})"
+    )
+    _command(
+        [
+            "fit",
+            "--config",
+            str(LORA_CONFIG),
+            "--model.pretrained",
+            str(start_dir),
+            "--trainer.max_steps",
+            str(total_steps - start_step),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    # The LoRA run's last checkpoint holds the adapters only; `export` merges them into the start weights.
+    lora_checkpoint = LORA_RUN_DIR / "checkpoints" / "last.ckpt"
+    _command(["export", "--checkpoint", str(lora_checkpoint), "--out", str(lora_dir), "--dtype", "float32"])
+    lora_summary = run_summary(LORA_RUN_DIR)
+    start_model = Mistral.from_pretrained(start_dir).eval()
+    lora_model = Mistral.from_pretrained(lora_dir).eval()
+
+    def row(accuracies: tuple[float, float], trainable: int, summary: dict[str, float]) -> RunScores:
+        peak, rate = summary["summary/peak_memory_mib"], summary["summary/tokens_per_sec_per_device"]
+        return RunScores(*accuracies, trainable, peak, rate)
+
+    return (
+        RunScores(*scores(start_model, tokenizer, rows, mmlu), 0, float("nan"), float("nan")),
+        row(full_scores, full_params, full_summary),
+        row(scores(lora_model, tokenizer, rows, mmlu), lora_trainable_parameters(), lora_summary),
+    )
+
+
+def run(max_steps: int | None = None, heldout: int = 100, lora: bool = True) -> DemoScores:
     """Every step of the demo, from the current directory (the repository root); returns the scores."""
     out = DATA_DIR
-    for folder in (DATA_DIR, RUN_DIR):
+    for folder in (DATA_DIR, RUN_DIR, LORA_RUN_DIR):
         shutil.rmtree(folder, ignore_errors=True)
     # Trained from scratch, the model has no tokenizer of its own: it is the one the demo's data is tokenized with.
     tokenizer_path = default_tokenizer_path()
@@ -115,21 +221,40 @@ def run(max_steps: int | None = None, heldout: int = 100) -> DemoScores:
     print("== 5. 5-shot MMLU on the synthetic set (mistral-lightning evaluate)")
     mmlu_before = evaluate_mmlu(untrained_model(seed=1234), tokenizer, paths.mmlu)["accuracy"]
     mmlu_after = evaluate_mmlu(trained, tokenizer, paths.mmlu)["accuracy"]
-    return DemoScores(before, after, mmlu_before, mmlu_after)
+    if not lora:
+        return DemoScores(before, after, mmlu_before, mmlu_after)
+    print("== 6. LoRA next to full fine-tuning, from the full run's first checkpoint")
+    full_params = sum(param.numel() for param in trained.parameters())
+    start, full, adapted = compare_lora(tokenizer, rows, paths.mmlu, (after, mmlu_after), full_params)
+    return DemoScores(before, after, mmlu_before, mmlu_after, start, full, adapted)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mistral_lightning.demo", description=__doc__)
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
     parser.add_argument("--heldout", type=int, default=100, help="held-out prompts to answer")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA comparison")
     args = parser.parse_args(argv)
     if not CONFIG.is_file():
         parser.error(f"{CONFIG} not found; run the demo from the repository root (make demo)")
-    scores = run(args.max_steps, args.heldout)
+    scores = run(args.max_steps, args.heldout, lora=not args.no_lora)
     print("\n| model | held-out exact match | synthetic MMLU (chance 0.25) |")
     print("| --- | --- | --- |")
     print(f"| untrained | {scores.heldout_before:.2f} | {scores.mmlu_before:.2f} |")
     print(f"| fine-tuned | {scores.heldout_after:.2f} | {scores.mmlu_after:.2f} |")
+    if scores.lora is not None:
+        print(
+            "\n| from the first checkpoint | held-out exact match | synthetic MMLU | trainable parameters "
+            "| peak memory (MiB) | tokens/s |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        start = scores.start
+        print(f"| first checkpoint, as it is | {start.heldout:.2f} | {start.mmlu:.2f} | - | - | - |")
+        for name, result in (("+ full fine-tuning", scores.full), ("+ LoRA", scores.lora)):
+            print(
+                f"| {name} | {result.heldout:.2f} | {result.mmlu:.2f} | {result.trainable_params:,} "
+                f"| {result.peak_memory_mib:.0f} | {result.tokens_per_sec:.0f} |"
+            )
     return 0
 
 
