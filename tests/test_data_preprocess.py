@@ -274,7 +274,7 @@ def test_cli_reports_errors_without_traceback(tmp_path, tokenizer_path):
     help_text = subprocess.run(
         [*command, "--help"], capture_output=True, text=True, env=env, check=True
     ).stdout
-    assert "--seq-length" in help_text and "skip (default) drops rows" in help_text
+    assert "--seq-length" in help_text and "skip drops rows" in help_text and "(default: skip)" in help_text
     result = subprocess.run(
         [
             *command,
