@@ -10,7 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mistral_lightning.callbacks import MemoryMonitor, RecipeThroughputMonitor, format_summary, lookup_peak_tflops
+from mistral_lightning.callbacks import (
+    MemoryMonitor,
+    RecipeThroughputMonitor,
+    format_summary,
+    lookup_peak_tflops,
+)
 from mistral_lightning.callbacks import throughput as throughput_module
 from mistral_lightning.config import MistralConfig
 

@@ -98,7 +98,9 @@ def test_throughput_monitor_names_cannot_be_confused(toy_data, tmp_path, capsys)
         == "mistral_lightning.callbacks.RecipeThroughputMonitor"
     )
     lightning_monitor = "--trainer.callbacks+=ThroughputMonitor"
-    printed = _printed_config(capsys, [*argv, lightning_monitor, "--trainer.callbacks.batch_size_fn=builtins.len"])
+    printed = _printed_config(
+        capsys, [*argv, lightning_monitor, "--trainer.callbacks.batch_size_fn=builtins.len"]
+    )
     assert (
         printed["trainer"]["callbacks"][-1]["class_path"] == "lightning.pytorch.callbacks.ThroughputMonitor"
     )

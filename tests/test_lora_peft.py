@@ -330,7 +330,9 @@ def test_fit_with_lora_then_export_loads_in_peft_and_transformers(
     # Merged weights round in another order than PEFT's separate adapter path, hence 1e-4.
     torch.testing.assert_close(logits(hf_model(tmp_path / "merged").eval()), expected, rtol=1e-4, atol=1e-4)
     # fit --export_hf_dir merges the adapters too (it wrote the bare base before).
-    torch.testing.assert_close(logits(hf_model(tmp_path / "fit_export").eval()), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(hf_model(tmp_path / "fit_export").eval()), expected, rtol=1e-4, atol=1e-4
+    )
 
     # predict --ckpt_path with the LoRA checkpoint runs the adapters unmerged: the same greedy text as generate.
     prompts, completions = tmp_path / "prompts.jsonl", tmp_path / "completions.jsonl"
