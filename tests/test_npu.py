@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import model_parallel
 from mistral_lightning.callbacks import lookup_peak_tflops, peak_memory
 from mistral_lightning.callbacks.throughput import device_name
 from mistral_lightning.errors import UserError
-from mistral_lightning.evaluation import cli as evaluate_cli
+from mistral_lightning.evaluation.ranks import init_distributed
 from mistral_lightning.npu import DeviceModelParallelStrategy, NPUAccelerator, NPUModelParallelStrategy
 
 
@@ -117,7 +117,7 @@ def test_evaluate_under_torchrun_takes_the_local_device_and_its_backend(monkeypa
     # An earlier in-process run of the same pytest session may have left its process group up.
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
-    assert (evaluate_cli._init_distributed(device), *groups) == expected
+    assert (init_distributed(device), *groups) == expected
     assert devices == ([expected[0]] if device == "cuda" else [])
 
 
@@ -205,7 +205,7 @@ if os.environ.get(FRESH_PROCESS):
         monkeypatch.setenv("LOCAL_RANK", "3")
         monkeypatch.setattr(torch.distributed, "init_process_group", groups.append)
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-        assert evaluate_cli._init_distributed("npu") == "npu:3"
+        assert init_distributed("npu") == "npu:3"
         assert npu.calls == [("set_device", "npu:3")] and groups == ["hccl"]
 
     def test_callbacks_read_the_npu(npu):
