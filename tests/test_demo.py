@@ -23,6 +23,7 @@ def test_demo_fine_tuned_model_beats_chance_on_synthetic_mmlu(tmp_path, monkeypa
     # 900 of the demo's 1200 steps keep the test short; at 600 the synthetic MMLU score sits at the edge of
     # learning the answer format, so floating-point differences between CPUs decide whether it passes.
     scores = demo.run(max_steps=900, heldout=40)
+    print(scores)  # the figures, in the log of a failing run or with -s
     # 200 questions: chance gives 0.25 +- 0.03, so 0.35 is over three standard deviations above it.
     assert scores.mmlu_after > CHANCE + 0.10, scores
     assert scores.heldout_after > scores.heldout_before, scores

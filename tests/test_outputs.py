@@ -25,7 +25,6 @@ from test_mmlu import write_mmlu
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint import hf, megatron
 from mistral_lightning.cli import main as cli_main
-from mistral_lightning.evaluation import cli as evaluate_cli
 
 TINY = MistralConfig.from_name("tiny", vocab_size=64)
 HF_FILES = ["config.json", "generation_config.json", "model.safetensors"]
@@ -322,7 +321,7 @@ def _scoring_must_not_start(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the output should have been refused before loading and scoring")
 
-    monkeypatch.setattr(evaluate_cli, "load_model", fail)
+    monkeypatch.setattr("mistral_lightning.generation.loading.load_model", fail)  # evaluate imports it in main
 
 
 def test_evaluate_refuses_an_output_it_cannot_write_before_scoring(mmlu_args, tmp_path, monkeypatch, capsys):
