@@ -93,26 +93,6 @@ def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--task mmlu needs --data-dir (the MMLU folder with dev/ and test/)")
 
 
-def _load(args: argparse.Namespace, device: str):
-    """The model (with --adapter merged in) and its tokenizer, as every evaluation loads them."""
-    from mistral_lightning.generation.loading import load_model, load_tokenizer
-
-    model = load_model(
-        args.checkpoint,
-        adapter=args.adapter,
-        device=device,
-        dtype=args.dtype,
-        trust_checkpoint=args.trust_checkpoint,
-    )
-    tokenizer = load_tokenizer(
-        args.tokenizer_model,
-        args.checkpoint,
-        vocab_size=model.config.vocab_size,
-        trust_checkpoint=args.trust_checkpoint,
-    )
-    return model, tokenizer
-
-
 def _harness_module():
     """evaluation.harness.run, or one line saying how to install lm-eval."""
     try:
@@ -133,7 +113,7 @@ def _evaluate_harness(args: argparse.Namespace) -> int:
     import torch
 
     from mistral_lightning.evaluation.ranks import init_distributed, is_rank_zero
-    from mistral_lightning.generation.loading import resolve_device
+    from mistral_lightning.generation.loading import load_from_args, resolve_device
 
     harness = _harness_module()
     output = OutputTarget(
@@ -145,7 +125,7 @@ def _evaluate_harness(args: argparse.Namespace) -> int:
     manager = harness.task_manager(tasks, args.include_path)  # an unknown task is named before any loading
     device = init_distributed(resolve_device(args.device))
     try:
-        model, tokenizer = _load(args, device)
+        model, tokenizer = load_from_args(args, device)
         lm = harness.MistralLightningLM(
             model,
             tokenizer,
@@ -174,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mistral_lightning.evaluation.mmlu import evaluate_mmlu, format_table
     from mistral_lightning.evaluation.ranks import init_distributed, is_rank_zero
-    from mistral_lightning.generation.loading import resolve_device
+    from mistral_lightning.generation.loading import load_from_args, resolve_device
 
     output = OutputTarget(
         Path(args.output or "mmlu_results.json"), option="--output", overwrite=args.overwrite
@@ -183,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(output, MMLU_REPORT)  # before scoring, so no result is lost to an unwritable path
     device = init_distributed(resolve_device(args.device))
     try:
-        model, tokenizer = _load(args, device)
+        model, tokenizer = load_from_args(args, device)
         results = evaluate_mmlu(
             model,
             tokenizer,

@@ -131,26 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --prompt TEXT to continue a text, or --chat to chat interactively")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty; give the text to continue")
-    from mistral_lightning.generation.loading import load_model, load_tokenizer, resolve_device
+    from mistral_lightning.generation.loading import load_from_args, resolve_device
     from mistral_lightning.generation.sampling import GenerationError
     from mistral_lightning.prompts import encode_chat_prompt
 
     if "" in args.stop:
         raise GenerationError('--stop "" would stop before the first character; give a non-empty stop string')
     args.device = resolve_device(args.device)
-    model = load_model(
-        args.checkpoint,
-        adapter=args.adapter,
-        device=args.device,
-        dtype=args.dtype,
-        trust_checkpoint=args.trust_checkpoint,
-    )
-    tokenizer = load_tokenizer(
-        args.tokenizer_model,
-        args.checkpoint,
-        vocab_size=model.config.vocab_size,
-        trust_checkpoint=args.trust_checkpoint,
-    )
+    model, tokenizer = load_from_args(args, args.device)
     if args.prompt is None:
         chat_loop(model, tokenizer, args, sys.stdin, sys.stdout)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -144,3 +145,21 @@ def recorded_pretrained(checkpoint: Path, trust_checkpoint: bool = False) -> Pat
     hyper_parameters = saved.get("hyper_parameters") if isinstance(saved, dict) else None
     pretrained = (hyper_parameters or {}).get("pretrained")
     return Path(pretrained) if pretrained else None
+
+
+def load_from_args(args: argparse.Namespace, device: str) -> tuple[Mistral, Tokenizer]:
+    """The model (with --adapter merged in) and its tokenizer, from the options of `add_model_arguments`."""
+    model = load_model(
+        args.checkpoint,
+        adapter=args.adapter,
+        device=device,
+        dtype=args.dtype,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    tokenizer = load_tokenizer(
+        args.tokenizer_model,
+        args.checkpoint,
+        vocab_size=model.config.vocab_size,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    return model, tokenizer
