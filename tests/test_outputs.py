@@ -321,7 +321,9 @@ def _scoring_must_not_start(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the output should have been refused before loading and scoring")
 
-    monkeypatch.setattr("mistral_lightning.generation.loading.load_model", fail)  # evaluate imports it in main
+    monkeypatch.setattr(
+        "mistral_lightning.generation.loading.load_model", fail
+    )  # evaluate imports it in main
 
 
 def test_evaluate_refuses_an_output_it_cannot_write_before_scoring(mmlu_args, tmp_path, monkeypatch, capsys):
