@@ -10,12 +10,12 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.config import MistralConfig
 
 # The issue's bench config: ~60M parameters, vocab 32000, window 512, rope theta 1e6, untied.
@@ -61,8 +61,8 @@ def run_worker(module: str, args: list[str], cwd: Path | None = None, threads: i
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", module, "--worker", *args, "--out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        command = python_module_command(module, "--worker", *args, "--out", str(out))
+        env = safe_path_env({**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None)
         completed = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)
         if completed.returncode != 0 or not out.exists():
             raise RuntimeError(f"benchmark worker failed ({' '.join(command)}):\n{completed.stderr[-4000:]}")

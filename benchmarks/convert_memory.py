@@ -1,6 +1,6 @@
 """Peak memory and wall time of `mistral-lightning convert` on a random ~1B-parameter model; prints JSON.
 
-    python -m benchmarks.convert_memory [--layers 16] [--hidden 2048] [--workdir DIR]
+    python -m mistral_lightning.benchmarks.convert_memory [--layers 16] [--hidden 2048] [--workdir DIR]
 
 HF (bf16 safetensors) -> Megatron TP8 -> HF, each conversion in its own process. Reported per run:
 wall seconds, peak RSS (the kernel's high-water mark, which also counts memory-mapped checkpoint

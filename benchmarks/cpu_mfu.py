@@ -1,6 +1,6 @@
 """The CPU's bf16 matmul peak, measured in the run, and model-FLOPs utilisation (MFU) against it.
 
-    python -m benchmarks.cpu_mfu [--size 4096]
+    python -m mistral_lightning.benchmarks.cpu_mfu [--size 4096]
 
 The peak is the best of several large square bf16 matmuls on all of torch's threads: what this machine's
 matrix units really deliver, where a data-sheet figure would not account for clocks, the hypervisor or

@@ -1,8 +1,8 @@
 """One-GPU device check, about 5 minutes: kernels against references on the device, the 7B-layer benchmark,
 and a few `mistral-lightning fit` steps of the tiny config.
 
-    python -m benchmarks.device_check --out results/       # on a machine with one CUDA GPU or Ascend NPU
-    python -m benchmarks.device_check --dry-run            # CPU, to check the script's own logic
+    python -m mistral_lightning.benchmarks.device_check --out results/       # on a machine with one CUDA GPU or Ascend NPU
+    python -m mistral_lightning.benchmarks.device_check --dry-run            # CPU, to check the script's own logic
 
 Each section runs on its own and records "ok", its figures, or the error, so one failure does not hide the
 rest; the JSON written to --out is what the README's device section quotes.
@@ -14,7 +14,6 @@ import argparse
 import importlib.util
 import json
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.devices import device_name
 from mistral_lightning.kernels import resolve_backend, sliding_window_attention
@@ -102,7 +102,7 @@ def model_parity(device: torch.device) -> dict:
 
 
 def layer_benchmark(dry_run: bool, out: Path) -> dict:
-    from benchmarks import gpu
+    from mistral_lightning.benchmarks import gpu
 
     argv = ["--dry-run"] if dry_run else ["--steps", "3", "--seq", "32768"]
     return gpu.main([*argv, "--out", str(out / "gpu_layers.json")])
@@ -111,7 +111,7 @@ def layer_benchmark(dry_run: bool, out: Path) -> dict:
 def tiny_fit(device_type: str, out: Path) -> dict:
     """demo-data, preprocess and 20 steps of configs/tiny/finetune.yaml through the CLI on the device."""
     work = Path(tempfile.mkdtemp(prefix="device-check-"))
-    cli = [sys.executable, "-m", "mistral_lightning"]
+    cli = python_module_command("mistral_lightning")
     from mistral_lightning.tokenizer import default_tokenizer_path
 
     steps = [
@@ -144,7 +144,7 @@ def tiny_fit(device_type: str, out: Path) -> dict:
     started = time.perf_counter()
     for command in steps:
         # The config's relative paths (demo_output/, runs/) land in the work folder.
-        done = subprocess.run(command, capture_output=True, text=True, cwd=work)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=work, env=safe_path_env())
         if done.returncode != 0:
             return {"ok": False, "failed": " ".join(command[2:4]), "stderr_tail": done.stderr[-3000:]}
     metrics = sorted(Path(work, "runs").rglob("metrics.csv"))

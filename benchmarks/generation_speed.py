@@ -1,6 +1,6 @@
 """Prefill and decode speed and peak memory: our `generate` against transformers' `generate`.
 
-    python -m benchmarks.generation_speed [--prompt-tokens 128] [--new-tokens 128] [--batch 1] [--dtype bfloat16]
+    python -m mistral_lightning.benchmarks.generation_speed [--prompt-tokens 128] [--new-tokens 128] [--batch 1] [--dtype bfloat16]
 
 One random model of the bench config (benchmarks/common.py; window 512, bf16 like the training bench,
 or --dtype float32) is saved once. Ours is loaded as `mistral-lightning generate` loads it
@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import BENCH_CONFIG
+from mistral_lightning.benchmarks.common import BENCH_CONFIG
+from mistral_lightning.child_processes import python_module_command, safe_path_env
 
 
 def _memory_kb(field: str) -> int:
@@ -119,14 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         rounds: dict[str, list[dict]] = {"ours": [], "transformers": []}
         for _ in range(args.rounds):
             for engine in rounds:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.generation_speed",
-                    f"--engine={engine}",
-                    f"--folder={tmp}",
-                ]
-                out = subprocess.run(command + common, check=True, capture_output=True, text=True).stdout
+                command = python_module_command(
+                    "mistral_lightning.benchmarks.generation_speed", f"--engine={engine}", f"--folder={tmp}"
+                )
+                out = subprocess.run(
+                    command + common, check=True, capture_output=True, text=True, env=safe_path_env()
+                ).stdout
                 rounds[engine].append(json.loads(out.strip().splitlines()[-1]))
     results = {engine: max(runs, key=lambda r: r["decode_tokens_per_s"]) for engine, runs in rounds.items()}
     ours_tokens, their_tokens = results["ours"].pop("tokens"), results["transformers"].pop("tokens")

@@ -1,6 +1,6 @@
 """Micro-benchmarks behind the choices in kernels/ whose figures benchmarks/results/kernel_choices.md keeps.
 
-    python -m benchmarks.kernel_choices [--quick] [--only NAME ...] [--compile] [--out FILE.json]
+    python -m mistral_lightning.benchmarks.kernel_choices [--quick] [--only NAME ...] [--compile] [--out FILE.json]
 
 Each measurement times one choice against its alternative on the bench config's shapes (one layer's
 attention: 8 query heads, 2 KV heads, head size 64, window 512; bf16 unless a row says otherwise): the
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import BENCH_CONFIG, machine
+from mistral_lightning.benchmarks.common import BENCH_CONFIG, machine
 from mistral_lightning.kernels import banded_attention, cross_entropy
 from mistral_lightning.kernels.attention import masked_attention
 from mistral_lightning.kernels.banded_attention import banded_cpu_attention

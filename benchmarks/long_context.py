@@ -1,6 +1,6 @@
 """Long-context scaling: training tokens/s and peak RSS at 2K..32K with the window fixed at 512.
 
-    python -m benchmarks.long_context [--seq 2048 4096 8192 16384 32768]
+    python -m mistral_lightning.benchmarks.long_context [--seq 2048 4096 8192 16384 32768]
 
 With a fixed window, attention work per token is constant, so the tokens/s curve should be flat and the
 memory linear in the sequence length. Transformers is measured alongside where it fits (see
@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine, save_json
-from benchmarks.report import plot
-from benchmarks.train_throughput import OURS_ACTIVATION_CHECKPOINTING, compare
+from mistral_lightning.benchmarks.common import RESULTS_DIR, machine, save_json
+from mistral_lightning.benchmarks.report import plot
+from mistral_lightning.benchmarks.train_throughput import OURS_ACTIVATION_CHECKPOINTING, compare
 
 SEQ_LENGTHS = [2048, 4096, 8192, 16384, 32768]
 

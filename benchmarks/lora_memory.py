@@ -1,6 +1,6 @@
 """Peak memory and tokens/s of LoRA and QLoRA against full fine-tuning, on the bench config, in one run.
 
-    python -m benchmarks.lora_memory [--seq 2048 8192] [--steps 2] [--checkpointing none|full] [--threads 2]
+    python -m mistral_lightning.benchmarks.lora_memory [--seq 2048 8192] [--steps 2] [--checkpointing none|full] [--threads 2]
 
 Each (method, sequence length) is a fresh worker process running the same training step on the same random
 tokens: bf16 weights, batch 1, the module's AdamW (`optim.build_optimizer`: over the trainable parameters
@@ -21,10 +21,16 @@ import time
 
 import torch
 
-from benchmarks.allocator_peak import peak_allocated_bytes
-from benchmarks.common import BENCH_CONFIG, machine, run_worker, save_json, write_worker_result
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora
 from mistral_lightning.adapters.nf4 import materialize_nf4_, quantize_base_
+from mistral_lightning.benchmarks.allocator_peak import peak_allocated_bytes
+from mistral_lightning.benchmarks.common import (
+    BENCH_CONFIG,
+    machine,
+    run_worker,
+    save_json,
+    write_worker_result,
+)
 from mistral_lightning.model import Mistral
 from mistral_lightning.optim import OptimizerConfig, build_optimizer
 from mistral_lightning.parallel import apply_activation_checkpointing, init_adapters, init_weights
@@ -110,7 +116,7 @@ def main() -> None:
         by_method = {}
         for method in METHODS:
             by_method[method] = run_worker(
-                "benchmarks.lora_memory",
+                "mistral_lightning.benchmarks.lora_memory",
                 [
                     *("--method", method, "--seq", str(seq_length)),
                     *("--steps", str(args.steps), "--checkpointing", args.checkpointing),

@@ -1,6 +1,6 @@
 """The memory plan (`mistral-lightning plan`) against measured peaks, and what it predicts for the 7B recipe.
 
-    python -m benchmarks.memory_plan [--only cpu h200 recipe] [--seq 2048 8192]
+    python -m mistral_lightning.benchmarks.memory_plan [--only cpu h200 recipe] [--seq 2048 8192]
 
 1. cpu: the bench config (benchmarks/common.py, bf16, batch 1) at 2K and 8K. The fit config
    `benchmarks/train_throughput.py` trains is planned, then trained by `mistral-lightning fit` in a fresh
@@ -20,9 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +28,16 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import BENCH_CONFIG, RESULTS_DIR, machine, save_json, write_random_tokens
-from benchmarks.train_throughput import fit_config
 from mistral_lightning import plan_cli
+from mistral_lightning.benchmarks.common import (
+    BENCH_CONFIG,
+    RESULTS_DIR,
+    machine,
+    save_json,
+    write_random_tokens,
+)
+from mistral_lightning.benchmarks.train_throughput import fit_config
+from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.kernels import attention_dispatch
 from mistral_lightning.memory_plan import StepShape, simulate_training_step
@@ -66,9 +71,12 @@ DEVICES_GB = {"Ascend 910B": 64, "H100": 80}
 
 def mistral_lightning(*args: str) -> None:
     """Run `mistral-lightning ...` in a fresh process (its own peak), from the repository root."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-m", "mistral_lightning", *args], cwd=REPO, env=env, capture_output=True, text=True
+        python_module_command("mistral_lightning", *args),
+        cwd=REPO,
+        env=safe_path_env(),
+        capture_output=True,
+        text=True,
     )
     if done.returncode:
         raise RuntimeError(f"mistral-lightning {' '.join(args)} failed:\n{done.stderr[-4000:]}")
@@ -97,7 +105,7 @@ def validate_cpu(seq_lengths: list[int], steps: int = 3) -> list[dict]:
                 )
                 config["trainer"]["callbacks"].append(
                     {
-                        "class_path": "benchmarks.allocator_peak.AllocatorPeak",
+                        "class_path": "mistral_lightning.benchmarks.allocator_peak.AllocatorPeak",
                         "init_args": {"out_dir": str(run)},
                     }
                 )

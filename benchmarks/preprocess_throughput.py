@@ -1,6 +1,6 @@
 """Preprocessing throughput (tokens/s) with 1 and 2 workers on a generated parquet; prints one JSON line.
 
-    python -m benchmarks.preprocess_throughput [--rows 100000] [--workers 1 2]
+    python -m mistral_lightning.benchmarks.preprocess_throughput [--rows 100000] [--workers 1 2]
 
 The rows are Alpaca-sized English-like text (30-120 words) drawn from a fixed vocabulary with a fixed seed.
 Each run also checks that every worker count wrote byte-identical files.

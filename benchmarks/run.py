@@ -1,6 +1,6 @@
 """`make bench`: every CPU benchmark, then the JSON results, a markdown summary and a plot in benchmarks/results/.
 
-    python -m benchmarks.run [--quick] [--results-dir DIR]
+    python -m mistral_lightning.benchmarks.run [--quick] [--results-dir DIR]
 
 1. the bf16 matmul peak (before and after the training runs; the higher one is the peak);
 2. training throughput and peak memory, ours through `fit` against transformers, at 2K..32K
@@ -18,16 +18,16 @@ import argparse
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks import long_context
-from benchmarks.common import BENCH_CONFIG, RESULTS_DIR, TINY_CONFIG, machine, save_json
-from benchmarks.cpu_mfu import matmul_peak_tflops, mfu
-from benchmarks.report import TARGET_SEQ_LONG, TARGET_SEQ_MID, TARGET_SEQ_SHORT, markdown
-from benchmarks.train_throughput import OURS_ACTIVATION_CHECKPOINTING, compare
+from mistral_lightning.benchmarks import long_context
+from mistral_lightning.benchmarks.common import BENCH_CONFIG, RESULTS_DIR, TINY_CONFIG, machine, save_json
+from mistral_lightning.benchmarks.cpu_mfu import matmul_peak_tflops, mfu
+from mistral_lightning.benchmarks.report import TARGET_SEQ_LONG, TARGET_SEQ_MID, TARGET_SEQ_SHORT, markdown
+from mistral_lightning.benchmarks.train_throughput import OURS_ACTIVATION_CHECKPOINTING, compare
+from mistral_lightning.child_processes import python_module_command, safe_path_env
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_LENGTHS = (TARGET_SEQ_SHORT, TARGET_SEQ_MID, TARGET_SEQ_LONG)
@@ -35,7 +35,8 @@ TARGET_LENGTHS = (TARGET_SEQ_SHORT, TARGET_SEQ_MID, TARGET_SEQ_LONG)
 
 def preprocess_throughput(rows: int) -> dict:
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.preprocess_throughput", "--rows", str(rows)],
+        python_module_command("mistral_lightning.benchmarks.preprocess_throughput", "--rows", str(rows)),
+        env=safe_path_env(),
         capture_output=True,
         text=True,
         cwd=REPO,

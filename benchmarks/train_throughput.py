@@ -1,6 +1,6 @@
 """Training tokens/s and peak memory: ours through the real `fit` loop against transformers, side by side.
 
-    python -m benchmarks.train_throughput [--seq 2048 8192 32768] [--rounds 2] [--peak-tflops X] [--no-compile]
+    python -m mistral_lightning.benchmarks.train_throughput [--seq 2048 8192 32768] [--rounds 2] [--peak-tflops X] [--no-compile]
 
 Both sides read the same data (random tokens in a Megatron indexed dataset, through PretrainDataModule),
 use the same AdamW (`mistral_lightning.optim.build_optimizer`, same hyper-parameters), bf16 weights and
@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks.common import (
+from mistral_lightning.benchmarks.common import (
     BENCH_CONFIG,
     TINY_CONFIG,
     available_memory_bytes,
@@ -35,7 +35,7 @@ from benchmarks.common import (
     write_random_tokens,
     write_worker_result,
 )
-from benchmarks.cpu_mfu import mfu
+from mistral_lightning.benchmarks.cpu_mfu import mfu
 from mistral_lightning.callbacks import (
     MemoryMonitor,
     RecipeThroughputMonitor,
@@ -140,7 +140,10 @@ def fit_config(
                     "init_args": {"window_size": 2, "peak_tflops": peak_tflops},
                 },
                 {"class_path": "mistral_lightning.callbacks.MemoryMonitor"},
-                {"class_path": "benchmarks.train_throughput.ResultWriter", "init_args": {"out": out}},
+                {
+                    "class_path": "mistral_lightning.benchmarks.train_throughput.ResultWriter",
+                    "init_args": {"out": out},
+                },
             ],
         },
     }
@@ -252,7 +255,7 @@ def measure(
     if peak_tflops:
         args += ["--peak-tflops", str(peak_tflops)]
     load = os.getloadavg()[0]
-    result = run_worker("benchmarks.train_throughput", args, cwd=REPO, threads=threads)
+    result = run_worker("mistral_lightning.benchmarks.train_throughput", args, cwd=REPO, threads=threads)
     return {**result, "load_average_before": round(load, 2)}
 
 
@@ -330,7 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--activation-checkpointing", default=None, help="ours: none | full | selective (default: per length)"
     )
-    parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (see benchmarks.cpu_mfu)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="for MFU (see mistral_lightning.benchmarks.cpu_mfu)"
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

@@ -5,12 +5,38 @@ Defined here, each session fixture runs at most once per session, whichever test
 
 from __future__ import annotations
 
+import multiprocessing.process
+import os
+import subprocess
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
+from mistral_lightning.child_processes import safe_path_env
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
+
+# Every process a test starts (`python -m ...`, torchrun, its workers) inherits the safe path, as the
+# application's own child processes do; test_safe_paths checks it.
+os.environ.update(safe_path_env({}))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test that starts a process (in its body or its fixtures) must say so with the `processes` marker,
+    so that `make test-fast` (`-m "not processes"`) really starts none."""
+    if item.get_closest_marker("processes"):
+        return (yield)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{item.nodeid} starts a process: mark it @pytest.mark.processes")
+
+    with (
+        mock.patch.object(subprocess.Popen, "_execute_child", refuse),
+        mock.patch.object(multiprocessing.process.BaseProcess, "start", refuse),
+    ):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

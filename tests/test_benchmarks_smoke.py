@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import gpu
-from benchmarks.report import check_targets, markdown, plot
-from benchmarks.train_throughput import fit_config
+from mistral_lightning.benchmarks import gpu
+from mistral_lightning.benchmarks.report import check_targets, markdown, plot
+from mistral_lightning.benchmarks.train_throughput import fit_config
 
 GB = 10**9
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -133,6 +132,7 @@ def test_mistral_handler_matches_mistral_common(tmp_path, tokenizer_path):
     assert _read(tmp_path / "chat_packed_input_ids_document")[0].tolist() == expected
 
 
+@pytest.mark.processes
 def test_workers_give_byte_identical_files(tmp_path, tokenizer_path):
     rng = np.random.default_rng(0)
     words = np.array(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"])
@@ -168,6 +168,7 @@ def test_input_folder_glob_and_json_array(tmp_path, tokenizer_path):
         assert [d.tolist() for d in _read(f"{prefix}_text_document")] == expected
 
 
+@pytest.mark.processes
 def test_recipe_option_spellings(tmp_path, tokenizer_path):
     hf_folder = tmp_path / "Mistral-7B-Instruct-v0.2"
     hf_folder.mkdir()
@@ -223,6 +224,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tokenizer_path, capsys):
     assert len(_read(tmp_path / "out_text_document")) == 2
 
 
+@pytest.mark.processes
 def test_skipped_rows_are_located_by_their_chunk_origin(tmp_path, tokenizer_path, capsys):
     """Each chunk brings its file and first row back from the worker, so later chunks and files are named right."""
     folder = tmp_path / "in"
@@ -268,12 +270,10 @@ def test_missing_column_names_it_and_lists_found(tmp_path, tokenizer_path, kind)
         _run(tokenizer_path, data, tmp_path / "x", "--handler-name", "GeneralInstructionHandler")
 
 
+@pytest.mark.processes
 def test_cli_reports_errors_without_traceback(tmp_path, tokenizer_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "mistral_lightning", "preprocess"]
-    help_text = subprocess.run(
-        [*command, "--help"], capture_output=True, text=True, env=env, check=True
-    ).stdout
+    help_text = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True).stdout
     assert "--seq-length" in help_text and "skip drops rows" in help_text and "(default: skip)" in help_text
     result = subprocess.run(
         [
@@ -287,12 +287,12 @@ def test_cli_reports_errors_without_traceback(tmp_path, tokenizer_path):
         ],
         capture_output=True,
         text=True,
-        env=env,
     )
     assert result.returncode == 2
     assert "nope.parquet matches no file" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", ["preprocess", "demo-data"])
 def test_help_loads_neither_torch_nor_lightning(command):
     """Data commands must not pay for torch at start-up: --help imports the whole command, never torch."""
@@ -305,10 +305,7 @@ def test_help_loads_neither_torch_nor_lightning(command):
         "    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'pytorch_lightning'}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "usage: mistral-lightning" in result.stdout
     assert result.stdout.splitlines()[-1] == "[]"
 

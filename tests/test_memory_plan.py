@@ -45,7 +45,7 @@ def tiny_tp2_config(data_prefix: str, root: Path) -> dict:
             "default_root_dir": str(root),
             "callbacks": [
                 {
-                    "class_path": "benchmarks.allocator_peak.AllocatorPeak",
+                    "class_path": "mistral_lightning.benchmarks.allocator_peak.AllocatorPeak",
                     "init_args": {"out_dir": str(root / "measured")},
                 }
             ],
@@ -69,7 +69,6 @@ def run(command: list[str], cwd: Path) -> None:
     env = {
         **without_process_group(os.environ),
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     done = subprocess.run(
         [sys.executable, "-m", "mistral_lightning", *command],
@@ -93,6 +92,7 @@ def tiny_tp2(toy_data, tmp_path_factory) -> tuple[dict, list[dict]]:
     return json.loads((root / "plan.json").read_text()), measured
 
 
+@pytest.mark.processes
 def test_simulated_peak_is_within_15_percent_of_each_ranks_measured_peak(tiny_tp2):
     plan, measured = tiny_tp2
     predicted = plan["report"]["peak_bytes"]
@@ -110,6 +110,7 @@ def shard_elements(config: MistralConfig, tp: int) -> int:
     )
 
 
+@pytest.mark.processes
 def test_steady_state_is_the_hand_count_of_each_ranks_shards(tiny_tp2):
     plan, _ = tiny_tp2
     fp32 = 4 * shard_elements(MistralConfig.from_name("tiny"), TP)

@@ -85,9 +85,7 @@ def two_nodes(tmp_path_factory) -> Path:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parent), str(REPO), os.environ.get("PYTHONPATH", "")]
-        ),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     }
     launchers = [
         subprocess.Popen(
@@ -124,6 +122,7 @@ def logged_losses(root: Path) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(stream) if row.get("train/loss")]
 
 
+@pytest.mark.processes
 def test_two_nodes_log_the_losses_of_one_process(two_nodes, reference):
     losses = logged_losses(two_nodes)
     assert len(losses) == len(reference.losses) == STEPS
@@ -131,6 +130,7 @@ def test_two_nodes_log_the_losses_of_one_process(two_nodes, reference):
     assert losses == pytest.approx(reference.losses, rel=1e-4)
 
 
+@pytest.mark.processes
 def test_each_tensor_parallel_group_stays_inside_one_node(two_nodes):
     ranks = [json.loads(path.read_text()) for path in sorted((two_nodes / "mesh").glob("rank*.json"))]
     assert sorted(rank["global_rank"] for rank in ranks) == list(range(NODES * DEVICES_PER_NODE))
@@ -142,6 +142,7 @@ def test_each_tensor_parallel_group_stays_inside_one_node(two_nodes):
         assert {node_of[peer] for peer in rank["data_parallel_group"]} == set(range(NODES))
 
 
+@pytest.mark.processes
 def test_the_nodes_share_one_complete_index_cache(two_nodes):
     cache = two_nodes / "index-cache"
     names = sorted(path.name for path in cache.iterdir())

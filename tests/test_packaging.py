@@ -37,7 +37,7 @@ def installed_wheel(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("mistral_lightning", "kernels", "callbacks", "configs"):
+    for folder in ("mistral_lightning", "kernels", "callbacks", "configs", "benchmarks"):
         shutil.copytree(REPO / folder, source / folder, ignore=ignore)
     for file in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / file, source / file)
@@ -49,6 +49,7 @@ def installed_wheel(tmp_path_factory) -> Path:
     return root / "site"
 
 
+@pytest.mark.processes
 def test_the_wheel_ships_every_config(installed_wheel):
     shipped = installed_wheel / "mistral_lightning" / "configs"
     sources = source_configs()
@@ -59,6 +60,7 @@ def test_the_wheel_ships_every_config(installed_wheel):
         assert (shipped / f"{name}.yaml").read_bytes() == path.read_bytes()
 
 
+@pytest.mark.processes
 def test_the_installed_package_resolves_a_config_name_from_any_directory(installed_wheel, tmp_path):
     code = (
         "import sys, mistral_lightning; from mistral_lightning.configs_cli import resolve_config_argv; "
