@@ -18,9 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from checkpoint_runs import MAX_STEPS, SMALL_VOCAB, dcp_tensors, fit_config, logged_losses
 from distributed import without_process_group
+
+pytestmark = pytest.mark.processes
 
 WORKER = Path(__file__).with_name("checkpoint_kill_worker.py")
 KILLED = 17

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from checkpoint_runs import dcp_tensors, fit_config, logged_losses
 from distributed import free_port
+
+pytestmark = pytest.mark.processes
 
 RUNNER = Path(__file__).with_name("checkpoint_fault_run.py")
 TP2 = ["--trainer.devices", "2", "--trainer.strategy.init_args.tensor_parallel_size", "2"]

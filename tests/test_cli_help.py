@@ -52,6 +52,7 @@ def _help(command: str) -> str:
     return result.stdout
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", [*KNOWN_DEFAULTS, "configs"])
 def test_help_does_not_import_torch(command):
     output = _help(command)
@@ -66,6 +67,7 @@ def _option_help(help_text: str, option: str) -> str:
     return " ".join(" ".join(lines[start:end]).split())
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", list(KNOWN_DEFAULTS))
 def test_help_shows_defaults_and_no_none_for_required_options(command):
     help_text = _help(command)

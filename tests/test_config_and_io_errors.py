@@ -94,6 +94,7 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
         Mistral.from_pretrained(folder)
 
 
+@pytest.mark.processes
 def test_cli_reports_user_errors_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "mistral_lightning", "no-such-command"], capture_output=True, text=True

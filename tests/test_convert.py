@@ -393,6 +393,7 @@ def _save_tp_sharded(rank: int, world: int, path: str, init_file: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.processes
 def test_lightning_tp_sharded_dcp_checkpoint(tmp_path):
     ckpt, out = tmp_path / "sharded.ckpt", tmp_path / "hf"
     torch.multiprocessing.spawn(_save_tp_sharded, args=(2, str(ckpt), str(tmp_path / "init")), nprocs=2)
@@ -427,6 +428,7 @@ def _fsdp_round_trip(hf_in: str, hf_out: str) -> bool:
     return True
 
 
+@pytest.mark.processes
 def test_sharded_model_fills_from_hf_and_saves_back(hf_dir, tmp_path):
     from distributed import run_on_ranks
 

@@ -247,6 +247,7 @@ def test_save_to_disk_folders_give_the_same_output_as_jsonl(tmp_path, tokenizer_
         _run(tokenizer_path, tmp_path / "train.jsonl", tmp_path / "x", *options, "--split", "test")
 
 
+@pytest.mark.processes
 def test_sharegpt_save_to_disk_matches_jsonl(tmp_path):
     rows = [{"conversations": SHAREGPT}, {"conversations": SHAREGPT[1:]}]
     tokenizer = str(SHIPPED["v3"])

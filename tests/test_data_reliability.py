@@ -64,6 +64,7 @@ def _rows_with_marker(tmp_path) -> Path:
     return data
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(120)  # guards against the hang this test is about; it asserts no timing
 def test_dead_worker_ends_the_run_naming_its_chunk(tmp_path, tokenizer_path, monkeypatch, capsys):
     """A worker killed by SIGKILL on a chunk, every time, is named with that chunk instead of a hang."""
@@ -81,6 +82,7 @@ def test_dead_worker_ends_the_run_naming_its_chunk(tmp_path, tokenizer_path, mon
     assert list(out.iterdir()) == []  # nothing under the final names, no temporary files either
 
 
+@pytest.mark.processes
 @pytest.mark.timeout(120)
 def test_worker_killed_from_outside_suggests_fewer_workers(tmp_path, tokenizer_path, monkeypatch, capsys):
     """Killed once (as by the OOM killer), the chunk encodes fine alone: the advice is fewer --workers."""

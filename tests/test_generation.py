@@ -503,6 +503,7 @@ def _generate_under_tensor_parallelism(folder: str) -> list[list[int]]:
     return generate(model, PROMPTS, 8, eos_id=None)
 
 
+@pytest.mark.processes
 def test_generation_under_the_training_tensor_parallel_plan(tmp_path):
     ours = random_model(window=6)
     folder = ours.save_pretrained(tmp_path / "hf")

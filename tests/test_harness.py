@@ -173,6 +173,7 @@ def reference(hflm, task_folder) -> tuple[dict[str, list[dict]], dict[str, dict]
     return {**samples, **rolling_samples}, {**metrics, **rolling_metrics}
 
 
+@pytest.mark.processes
 def test_loglikelihoods_and_greedy_text_equal_lm_evals_hf_model(ours, reference, task_folder):
     mine, theirs = _evaluate(ours, task_folder, ["tiny_mc", "tiny_gen"])[0], reference[0]
     for row, expected_row in zip(mine["tiny_mc"], theirs["tiny_mc"], strict=True):
@@ -185,6 +186,7 @@ def test_loglikelihoods_and_greedy_text_equal_lm_evals_hf_model(ours, reference,
     assert all(texts), texts  # the model generated something for every prompt
 
 
+@pytest.mark.processes
 def test_rolling_loglikelihood_equals_lm_evals_hf_model_after_one_bos(ours, reference, task_folder):
     mine = _evaluate(ours, task_folder, ["tiny_ppl"])[0]["tiny_ppl"]
     for row, expected_row in zip(mine, reference[0]["tiny_ppl"], strict=True):
@@ -210,6 +212,7 @@ def test_generate_until_stops_at_a_stop_string_as_lm_evals_hf_model(ours, hflm):
     assert generate(ours, [stop]) == generate(hflm, [stop]) == expected
 
 
+@pytest.mark.processes
 def test_evaluate_harness_on_two_ranks_writes_lm_evals_results(hf_folder, task_folder, tmp_path, reference):
     """`evaluate --harness` as torchrun starts it on two CPU ranks: lm-eval splits the documents over the
     ranks, rank 0 gathers them, prints lm-eval's table and writes the report with the hf model's metrics."""
@@ -246,6 +249,7 @@ def test_evaluate_harness_on_two_ranks_writes_lm_evals_results(hf_folder, task_f
     assert cli.main(argv) == 2
 
 
+@pytest.mark.processes
 def test_lm_evals_own_command_line_runs_the_registered_model(
     hf_folder, task_folder, reference, monkeypatch, capsys
 ):

@@ -499,6 +499,7 @@ def executable(path: Path, body: str) -> Path:
     return path
 
 
+@pytest.mark.processes
 def test_make_builds_flash_attn_without_isolation_on_gpu_machines_only(tmp_path):
     executable(tmp_path / "nvidia-smi", "exit 0\n")
     build = '--no-build-isolation "flash-attn>=2.6"'
@@ -507,6 +508,7 @@ def test_make_builds_flash_attn_without_isolation_on_gpu_machines_only(tmp_path)
     assert "flash-attn" not in without_gpu and "torch==2.13.0" in without_gpu
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("builds", [True, False])
 def test_make_flash_attn_says_which_attention_cuda_runs(tmp_path, builds):
     """With a python whose pip build of flash-attn fails (no CUDA toolkit, say), set-up goes on and says that CUDA

@@ -140,6 +140,7 @@ def _replica_summary(lengths_per_rank: list[list[int]]) -> dict:
     return monitor.summary
 
 
+@pytest.mark.processes
 def test_two_real_ranks_sum_their_tokens_through_lightnings_reduce():
     from distributed import run_on_ranks
 
@@ -244,11 +245,13 @@ def _csv_summary(rows: list[dict]) -> dict[str, float]:
     }
 
 
+@pytest.mark.processes
 def test_throughput_rows_start_at_the_second_step_of_a_real_run(logged_run):
     steps = [int(row["step"]) for row in logged_run.rows if row.get("throughput/tokens_per_sec_per_device")]
     assert len(steps) == STEPS - 1  # window_size 10 > 3 steps, yet steps 2 and 3 have rates
 
 
+@pytest.mark.processes
 def test_summary_row_reaches_every_logger_without_padding_and_in_mib(logged_run):
     summary = _csv_summary(logged_run.rows)
     assert summary["summary/iterations"] == STEPS

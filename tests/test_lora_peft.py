@@ -164,6 +164,7 @@ def _adapter_under_tensor_parallelism(folder, adapter, out, expected_file) -> fl
     return float((result - torch.load(expected_file)).abs().max())
 
 
+@pytest.mark.processes
 def test_a_peft_adapter_loads_and_saves_under_tensor_parallelism(base, tmp_path):
     """Each TP rank fills its shard of the adapters (B by rows for q/v/lm_head, A by columns for down)."""
     _, folder = base

@@ -68,6 +68,7 @@ def lora_two_ranks(toy_data, tmp_path_factory) -> dict:
     return results
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("run", ["tp2_sp", "tp2_no_sp", "dp2_fsdp"])
 def test_lora_losses_under_tp2_and_fsdp_match_one_device(lora_two_ranks, lora_straight, run):
     straight, _ = lora_straight
@@ -201,6 +202,7 @@ def _tp2_against_one_device() -> dict:
     return results
 
 
+@pytest.mark.processes
 def test_tp2_adapters_match_one_device_and_add_no_collective():
     for rank_results in run_on_ranks(_tp2_against_one_device, world_size=2):
         for result in rank_results.values():
@@ -314,6 +316,7 @@ def _checkpointing_and_bf16_runs() -> dict[str, tuple[float, float]]:
     return results
 
 
+@pytest.mark.processes
 def test_activation_checkpointing_and_bf16_mixed_keep_the_adapter_gradients():
     (results,) = run_on_ranks(_checkpointing_and_bf16_runs, world_size=1)
     assert results["scale"][1] > 0.01  # the adapters have gradients to compare
@@ -359,6 +362,7 @@ def test_training_starts_from_a_peft_adapter_folder(toy_data, single_thread, tmp
             assert torch.equal(param.full_tensor(), saved[peft_key]), name
 
 
+@pytest.mark.processes
 def test_a_one_device_lora_checkpoint_resumes_under_tp2(toy_data, tmp_path):
     import shutil
 

@@ -137,16 +137,19 @@ def test_accumulated_micro_batches_log_the_losses_of_the_whole_batch(whole_batch
     _assert_same_steps(accumulated.losses, accumulated.grad_norms, whole_batch)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "dp2_accumulated"])
 def test_two_ranks_log_the_losses_of_the_whole_batch(layout, whole_batch, two_ranks):
     _assert_same_steps(two_ranks[layout]["losses"], two_ranks[layout]["grad_norms"], whole_batch)
 
 
+@pytest.mark.processes
 def test_one_all_reduce_per_optimizer_step(two_ranks):
     # 12 micro-batches (2 per step on each rank), 6 optimizer steps: the step's totals are reduced once.
     assert two_ranks["dp2_accumulated"]["all_reduces"] == 6
 
 
+@pytest.mark.processes
 def test_micro_batch_normalization_is_the_mean_of_micro_batch_means(accumulated_micro_batch, two_ranks):
     loss, grad_norm = _reference_first_step(accumulated_micro_batch.kept[:2], per_micro_batch=True)
     assert accumulated_micro_batch.losses[0] == pytest.approx(loss, rel=1e-5)

@@ -164,6 +164,7 @@ def _evaluate_on_this_rank(tokenizer_path: str, data: str) -> dict:
     return evaluate_mmlu(ColourReader(tokenizer_path), Tokenizer(tokenizer_path), data, batch_size=2)
 
 
+@pytest.mark.processes
 def test_questions_are_split_over_data_parallel_ranks(tokenizer, tokenizer_path, tmp_path):
     data = write_mmlu(tmp_path)
     expected = evaluate_mmlu(ColourReader(tokenizer_path), tokenizer, data)

@@ -82,6 +82,7 @@ def test_position_ids_are_respected(tmp_path):
     assert (ours(input_ids, position_ids) - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("head_kind", ["fused-linear", "fused-linear-compiled", "generic-module"])
 @pytest.mark.parametrize("chunk", [1, 7, 60, 128])
 def test_chunked_loss_and_grads_equal_plain_cross_entropy(head_kind, chunk):

@@ -69,6 +69,7 @@ class FakeNpuRuntime(types.SimpleNamespace):
 FRESH_PROCESS = "MISTRAL_LIGHTNING_NPU_TESTS"
 
 
+@pytest.mark.processes
 def test_npu_device_paths_in_a_fresh_process():
     if os.environ.get(FRESH_PROCESS):
         return

@@ -148,6 +148,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("at", ["write", "swap"])
 def test_a_crash_leaves_the_previous_output_and_the_next_run_cleans_up(hf_in, tmp_path, at):
     out = tmp_path / "out"
@@ -172,6 +173,7 @@ def test_a_crash_leaves_the_previous_output_and_the_next_run_cleans_up(hf_in, tm
     assert {t.dtype for t in _weights(out).values()} == {torch.bfloat16}
 
 
+@pytest.mark.processes
 def test_temporaries_of_live_writers_are_left_alone(hf_in, tmp_path):
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -410,6 +412,7 @@ def test_predict_writer_refuses_a_foreign_file_before_generating(tmp_path, token
 # ---------------------------------------------------------------------------- preprocess
 
 
+@pytest.mark.processes
 def test_preprocess_replaces_only_its_own_datasets(tmp_path, tokenizer_path, capsys):
     data = tmp_path / "in.jsonl"
     data.write_text('{"text": "hello world"}\n{"text": "a second document"}\n')

@@ -50,6 +50,7 @@ def two_ranks(toy_data, killed_checkpoint, tmp_path_factory) -> dict:
     return results
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("run", ["tp2_sp", "tp2_no_sp", "dp2_fsdp"])
 def test_parallel_losses_match_single_device(two_ranks, reference, run):
     losses = two_ranks[run]["losses"]
@@ -61,12 +62,14 @@ def test_parallel_losses_match_single_device(two_ranks, reference, run):
         assert two_ranks[run]["batches"] == reference.batches
 
 
+@pytest.mark.processes
 def test_tp1_checkpoint_resumes_under_tp2(two_ranks, reference):
     resumed = two_ranks["tp2_resumes_tp1"]
     assert resumed["batches"] == reference.batches[3:]
     assert resumed["losses"] == pytest.approx(reference.losses[3:], rel=1e-4)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("run", "message"),
     [("kv_heads", "does not divide the model's 1 KV heads"), ("seq_under_sp", "sequence length (33)")],
@@ -120,6 +123,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(mode):
     assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
 
 
+@pytest.mark.processes
 def test_compile_per_block_keeps_parameter_names_loss_and_gradients():
     config = MistralConfig.from_name("tiny")
     eager, compiled = _original_and_copy(config)
@@ -156,6 +160,7 @@ def _bf16_mixed_losses_and_grad_norms() -> dict[str, tuple[float, float]]:
     return results
 
 
+@pytest.mark.processes
 def test_selective_checkpointing_runs_under_bf16_mixed_fsdp():
     # FSDP2's input cast ran outside the checkpointed region in the forward and inside it in the recompute,
     # which selective checkpointing refused at the first backward.

@@ -147,6 +147,7 @@ def _train(model: Mistral, ids: torch.Tensor, steps: int = 3) -> list[float]:
     return losses
 
 
+@pytest.mark.processes
 def test_qlora_with_fsdp2_data_parallel_matches_one_rank():
     batch = torch.randint(0, 32000, (4, 32), generator=torch.Generator().manual_seed(0))
     single = _train(_qlora_model(), batch)  # one process, no FSDP

@@ -171,6 +171,7 @@ def _generate_command(folder: Path, capsys, *args: str) -> str:
     return capsys.readouterr().out.removesuffix("\n")
 
 
+@pytest.mark.processes
 def test_greedy_chat_is_the_models_chat_format_and_equals_transformers_and_generate(
     server, transformers_greedy, client, folder, capsys
 ):
@@ -189,6 +190,7 @@ def test_greedy_chat_is_the_models_chat_format_and_equals_transformers_and_gener
     assert served.choices[0].message.content == command == transformers_greedy(prompt_ids("v3", single), 9)[0]
 
 
+@pytest.mark.processes
 def test_streamed_chunks_concatenate_to_the_same_text(client, transformers_greedy):
     ids = prompt_ids("v3", MESSAGES)
     expected, tokens = transformers_greedy(ids, 12)
@@ -211,6 +213,7 @@ def test_streamed_chunks_concatenate_to_the_same_text(client, transformers_greed
     )
 
 
+@pytest.mark.processes
 def test_completions_equal_transformers_and_generate_streaming_or_not(
     client, folder, transformers_greedy, capsys
 ):
@@ -229,6 +232,7 @@ def test_completions_equal_transformers_and_generate_streaming_or_not(
     assert "".join(chunk.choices[0].text for chunk in stream) == expected
 
 
+@pytest.mark.processes
 def test_stop_cuts_the_text_as_generate_does(client, folder, transformers_greedy, capsys):
     full, _ = transformers_greedy(prompt_ids("v3", [MESSAGES[1]]), 12)
     stop = full[4:7]
@@ -247,6 +251,7 @@ def test_stop_cuts_the_text_as_generate_does(client, folder, transformers_greedy
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == command
 
 
+@pytest.mark.processes
 def test_seeded_sampling_equals_generate_with_that_seed_while_greedy_requests_share_the_batch(
     client, folder, transformers_greedy, capsys
 ):
@@ -284,6 +289,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.processes
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(client, transformers_greedy):
     request = {"model": "m", "messages": [MESSAGES[1]], "temperature": 0, "max_tokens": 4}
     for change, message in BAD_REQUESTS:
@@ -296,6 +302,7 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(clien
     assert reply.choices[0].message.content == transformers_greedy(prompt_ids("v3", [MESSAGES[1]]), 4)[0]
 
 
+@pytest.mark.processes
 def test_a_body_that_does_not_parse_gets_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature="hot")

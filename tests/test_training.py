@@ -22,6 +22,7 @@ from mistral_lightning.lightning_module import NonFiniteLossError
 from mistral_lightning.optim import OptimizerConfig, build_optimizer, lr_factor
 
 
+@pytest.mark.processes
 def test_resume_after_kill_repeats_the_straight_run_exactly(reference, killed_checkpoint, toy_data, tmp_path):
     recorder = Recorder()
     trainer(tmp_path, callbacks=[recorder]).fit(
