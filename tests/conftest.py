@@ -22,6 +22,13 @@ from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 os.environ.update(safe_path_env({}))
 
 
+def pytest_collection_modifyitems(items):
+    """Files with tests that start processes run first (a stable sort keeps each file whole and in order): they
+    are the long ones, so under xdist the quick in-process files fill the other worker's time at the end."""
+    starting_processes = {item.path for item in items if item.get_closest_marker("processes")}
+    items.sort(key=lambda item: item.path not in starting_processes)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A test that starts a process (in its body or its fixtures) must say so with the `processes` marker,
