@@ -70,9 +70,11 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) $(PYTEST) -m "not processes" tests
 
-# The suite in a shuffled order (a new seed each run; pytest prints it to repeat one).
+# The suite in a shuffled order: a new seed each run, printed; `make test-shuffled SEED=N` repeats one.
+SEED ?= $(shell date +%s)
 test-shuffled: $(VENV)/.installed
-	$(PY) $(PYTEST) --random-order tests
+	@echo "make: shuffled with SEED=$(SEED)"
+	$(PY) $(PYTEST) --random-order-bucket=global --random-order-seed=$(SEED) tests
 
 # The newest versions pyproject.toml allows, in their own venv: an upstream release shows up here first.
 test-latest:
