@@ -29,7 +29,7 @@ from mistral_lightning.config import MistralConfig
 # With no arguments the child only imports the converter: the baseline every run pays.
 CHILD = """
 import json, sys
-from mistral_lightning.checkpoint import convert
+from mistral_lightning.cli import convert
 code = convert.main(sys.argv[1:]) if sys.argv[1:] else 0
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))

@@ -6,7 +6,7 @@
 
 The model is the real `Mistral` with Mistral-7B's layer shape (hidden 4096, FFN 14336, 32/8 heads,
 head_dim 128, window 4096, vocab 32000), bf16 weights and AdamW states, batch 1, activation
-checkpointing from parallel.py's plan (default "full"). The number of layers is chosen by measuring the
+checkpointing from training/parallel.py's plan (default "full"). The number of layers is chosen by measuring the
 peak memory of a 1- and a 2-layer model and filling 90% of the device. Reported, in the recipe's units:
 tokens/s per device, s/step, TFLOPs per device, MFU (model FLOPs as RecipeThroughputMonitor counts them, peak
 from its table or --peak-tflops), peak memory, and the tokens/s/p the whole 32-layer model would reach
@@ -33,8 +33,8 @@ from mistral_lightning.devices import (
 )
 from mistral_lightning.kernels import resolve_backend
 from mistral_lightning.model import Mistral
-from mistral_lightning.optim import OptimizerConfig, build_optimizer
-from mistral_lightning.parallel import apply_activation_checkpointing
+from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
+from mistral_lightning.training.parallel import apply_activation_checkpointing
 
 
 def pick_device(dry_run: bool) -> torch.device:

@@ -32,8 +32,8 @@ from mistral_lightning.benchmarks.common import (
     write_worker_result,
 )
 from mistral_lightning.model import Mistral
-from mistral_lightning.optim import OptimizerConfig, build_optimizer
-from mistral_lightning.parallel import apply_activation_checkpointing, init_adapters, init_weights
+from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
+from mistral_lightning.training.parallel import apply_activation_checkpointing, init_adapters, init_weights
 
 METHODS = {
     "full": None,

@@ -28,7 +28,6 @@ from unittest import mock
 
 import torch
 
-from mistral_lightning import plan_cli
 from mistral_lightning.benchmarks.common import (
     BENCH_CONFIG,
     RESULTS_DIR,
@@ -38,13 +37,14 @@ from mistral_lightning.benchmarks.common import (
 )
 from mistral_lightning.benchmarks.train_throughput import fit_config
 from mistral_lightning.child_processes import python_module_command, safe_path_env
+from mistral_lightning.cli import plan as plan_cli
+from mistral_lightning.cli.plan import layout_from_config, parse_config, plan
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.kernels import attention_dispatch
-from mistral_lightning.memory_plan import StepShape, simulate_training_step
 from mistral_lightning.model import Mistral
-from mistral_lightning.optim import OptimizerConfig, build_optimizer
-from mistral_lightning.parallel import apply_activation_checkpointing
-from mistral_lightning.plan_cli import layout_from_config, parse_config, plan
+from mistral_lightning.training.memory_plan import StepShape, simulate_training_step
+from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
+from mistral_lightning.training.parallel import apply_activation_checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "mistral-7b-32k" / "finetune_tp8.yaml"

@@ -3,7 +3,7 @@
     python -m mistral_lightning.benchmarks.train_throughput [--seq 2048 8192 32768] [--rounds 2] [--peak-tflops X] [--no-compile]
 
 Both sides read the same data (random tokens in a Megatron indexed dataset, through PretrainDataModule),
-use the same AdamW (`mistral_lightning.optim.build_optimizer`, same hyper-parameters), bf16 weights and
+use the same AdamW (`mistral_lightning.training.optim.build_optimizer`, same hyper-parameters), bf16 weights and
 batch 1. Ours is `mistral-lightning fit` (LightningCLI, ModelParallelStrategy, RecipeThroughputMonitor and
 MemoryMonitor on), with `model.parallel.compile: true` unless --no-compile; transformers' MistralForCausalLM
 (SDPA attention) runs a plain eager loop, as in the performance issue's reference table. Each measurement
@@ -42,7 +42,7 @@ from mistral_lightning.callbacks import (
     peak_memory,
 )
 from mistral_lightning.config import MistralConfig
-from mistral_lightning.optim import OptimizerConfig, ScheduleConfig
+from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig
 
 # The module's default AdamW settings, given to both sides.
 OPTIMIZER = OptimizerConfig()
@@ -52,7 +52,7 @@ DATA_SEED = 1234
 # Transformers' attention memory and step time grow with T^2 although the window is fixed: by default it
 # runs up to 8K only (the figures at 16K: results/notes.md).
 TRANSFORMERS_MAX_SEQ = 8192
-# Ours at lengths whose activations would not fit the 8 GB target otherwise (parallel.py's option).
+# Ours at lengths whose activations would not fit the 8 GB target otherwise (training/parallel.py's option).
 OURS_ACTIVATION_CHECKPOINTING: dict[int, str] = {}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,7 @@ def run_transformers(args: argparse.Namespace) -> None:
     import transformers
 
     from mistral_lightning.data.datamodules import PretrainDataModule
-    from mistral_lightning.optim import build_optimizer
+    from mistral_lightning.training.optim import build_optimizer
 
     config = config_named(args.model)
     data = PretrainDataModule(

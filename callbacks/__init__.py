@@ -22,18 +22,3 @@ __all__ = [
     "peak_memory",
     "training_flops_per_token",
 ]
-
-
-def __getattr__(name: str):
-    # The old name: Lightning has its own ThroughputMonitor, so ours is named for the recipe row it prints.
-    if name == "ThroughputMonitor":
-        import warnings
-
-        warnings.warn(
-            "mistral_lightning.callbacks.ThroughputMonitor is now RecipeThroughputMonitor "
-            "(lightning.pytorch.callbacks.ThroughputMonitor is another class)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return RecipeThroughputMonitor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,1 +1,1 @@
-"""The fit configs, installed as the package data of `mistral_lightning.configs` (see configs_cli.py)."""
+"""The fit configs, installed as the package data of `mistral_lightning.configs` (see cli/configs.py)."""

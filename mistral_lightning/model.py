@@ -1,7 +1,7 @@
 """The Mistral network as a plain nn.Module.
 
 No process groups and no device checks live here: tensor/sequence/data parallelism is applied
-from outside (mistral_lightning/parallel.py) and device-specific operators sit behind kernels/.
+from outside (mistral_lightning/training/parallel.py) and device-specific operators sit behind kernels/.
 Shapes are read from the tensors, not the config, so the same code runs on TP-sharded modules
 whose local head counts are a fraction of the config's.
 """

@@ -76,8 +76,8 @@ def test_help_shows_defaults_and_no_none_for_required_options(command):
 
 
 def test_dtype_names_are_the_dtypes_config_knows():
-    from mistral_lightning.cli_options import DTYPE_NAMES
     from mistral_lightning.config import DTYPES
+    from mistral_lightning.option_values import DTYPE_NAMES
 
     assert DTYPE_NAMES == tuple(DTYPES)
 

@@ -88,7 +88,7 @@ def test_our_callbacks_resolve_by_short_name(toy_data, tmp_path, capsys):
 
 def test_throughput_monitor_names_cannot_be_confused(toy_data, tmp_path, capsys):
     """Ours is RecipeThroughputMonitor; the short name ThroughputMonitor is Lightning's alone (it was refused as
-    ambiguous before the rename); the old full path still imports, with a warning."""
+    ambiguous before the rename), and our package has no such name."""
     config = fit_config(tmp_path, toy_data)
     argv = ["fit", "--config", str(config)]
     printed = _printed_config(capsys, [*argv, "--trainer.callbacks+=RecipeThroughputMonitor"])
@@ -105,8 +105,7 @@ def test_throughput_monitor_names_cannot_be_confused(toy_data, tmp_path, capsys)
     )
     import mistral_lightning.callbacks as callbacks
 
-    with pytest.warns(DeprecationWarning, match="RecipeThroughputMonitor"):
-        assert callbacks.ThroughputMonitor is callbacks.RecipeThroughputMonitor
+    assert not hasattr(callbacks, "ThroughputMonitor")
 
 
 # ---------------------------------------------------------------------- 4. one line instead of a traceback

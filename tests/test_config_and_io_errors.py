@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint.hf import CheckpointError
+from mistral_lightning.cli.options import add_model_arguments
 from mistral_lightning.config import ConfigError, parameter_shapes, parse_dtype, resolve_model_config
-from mistral_lightning.generation.loading import add_model_arguments, load_model
+from mistral_lightning.generation.loading import load_model
 
 
 def test_presets_follow_the_published_configs():

@@ -15,7 +15,7 @@ import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
 from tokenizer_references import CONVERSATION, SHIPPED, answer_labels, finetuning_ids
 
-from mistral_lightning.data.preprocess.cli import main
+from mistral_lightning.cli.preprocess import main
 from mistral_lightning.data.preprocess.config import PreprocessError
 
 KEYS = ("input_ids", "attention_mask", "labels")

@@ -26,7 +26,7 @@ from tokenizer_references import (
     write_tokenizer_json_only,
 )
 
-from mistral_lightning.data.preprocess.cli import main
+from mistral_lightning.cli.preprocess import main
 from mistral_lightning.data.preprocess.config import PreprocessError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,8 +326,8 @@ def _solve(question: str) -> str:
 def test_demo_data_is_deterministic_correct_and_held_out(tmp_path, tokenizer_path):
     import csv
 
-    from mistral_lightning.demo_data import main as demo_main
-    from mistral_lightning.demo_data import write_demo_data
+    from mistral_lightning.cli.demo_data import main as demo_main
+    from mistral_lightning.demo.data import write_demo_data
 
     assert (
         demo_main(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from distributed import without_process_group
 
-from mistral_lightning import demo
-from mistral_lightning.demo import DemoScores
+from mistral_lightning.demo import pipeline as demo
+from mistral_lightning.demo.pipeline import DemoScores
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 120

@@ -20,9 +20,9 @@ from tokenizer_references import CONVERSATION, SHIPPED, prompt_ids
 from mistral_lightning import Mistral, MistralConfig, cli
 from mistral_lightning.checkpoint.hf import CheckpointError
 from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
+from mistral_lightning.cli import generate as generate_cli
 from mistral_lightning.generation import GenerationError, RollingKVCache, generate, next_token_logits
-from mistral_lightning.generation import cli as generate_cli
-from mistral_lightning.generation.generate import stream_generate
+from mistral_lightning.generation.decoding import stream_generate
 from mistral_lightning.generation.loading import load_model
 from mistral_lightning.generation.sampling import sample_next_tokens
 
@@ -386,7 +386,7 @@ def test_predict_encodes_chats_with_the_tokenizer_of_model_pretrained(tmp_path):
 
 
 def test_evaluate_chat_template_prompts_are_mistral_common_ids_of_the_models_tokenizer(tmp_path, monkeypatch):
-    from mistral_lightning.evaluation import cli as evaluate_cli
+    from mistral_lightning.cli import evaluate as evaluate_cli
     from mistral_lightning.evaluation import mmlu
     from mistral_lightning.evaluation.mmlu_data import build_prompt, load_mmlu
 
@@ -490,7 +490,7 @@ def _generate_under_tensor_parallelism(folder: str) -> list[list[int]]:
     from torch.distributed.device_mesh import init_device_mesh
 
     from mistral_lightning.checkpoint.hf import HFCheckpoint, load_hf_weights
-    from mistral_lightning.parallel import parallelize
+    from mistral_lightning.training.parallel import parallelize
 
     mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
     checkpoint = HFCheckpoint(folder)

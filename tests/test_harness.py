@@ -33,7 +33,7 @@ from tokenizer_references import SHIPPED
 from transformers import LlamaTokenizer
 
 from mistral_lightning import Mistral, MistralConfig, cli
-from mistral_lightning.evaluation import cli as evaluate_cli
+from mistral_lightning.cli import evaluate as evaluate_cli
 from mistral_lightning.evaluation.harness import MistralLightningLM
 from mistral_lightning.evaluation.harness import run as harness_run
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu

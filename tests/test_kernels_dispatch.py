@@ -314,7 +314,7 @@ class HostReads(TorchDispatchMode):
 def npu_training_step(monkeypatch, num_layers: int) -> tuple[int, list[dict]]:
     """One forward and backward of `Mistral.loss` on packed documents through the npu kernels, with full
     activation checkpointing (every layer's forward runs twice); returns the host reads and the attention calls."""
-    from mistral_lightning.parallel import apply_activation_checkpointing
+    from mistral_lightning.training.parallel import apply_activation_checkpointing
 
     fake = install(monkeypatch)
     monkeypatch.setenv(BACKEND_ENV, "npu")
@@ -446,7 +446,7 @@ class OpRuns(TorchDispatchMode):
 def test_selective_checkpointing_keeps_the_npu_attention_output(monkeypatch, mode, recomputed):
     """The backward pass of 2 checkpointed layers reruns npu_fusion_attention once per layer under full
     checkpointing, and never under selective checkpointing, which keeps its output."""
-    from mistral_lightning.parallel import apply_activation_checkpointing
+    from mistral_lightning.training.parallel import apply_activation_checkpointing
 
     install(monkeypatch)
     monkeypatch.setenv(BACKEND_ENV, "npu")
@@ -472,7 +472,7 @@ def test_selective_checkpointing_keeps_the_npu_attention_output(monkeypatch, mod
     ],
 )
 def test_selective_policy_saves_every_backends_matmuls_and_attention(name):
-    from mistral_lightning.parallel import _selective_policy
+    from mistral_lightning.training.parallel import _selective_policy
 
     operator = types.SimpleNamespace(name=lambda: name)
     assert _selective_policy(None, operator) == CheckpointPolicy.MUST_SAVE

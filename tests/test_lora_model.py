@@ -18,7 +18,7 @@ from mistral_lightning.adapters.lora import (
     is_adapter_parameter,
     lora_layers,
 )
-from mistral_lightning.optim import OptimizerConfig, build_optimizer
+from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
 
 # Our layer name -> transformers' module name, written out here so the test does not reuse our own name table.
 HF_MODULES = {

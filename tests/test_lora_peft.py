@@ -149,7 +149,7 @@ def _adapter_under_tensor_parallelism(folder, adapter, out, expected_file) -> fl
 
     from mistral_lightning.adapters.lora import WithoutAdapters
     from mistral_lightning.checkpoint.hf import load_hf_weights
-    from mistral_lightning.parallel import parallelize
+    from mistral_lightning.training.parallel import parallelize
 
     mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
     with torch.device("meta"):

@@ -20,7 +20,7 @@ from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.errors import UserError
-from mistral_lightning.strategy import SafeModelParallelStrategy
+from mistral_lightning.training.strategy import DeviceModelParallelStrategy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,9 +29,9 @@ ALL_TARGETS = ["q", "k", "v", "o", "gate", "up", "down", "lm_head"]
 LORA_RUN = {"lora": {"rank": 4, "alpha": 8.0, "targets": ALL_TARGETS}, "optimizer": {"lr": 2e-2}}
 
 
-def checked_strategy() -> SafeModelParallelStrategy:
+def checked_strategy() -> DeviceModelParallelStrategy:
     """The strategy `mistral-lightning fit` uses (adapter-only checkpoints), on one CPU process."""
-    return SafeModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    return DeviceModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
 
 
 def adapter_names(targets: list[str]) -> set[str]:
@@ -136,7 +136,7 @@ def _tp2_against_one_device() -> dict:
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from mistral_lightning.parallel import init_adapters, init_weights, parallelize
+    from mistral_lightning.training.parallel import init_adapters, init_weights, parallelize
 
     torch.set_num_threads(1)
     config = MistralConfig.from_name("tiny", vocab_size=512)
@@ -283,7 +283,12 @@ def _checkpointing_and_bf16_runs() -> dict[str, tuple[float, float]]:
     its adapter gradients from those without checkpointing in fp32 (small results: a spawned worker's queue)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mistral_lightning.parallel import init_adapters, init_weights, mixed_precision_policy, parallelize
+    from mistral_lightning.training.parallel import (
+        init_adapters,
+        init_weights,
+        mixed_precision_policy,
+        parallelize,
+    )
 
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))

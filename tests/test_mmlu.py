@@ -13,7 +13,7 @@ from distributed import run_on_ranks
 from torch import nn
 
 from mistral_lightning import Mistral, MistralConfig, cli
-from mistral_lightning.evaluation import cli as evaluate_cli
+from mistral_lightning.cli import evaluate as evaluate_cli
 from mistral_lightning.evaluation.mmlu import answer_letter_ids, evaluate_mmlu
 from mistral_lightning.evaluation.mmlu_data import MMLUDataError, build_prompt, load_mmlu
 from mistral_lightning.tokenizer import Tokenizer

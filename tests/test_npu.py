@@ -24,7 +24,8 @@ from mistral_lightning.callbacks import lookup_peak_tflops, peak_memory
 from mistral_lightning.callbacks.throughput import device_name
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.ranks import init_distributed
-from mistral_lightning.npu import DeviceModelParallelStrategy, NPUAccelerator, NPUModelParallelStrategy
+from mistral_lightning.training.npu import NPUAccelerator
+from mistral_lightning.training.strategy import DeviceModelParallelStrategy
 
 
 class FakeNpuRuntime(types.SimpleNamespace):
@@ -106,7 +107,6 @@ def test_one_strategy_serves_cuda_with_nccl_and_cuda_autocast():
     strategy.parallel_devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert strategy._get_process_group_backend() == "nccl"
     assert strategy.precision_plugin.device == "cuda"
-    assert NPUModelParallelStrategy is DeviceModelParallelStrategy  # the configs' name still imports
 
 
 @pytest.mark.parametrize("device, expected", [("cuda", ("cuda:1", "nccl")), ("cpu", ("cpu", "gloo"))])
@@ -184,7 +184,7 @@ if os.environ.get(FRESH_PROCESS):
         trainer = L.Trainer(
             accelerator="npu",
             devices=2,
-            strategy=NPUModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+            strategy=DeviceModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
             precision="bf16-mixed",
             logger=False,
         )

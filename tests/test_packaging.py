@@ -63,7 +63,7 @@ def test_the_wheel_ships_every_config(installed_wheel):
 @pytest.mark.processes
 def test_the_installed_package_resolves_a_config_name_from_any_directory(installed_wheel, tmp_path):
     code = (
-        "import sys, mistral_lightning; from mistral_lightning.configs_cli import resolve_config_argv; "
+        "import sys, mistral_lightning; from mistral_lightning.cli.configs import resolve_config_argv; "
         "print(mistral_lightning.__file__); print(resolve_config_argv(['fit', '--config', 'tiny/finetune'])[2]); "
         "print('torch' in sys.modules)"
     )
@@ -95,7 +95,7 @@ def test_fit_takes_a_shipped_config_by_name(tmp_path, monkeypatch, capsys):
 
 
 def test_every_spelling_of_the_config_option_takes_a_name(tmp_path, monkeypatch):
-    from mistral_lightning.configs_cli import resolve_config_argv
+    from mistral_lightning.cli.configs import resolve_config_argv
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.yaml").write_text("trainer: {max_steps: 1}\n")

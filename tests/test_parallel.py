@@ -12,7 +12,11 @@ from training_utils import launch
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.errors import UserError
-from mistral_lightning.parallel import apply_activation_checkpointing, apply_compile, check_parallel_config
+from mistral_lightning.training.parallel import (
+    apply_activation_checkpointing,
+    apply_compile,
+    check_parallel_config,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -140,7 +144,7 @@ def _bf16_mixed_losses_and_grad_norms() -> dict[str, tuple[float, float]]:
     """One backward of the tiny model under FSDP2's bf16 policy, per activation-checkpointing mode."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mistral_lightning.parallel import mixed_precision_policy, parallelize
+    from mistral_lightning.training.parallel import mixed_precision_policy, parallelize
 
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     config = MistralConfig.from_name("tiny")

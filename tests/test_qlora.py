@@ -22,9 +22,9 @@ from mistral_lightning.adapters.nf4 import (
     quantize_base_,
 )
 from mistral_lightning.config import MistralConfig
-from mistral_lightning.demo_data import write_demo_data
+from mistral_lightning.demo.data import write_demo_data
 from mistral_lightning.model import Mistral
-from mistral_lightning.parallel import init_adapters, init_weights
+from mistral_lightning.training.parallel import init_adapters, init_weights
 
 # Every projection's element count a multiple of 64 x 256, as torchao's NF4 blocks need (7B's are too).
 QLORA_TINY = dict(hidden_size=256, head_dim=32, num_heads=4, num_kv_heads=2, intermediate_size=512)

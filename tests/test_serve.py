@@ -26,7 +26,7 @@ from distributed import free_port
 from tokenizer_references import SHIPPED, prompt_ids, reference
 
 from mistral_lightning import Mistral, MistralConfig
-from mistral_lightning.generation import cli as generate_cli
+from mistral_lightning.cli import generate as generate_cli
 
 CONTEXT = 96
 MESSAGES = [

@@ -18,8 +18,8 @@ from mistral_lightning.cli import main as cli_main
 from mistral_lightning.data.datamodules import InstructionDataModule
 from mistral_lightning.errors import UserError
 from mistral_lightning.generation.loading import load_model as load_trained_model
-from mistral_lightning.lightning_module import NonFiniteLossError
-from mistral_lightning.optim import OptimizerConfig, build_optimizer, lr_factor
+from mistral_lightning.training.module import NonFiniteLossError
+from mistral_lightning.training.optim import OptimizerConfig, build_optimizer, lr_factor
 
 
 @pytest.mark.processes

@@ -24,8 +24,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mistral_lightning.data.datamodules import InstructionDataModule, PretrainDataModule
 from mistral_lightning.data.indexed import IndexedDatasetWriter
-from mistral_lightning.lightning_module import MistralLightningModule
-from mistral_lightning.optim import OptimizerConfig, ScheduleConfig
+from mistral_lightning.training.module import MistralLightningModule
+from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig
 
 GLOBAL_BATCH = 2
 SEQ_LENGTH = 32

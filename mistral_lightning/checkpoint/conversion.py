@@ -2,7 +2,7 @@
 
 Every loader hands out our parameters by name (slices of them, read lazily); every saver pulls what it
 needs. The HF saver goes tensor by tensor, the Megatron saver rank by rank, so peak memory stays near one
-HF shard or one rank's share of the model. `checkpoint/convert.py` holds the command's options.
+HF shard or one rank's share of the model. `cli/convert.py` holds the command's options.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mistral_lightning.checkpoint.base import CheckpointError, WeightSource, check_shapes
-from mistral_lightning.checkpoint.convert import LOADERS, MG2HG, SAVERS
+from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS
 from mistral_lightning.checkpoint.hf import HFCheckpoint, save_hf
 from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
 from mistral_lightning.checkpoint.megatron import MegatronCheckpoint, save_megatron

@@ -1,7 +1,7 @@
 """A training checkpoint is complete and safe to read, or it is not used: the mark a finished save
 leaves, and how every reader checks a checkpoint before loading it.
 
-`fit` (mistral_lightning.strategy) writes each checkpoint under a temporary name, adds `complete.json`
+`fit` (mistral_lightning.training.strategy) writes each checkpoint under a temporary name, adds `complete.json`
 last (a save id that meta.pt records too, DCP's own save id from `.metadata`, the step, and every file
 with its size), and only then renames it into place. A DCP folder counts as complete when its
 `.metadata`, meta.pt and data files match that record. Folders written without it (by Lightning's own

@@ -15,15 +15,14 @@ from mistral_lightning.checkpoint.hf import HFCheckpoint
 from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LIGHTNING_METADATA, LightningCheckpoint
 from mistral_lightning.config import parse_dtype
 from mistral_lightning.devices import check_device_available
-from mistral_lightning.generation.options import AUTO_DEVICE, AUTO_DTYPE, add_model_arguments
 from mistral_lightning.kernels import pack_linear_weights
 from mistral_lightning.kernels.backend import torch_npu
 from mistral_lightning.model import Mistral
+from mistral_lightning.option_values import AUTO_DEVICE, AUTO_DTYPE
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path, has_tokenizer
 
 __all__ = [
     "AUTO_DTYPE",
-    "add_model_arguments",
     "load_model",
     "load_tokenizer",
     "open_weights",
@@ -148,7 +147,7 @@ def recorded_pretrained(checkpoint: Path, trust_checkpoint: bool = False) -> Pat
 
 
 def load_from_args(args: argparse.Namespace, device: str) -> tuple[Mistral, Tokenizer]:
-    """The model (with --adapter merged in) and its tokenizer, from the options of `add_model_arguments`."""
+    """The model (with --adapter merged in) and its tokenizer, from the options of `cli.options.add_model_arguments`."""
     model = load_model(
         args.checkpoint,
         adapter=args.adapter,

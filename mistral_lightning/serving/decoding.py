@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from mistral_lightning.generation.generate import stream_generate
+from mistral_lightning.generation.decoding import stream_generate
 from mistral_lightning.generation.text_stream import StopTextStream
 from mistral_lightning.model import Mistral
 from mistral_lightning.serving.requests import DecodingRequest

@@ -12,8 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from mistral_lightning.cli_options import DefaultsHelpFormatter
-from mistral_lightning.generation.options import add_model_arguments
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments
 
 if TYPE_CHECKING:
     from mistral_lightning.model import Mistral
@@ -52,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def stream_generate(*args, **kwargs):
-    """generation.generate.stream_generate, imported when first called, as it loads torch."""
-    from mistral_lightning.generation.generate import stream_generate as decode
+    """generation.decoding.stream_generate, imported when first called, as it loads torch."""
+    from mistral_lightning.generation.decoding import stream_generate as decode
 
     return decode(*args, **kwargs)
 

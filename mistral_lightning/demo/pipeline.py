@@ -25,7 +25,7 @@ from mistral_lightning import Mistral, MistralConfig, generate
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora
 from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.cli import main as cli_main
-from mistral_lightning.demo_data import write_demo_data
+from mistral_lightning.demo.data import write_demo_data
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu
 from mistral_lightning.prompts import alpaca_prompt
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
@@ -288,7 +288,3 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: the fine-tuned model did not beat the untrained one and chance (0.35) on synthetic MMLU")
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """MistralLightningModule: the training, evaluation and prediction steps around the plain `Mistral` module.
 
 The model is built on the meta device in `configure_model`, spread over the strategy's device
-mesh by the plan in `parallel.py`, and only then filled: with each rank's slices of the pretrained
+mesh by the plan in `training/parallel.py`, and only then filled: with each rank's slices of the pretrained
 HF weights, or with a layout-independent random initialisation.
 """
 
@@ -29,8 +29,8 @@ from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.cross_entropy import Reduction
 from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
-from mistral_lightning.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
-from mistral_lightning.parallel import (
+from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
+from mistral_lightning.training.parallel import (
     ParallelConfig,
     clip_grad_norm_,
     init_adapters,
@@ -146,7 +146,7 @@ class MistralLightningModule(L.LightningModule):
         if self.device_mesh is None:
             raise UserError(
                 "MistralLightningModule needs a device mesh: set trainer.strategy to "
-                "lightning.pytorch.strategies.ModelParallelStrategy (NPU: mistral_lightning.npu.NPUModelParallelStrategy)"
+                "lightning.pytorch.strategies.ModelParallelStrategy or mistral_lightning.training.strategy.DeviceModelParallelStrategy"
             )
         check_quantize_base(self.lora_config, self.device_mesh["tensor_parallel"].size())
         with torch.device("meta"):

@@ -15,47 +15,47 @@ import warnings
 from mistral_lightning.errors import UserError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("mistral_lightning.train_cli", "pretrain or fine-tune (LightningCLI: --config configs/...yaml)"),
+    "fit": ("mistral_lightning.cli.fit", "pretrain or fine-tune (LightningCLI: --config configs/...yaml)"),
     "validate": (
-        "mistral_lightning.train_cli",
+        "mistral_lightning.cli.fit",
         "validation loss and perplexity of a checkpoint (LightningCLI)",
     ),
-    "test": ("mistral_lightning.train_cli", "test loss and perplexity of a checkpoint (LightningCLI)"),
+    "test": ("mistral_lightning.cli.fit", "test loss and perplexity of a checkpoint (LightningCLI)"),
     "predict": (
-        "mistral_lightning.train_cli",
+        "mistral_lightning.cli.fit",
         "greedy generation over a datamodule's predict set (LightningCLI)",
     ),
     "plan": (
-        "mistral_lightning.plan_cli",
+        "mistral_lightning.cli.plan",
         "a fit config's memory per device, simulated without allocating it (FakeTensorMode)",
     ),
     "generate": (
-        "mistral_lightning.generation.cli",
+        "mistral_lightning.cli.generate",
         "generate text or chat from a checkpoint (KV-cache decoding)",
     ),
     "serve": (
-        "mistral_lightning.serving.cli",
+        "mistral_lightning.cli.serve",
         "an OpenAI-compatible server (chat completions, completions) on LitServe",
     ),
-    "evaluate": ("mistral_lightning.evaluation.cli", "MMLU accuracy per subject and overall (--task mmlu)"),
+    "evaluate": ("mistral_lightning.cli.evaluate", "MMLU accuracy per subject and overall (--task mmlu)"),
     "export": (
-        "mistral_lightning.export",
+        "mistral_lightning.cli.export",
         "write a training checkpoint (DCP folder or .ckpt) as an HF folder",
     ),
     "preprocess": (
-        "mistral_lightning.data.preprocess.cli",
+        "mistral_lightning.cli.preprocess",
         "tokenize raw data into Megatron indexed datasets",
     ),
     "demo-data": (
-        "mistral_lightning.demo_data",
+        "mistral_lightning.cli.demo_data",
         "write synthetic Alpaca-style and MMLU-style demo data",
     ),
     "convert": (
-        "mistral_lightning.checkpoint.convert",
+        "mistral_lightning.cli.convert",
         "convert checkpoints between HF, Megatron/ModelLink and training checkpoints",
     ),
     "configs": (
-        "mistral_lightning.configs_cli",
+        "mistral_lightning.cli.configs",
         "list the fit configs shipped with the package (fit --config tiny/finetune), or copy them out (--out DIR)",
     ),
 }

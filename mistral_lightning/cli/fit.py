@@ -21,16 +21,16 @@ from lightning.pytorch.cli import LightningCLI
 
 import mistral_lightning.callbacks  # noqa: F401  (imported, its callbacks resolve by short name)
 import mistral_lightning.data.datamodules  # noqa: F401  (imported, its DataModules resolve by short name)
-import mistral_lightning.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
+import mistral_lightning.training.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
 from mistral_lightning.adapters.merge import trained_weights
 from mistral_lightning.checkpoint.hf import HF_OUTPUT, save_hf
+from mistral_lightning.cli.configs import resolve_config_argv
 from mistral_lightning.config import parse_dtype
-from mistral_lightning.configs_cli import resolve_config_argv
 from mistral_lightning.errors import UserError
-from mistral_lightning.lightning_module import MistralLightningModule
-from mistral_lightning.npu.accelerator import check_npu_accelerator
 from mistral_lightning.outputs import OutputTarget, check_output_folder, probe_writable
-from mistral_lightning.strategy import prepare_checkpoint_loading, use_safe_strategy
+from mistral_lightning.training.module import MistralLightningModule
+from mistral_lightning.training.npu import check_npu_accelerator
+from mistral_lightning.training.strategy import prepare_checkpoint_loading, use_safe_strategy
 
 # LightningCLI's optimizer options, which would build the optimizer before configure_model creates the weights.
 OPTIMIZER_OPTIONS = ("--optimizer", "--lr_scheduler")
@@ -126,7 +126,7 @@ class MistralCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         settings = self.config[self.subcommand]
-        # Checkpoints are written and read through SafeModelParallelStrategy, whatever the config names.
+        # Checkpoints are written and read through DeviceModelParallelStrategy, whatever the config names.
         use_safe_strategy(settings)
         check_npu_accelerator(settings.trainer.accelerator)
         try:

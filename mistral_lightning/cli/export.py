@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 # Only torch-free modules here, so `--help` is quick; the checkpoint stack is imported after parsing.
-from mistral_lightning.checkpoint import convert
-from mistral_lightning.cli_options import DTYPE_NAMES, DefaultsHelpFormatter
+from mistral_lightning.cli import convert
+from mistral_lightning.cli.options import DefaultsHelpFormatter
+from mistral_lightning.option_values import DTYPE_NAMES
 from mistral_lightning.outputs import OutputTarget
 
 LORA_FORMATS = ("merged", "peft")

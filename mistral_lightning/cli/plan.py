@@ -3,7 +3,7 @@
 The config is read by the same LightningCLI parser as `fit` (so `--trainer.strategy.init_args.*` and any
 other override work), but nothing is instantiated and no weights are read: the model, its parallel plan
 and AdamW are built from the config's settings and one training step is simulated under FakeTensorMode
-on a fake process group of the config's world size (`memory_plan.py`). Printed per rank: parameters,
+on a fake process group of the config's world size (`training/memory_plan.py`). Printed per rank: parameters,
 gradients, optimizer state, activations and the peak, against the device's memory.
 """
 
@@ -25,15 +25,15 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from mistral_lightning.adapters.lora import LoRAConfig
 from mistral_lightning.adapters.nf4 import check_quantize_base
+from mistral_lightning.cli.configs import resolve_config_argv
+from mistral_lightning.cli.fit import MistralCLI
 from mistral_lightning.config import MistralConfig, resolve_model_config
-from mistral_lightning.configs_cli import resolve_config_argv
 from mistral_lightning.errors import UserError
-from mistral_lightning.lightning_module import MistralLightningModule
-from mistral_lightning.memory_plan import MemoryReport, StepShape, simulate_training_step
 from mistral_lightning.model import Mistral
-from mistral_lightning.optim import OptimizerConfig, build_optimizer
-from mistral_lightning.parallel import ParallelConfig, mixed_precision_policy, parallelize
-from mistral_lightning.train_cli import MistralCLI
+from mistral_lightning.training.memory_plan import MemoryReport, StepShape, simulate_training_step
+from mistral_lightning.training.module import MistralLightningModule
+from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
+from mistral_lightning.training.parallel import ParallelConfig, mixed_precision_policy, parallelize
 
 USAGE = (
     "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--plan_output FILE.json] "
@@ -151,7 +151,7 @@ def _strategy_sizes(trainer, devices: int, num_nodes: int) -> tuple[int, int]:
     if class_path is None:
         raise UserError(
             f"trainer.strategy={strategy!r}: the plan simulates ModelParallelStrategy layouts; set trainer.strategy "
-            "to lightning.pytorch.strategies.ModelParallelStrategy or mistral_lightning.npu.NPUModelParallelStrategy"
+            "to lightning.pytorch.strategies.ModelParallelStrategy or mistral_lightning.training.strategy.DeviceModelParallelStrategy"
         )
     module_name, _, name = class_path.rpartition(".")
     if not issubclass(getattr(importlib.import_module(module_name), name), ModelParallelStrategy):

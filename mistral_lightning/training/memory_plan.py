@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from mistral_lightning.adapters.nf4 import materialize_nf4_
 from mistral_lightning.kernels.attention_dispatch import attention_path
 from mistral_lightning.model import Mistral
-from mistral_lightning.parallel import clip_grad_norm_
+from mistral_lightning.training.parallel import clip_grad_norm_
 
 # The fake tensors live on the CPU: fake CUDA tensors need a CUDA build (FSDP2 asks the device for streams).
 DEVICE = torch.device("cpu")

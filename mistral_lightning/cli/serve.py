@@ -7,9 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from mistral_lightning.cli_options import DefaultsHelpFormatter
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments
 from mistral_lightning.errors import UserError
-from mistral_lightning.generation.options import add_model_arguments
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from mistral_lightning.cli_options import DTYPE_NAMES, DefaultsHelpFormatter
-
-LOADERS = {"hf": "hf", "llama2_hf": "hf", "megatron": "megatron", "lightning": "lightning"}
-SAVERS = {"hf": "hf", "megatron": "megatron"}
-MG2HG = "mg2hg"  # ModelLink writes Megatron -> HF results into this subfolder of --save-dir
+from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS
+from mistral_lightning.cli.options import DefaultsHelpFormatter
+from mistral_lightning.option_values import DTYPE_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,22 @@
-"""The options every inference command (generate, evaluate, serve) shares; torch-free, for a fast `--help`."""
+"""What the subcommands' parsers share, without torch, so that `mistral-lightning <command> --help` starts fast.
+
+Each command builds its parser from torch-free modules and imports the model stack only after parsing.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from mistral_lightning.cli_options import DTYPE_NAMES
+from mistral_lightning.option_values import AUTO_DEVICE, AUTO_DTYPE, DTYPE_NAMES
 
-AUTO_DTYPE = "auto"  # keep the checkpoint's own dtype
-AUTO_DEVICE = "auto"  # resolved after parsing by loading.resolve_device: cuda, else npu, else cpu
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except None: an unset option's help says what happens instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,10 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mistral_lightning.cli_options import DefaultsHelpFormatter
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu_data import SCORING_MODES
-from mistral_lightning.generation.options import add_model_arguments
 from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
 
 # A report this command wrote starts as json.dumps of evaluate_mmlu's results does; --overwrite replaces only that.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistral_lightning.cli_options import DefaultsHelpFormatter
+from mistral_lightning.cli.options import DefaultsHelpFormatter
 from mistral_lightning.data.preprocess.columns import parse_columns
 from mistral_lightning.data.preprocess.config import PreprocessConfig
 from mistral_lightning.data.preprocess.formats import AUTO

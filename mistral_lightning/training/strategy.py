@@ -1,5 +1,10 @@
-"""SafeModelParallelStrategy: Lightning's ModelParallelStrategy whose checkpoints are good or absent, and
-are read without running pickled code.
+"""DeviceModelParallelStrategy: Lightning's ModelParallelStrategy (FSDP2 + DTensor TP) on any accelerator,
+whose checkpoints are good or absent, and are read without running pickled code.
+
+Devices: two choices follow the device instead of being fixed: the collective backend, the one PyTorch
+registers for the device type (nccl for cuda, hccl for npu once torch_npu is imported, gloo for cpu), and
+the autocast device of the mixed-precision plugin, which Lightning's accelerator connector sets to "cuda"
+for every accelerator other than cpu/mps. The device mesh takes its type from the root device already.
 
 Saving: weights or optimizer state holding NaN/Inf are never written (checked once per save, one
 all-reduce); a checkpoint is written under a temporary name, marked complete (checkpoint/integrity.py)
@@ -10,7 +15,7 @@ an incomplete `last.ckpt` gives way to the newest complete checkpoint, with a no
 NaN/Inf loss names the last good checkpoint. Frozen parameters (a LoRA run's base) are neither saved nor
 loaded: they come from `model.pretrained` again, so an adapter checkpoint holds the adapters and their
 optimizer state only. `mistral-lightning fit|validate|test|predict` use it in place of Lightning's class
-(train_cli.py).
+(cli/fit.py).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint import load as dcp_load
@@ -45,7 +51,6 @@ from mistral_lightning.checkpoint.integrity import (
 )
 from mistral_lightning.checkpoint.safe_pickle import SafeFileSystemReader
 from mistral_lightning.errors import UserError
-from mistral_lightning.lightning_module import NonFiniteLossError
 from mistral_lightning.outputs import (
     OutputError,
     OutputTarget,
@@ -55,6 +60,7 @@ from mistral_lightning.outputs import (
     remove_leftovers,
     temporary_sibling,
 )
+from mistral_lightning.training.module import NonFiniteLossError
 
 
 class TrainingDivergedError(UserError):
@@ -75,11 +81,31 @@ def _gigabytes_free(folder: Path) -> str:
         return "its free space unknown"
 
 
-class SafeModelParallelStrategy(ModelParallelStrategy):
-    """ModelParallelStrategy (FSDP2 + DTensor TP) with checked checkpoints; see the module doc."""
+class DeviceModelParallelStrategy(ModelParallelStrategy):
+    """ModelParallelStrategy (FSDP2 + DTensor TP) on the run's device, with checked checkpoints; see the
+    module doc."""
 
     # Load checkpoints with full unpickling (`--trust-checkpoint`): only for checkpoints one trusts.
     trust_checkpoint: bool = False
+
+    # ------------------------------------------------------------------ the device
+    def _get_process_group_backend(self) -> str:
+        return self._process_group_backend or torch.distributed.get_default_backend_for_device(
+            self.root_device
+        )
+
+    @property
+    def precision_plugin(self) -> Precision:
+        return super().precision_plugin
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        # The connector sets the accelerator before the precision plugin; its registered name is the device type.
+        name = getattr(self.accelerator, "name", None)
+        device_type = name() if callable(name) else None
+        if isinstance(plugin, MixedPrecision) and device_type not in (None, plugin.device):
+            plugin = MixedPrecision(plugin.precision, device=device_type)
+        self._precision_plugin = plugin
 
     def _has_frozen_parameters(self) -> bool:
         return any(not param.requires_grad for param in self.model.parameters())
@@ -229,7 +255,7 @@ class SafeModelParallelStrategy(ModelParallelStrategy):
             raise TrainingDivergedError(f"{err}; {last_good}") from err
 
 
-# ---------------------------------------------------------------------- in LightningCLI (train_cli.py)
+# ---------------------------------------------------------------------- in LightningCLI (cli/fit.py)
 LIGHTNING_STRATEGY = "lightning.pytorch.strategies.ModelParallelStrategy"
 
 
@@ -238,14 +264,16 @@ def use_safe_strategy(settings: Any) -> None:
     arguments), so every run's checkpoints get the checks whatever the config names."""
     strategy = (settings.get("trainer") or {}).get("strategy")
     if getattr(strategy, "class_path", None) == LIGHTNING_STRATEGY:
-        strategy.class_path = f"{SafeModelParallelStrategy.__module__}.{SafeModelParallelStrategy.__name__}"
+        strategy.class_path = (
+            f"{DeviceModelParallelStrategy.__module__}.{DeviceModelParallelStrategy.__name__}"
+        )
 
 
 def prepare_checkpoint_loading(trainer: Any, settings: Any) -> None:
     """Hand `--trust-checkpoint` to the strategy, and make `--ckpt_path last` the newest complete checkpoint
     of the ModelCheckpoint folders (Lightning's own `last` sees only a `last.ckpt` that exists)."""
     trust = bool(settings.get("trust_checkpoint"))
-    if isinstance(trainer.strategy, SafeModelParallelStrategy):
+    if isinstance(trainer.strategy, DeviceModelParallelStrategy):
         trainer.strategy.trust_checkpoint = trust
     folders = [
         callback.dirpath for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)
@@ -259,7 +287,7 @@ def prepare_checkpoint_loading(trainer: Any, settings: Any) -> None:
 
 
 __all__ = [
-    "SafeModelParallelStrategy",
+    "DeviceModelParallelStrategy",
     "TrainingDivergedError",
     "prepare_checkpoint_loading",
     "use_safe_strategy",

@@ -1,11 +1,16 @@
-"""NPUAccelerator: Lightning's view of Ascend devices, through torch_npu."""
+"""NPUAccelerator: Lightning's view of Ascend devices, through torch_npu.
+
+Importing this module registers the accelerator, so `trainer.accelerator: npu` works in YAML. Everything
+that touches the device goes through `torch_npu`, imported lazily by the one importer,
+kernels.backend.torch_npu (it exists only on Ascend machines).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.accelerators import Accelerator, AcceleratorRegistry
 
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.backend import torch_npu
@@ -82,3 +87,7 @@ class NPUAccelerator(Accelerator):
     @classmethod
     def register_accelerators(cls, accelerator_registry) -> None:
         accelerator_registry.register(cls.name(), cls, description="Ascend NPU through torch_npu")
+
+
+if NPUAccelerator.name() not in AcceleratorRegistry:
+    NPUAccelerator.register_accelerators(AcceleratorRegistry)

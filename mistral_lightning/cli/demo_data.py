@@ -1,0 +1,34 @@
+"""`mistral-lightning demo-data`: the demo's synthetic data (mistral_lightning.demo.data) written to a folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from mistral_lightning.demo.data import write_demo_data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mistral-lightning demo-data",
+        description="Write deterministic synthetic Alpaca-schema parquet (train + held-out) and an MMLU-layout "
+        "folder of multiple-choice questions; nothing is downloaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        default=argparse.SUPPRESS,  # required: no "(default: None)" in --help
+        help="output folder (alpaca/{train,heldout}.parquet, mmlu/{dev,test}/)",
+    )
+    parser.add_argument("--train-rows", type=int, default=4000, help="rows of alpaca/train.parquet")
+    parser.add_argument("--heldout-rows", type=int, default=400, help="rows of alpaca/heldout.parquet")
+    parser.add_argument(
+        "--mmlu-test-per-subject", type=int, default=50, help="questions per subject in mmlu/test/"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="fixes every row and question")
+    args = parser.parse_args(argv)
+    paths = write_demo_data(
+        args.out, args.train_rows, args.heldout_rows, args.mmlu_test_per_subject, args.seed
+    )
+    print(f"wrote {paths.train}\nwrote {paths.heldout}\nwrote {paths.mmlu}/dev and {paths.mmlu}/test")
+    return 0

@@ -1,0 +1,3 @@
+from mistral_lightning.demo.pipeline import main
+
+raise SystemExit(main())
