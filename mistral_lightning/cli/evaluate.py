@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments, inference_settings
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu_data import SCORING_MODES
 from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
@@ -112,7 +112,7 @@ def _evaluate_harness(args: argparse.Namespace) -> int:
     import torch
 
     from mistral_lightning.evaluation.ranks import init_distributed, is_rank_zero
-    from mistral_lightning.generation.loading import load_from_args, resolve_device
+    from mistral_lightning.generation.loading import load_for_inference, resolve_device
 
     harness = _harness_module()
     output = OutputTarget(
@@ -124,7 +124,7 @@ def _evaluate_harness(args: argparse.Namespace) -> int:
     manager = harness.task_manager(tasks, args.include_path)  # an unknown task is named before any loading
     device = init_distributed(resolve_device(args.device))
     try:
-        model, tokenizer = load_from_args(args, device)
+        model, tokenizer = load_for_inference(inference_settings(args, device))
         lm = harness.MistralLightningLM(
             model,
             tokenizer,
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mistral_lightning.evaluation.mmlu import evaluate_mmlu, format_table
     from mistral_lightning.evaluation.ranks import init_distributed, is_rank_zero
-    from mistral_lightning.generation.loading import load_from_args, resolve_device
+    from mistral_lightning.generation.loading import load_for_inference, resolve_device
 
     output = OutputTarget(
         Path(args.output or "mmlu_results.json"), option="--output", overwrite=args.overwrite
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(output, MMLU_REPORT)  # before scoring, so no result is lost to an unwritable path
     device = init_distributed(resolve_device(args.device))
     try:
-        model, tokenizer = load_from_args(args, device)
+        model, tokenizer = load_for_inference(inference_settings(args, device))
         results = evaluate_mmlu(
             model,
             tokenizer,

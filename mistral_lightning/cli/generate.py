@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments, inference_settings
 
 if TYPE_CHECKING:
     from mistral_lightning.model import Mistral
@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --prompt TEXT to continue a text, or --chat to chat interactively")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty; give the text to continue")
-    from mistral_lightning.generation.loading import load_from_args, resolve_device
+    from mistral_lightning.generation.loading import load_for_inference, resolve_device
     from mistral_lightning.generation.sampling import GenerationError
     from mistral_lightning.prompts import encode_chat_prompt
 
     if "" in args.stop:
         raise GenerationError('--stop "" would stop before the first character; give a non-empty stop string')
     args.device = resolve_device(args.device)
-    model, tokenizer = load_from_args(args, args.device)
+    model, tokenizer = load_for_inference(inference_settings(args))
     if args.prompt is None:
         chat_loop(model, tokenizer, args, sys.stdin, sys.stdout)
     else:

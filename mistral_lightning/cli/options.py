@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from mistral_lightning.generation.settings import InferenceSettings
 from mistral_lightning.option_values import AUTO_DEVICE, AUTO_DTYPE, DTYPE_NAMES
 
 
@@ -54,4 +55,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--trust-checkpoint",
         action="store_true",
         help="load a `fit` checkpoint with full unpickling, running any code it holds (only checkpoints you trust)",
+    )
+
+
+def inference_settings(args: argparse.Namespace, device: str | None = None) -> InferenceSettings:
+    """The options of `add_model_arguments` as the loader takes them; `device` overrides --device (a rank's)."""
+    return InferenceSettings(
+        args.checkpoint,
+        args.adapter,
+        args.tokenizer_model,
+        device or args.device,
+        args.dtype,
+        args.trust_checkpoint,
     )

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments, inference_settings
 from mistral_lightning.errors import UserError
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
@@ -82,27 +82,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # The device, weights, adapter and tokenizer are checked here (the worker loads them again), so a
     # mistake is one line before anything starts; the HTTP process needs the context length and tokenizer.
-    args.device = resolve_device(args.device)
-    check_device_available(args.device, "--device")
-    weights = with_adapters(open_weights(Path(args.checkpoint), args.trust_checkpoint), args.adapter)
+    model = inference_settings(args, resolve_device(args.device))
+    check_device_available(model.device, "--device")
+    weights = with_adapters(open_weights(Path(model.checkpoint), model.trust_checkpoint), model.adapter)
     config = weights.config
     weights.close()
     tokenizer = load_tokenizer(
-        args.tokenizer_model,
-        args.checkpoint,
+        model.tokenizer,
+        model.checkpoint,
         vocab_size=config.vocab_size,
-        trust_checkpoint=args.trust_checkpoint,
+        trust_checkpoint=model.trust_checkpoint,
     )
     name = args.served_model_name or Path(args.checkpoint).resolve().name
-    settings = ModelSettings(
-        args.checkpoint,
-        args.adapter,
-        args.tokenizer_model,
-        args.device,
-        args.dtype,
-        args.trust_checkpoint,
-        args.prefill_chunk_size,
-    )
+    settings = ModelSettings(model, args.prefill_chunk_size)
     spec = OpenAIEndpoints(tokenizer, config.max_seq_length, name)
     api = MistralAPI(settings, spec, args.max_batch_size, args.batch_timeout)
     # accelerator "cpu": one worker, which puts the model on --device itself; timeout False: a request
@@ -117,6 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         if "workers failed to start" not in str(error):
             raise
         raise ServeError(
-            f"the model could not be loaded on --device {args.device}; the reason is above"
+            f"the model could not be loaded on --device {model.device}; the reason is above"
         ) from None
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from mistral_lightning.checkpoint.hf import HFCheckpoint
 from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LIGHTNING_METADATA, LightningCheckpoint
 from mistral_lightning.config import parse_dtype
 from mistral_lightning.devices import check_device_available
+from mistral_lightning.generation.settings import InferenceSettings
 from mistral_lightning.kernels import pack_linear_weights
 from mistral_lightning.kernels.backend import torch_npu
 from mistral_lightning.model import Mistral
@@ -22,7 +22,7 @@ from mistral_lightning.option_values import AUTO_DEVICE, AUTO_DTYPE
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path, has_tokenizer
 
 __all__ = [
-    "AUTO_DTYPE",
+    "load_for_inference",
     "load_model",
     "load_tokenizer",
     "open_weights",
@@ -146,19 +146,19 @@ def recorded_pretrained(checkpoint: Path, trust_checkpoint: bool = False) -> Pat
     return Path(pretrained) if pretrained else None
 
 
-def load_from_args(args: argparse.Namespace, device: str) -> tuple[Mistral, Tokenizer]:
-    """The model (with --adapter merged in) and its tokenizer, from the options of `cli.options.add_model_arguments`."""
+def load_for_inference(settings: InferenceSettings) -> tuple[Mistral, Tokenizer]:
+    """The model (with its adapter merged in) and its tokenizer, as every inference command loads them."""
     model = load_model(
-        args.checkpoint,
-        adapter=args.adapter,
-        device=device,
-        dtype=args.dtype,
-        trust_checkpoint=args.trust_checkpoint,
+        settings.checkpoint,
+        adapter=settings.adapter,
+        device=settings.device,
+        dtype=settings.dtype,
+        trust_checkpoint=settings.trust_checkpoint,
     )
     tokenizer = load_tokenizer(
-        args.tokenizer_model,
-        args.checkpoint,
+        settings.tokenizer,
+        settings.checkpoint,
         vocab_size=model.config.vocab_size,
-        trust_checkpoint=args.trust_checkpoint,
+        trust_checkpoint=settings.trust_checkpoint,
     )
     return model, tokenizer

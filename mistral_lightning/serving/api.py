@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import litserve as ls
 
-from mistral_lightning.generation.loading import load_model, load_tokenizer
+from mistral_lightning.generation.loading import load_for_inference
+from mistral_lightning.generation.settings import InferenceSettings
 from mistral_lightning.serving.decoding import decode_requests
 from mistral_lightning.serving.requests import DecodingRequest
 from mistral_lightning.serving.spec import OpenAIEndpoints
@@ -15,14 +16,9 @@ from mistral_lightning.serving.spec import OpenAIEndpoints
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """What the worker needs to load the model and tokenizer (the `serve` options, picklable)."""
+    """What the worker needs (the `serve` options, picklable): how to load the model, and its prefill chunk."""
 
-    checkpoint: str
-    adapter: str | None
-    tokenizer_model: str | None
-    device: str
-    dtype: str
-    trust_checkpoint: bool
+    model: InferenceSettings
     prefill_chunk_size: int | None
 
 
@@ -36,20 +32,7 @@ class MistralAPI(ls.LitAPI):
         self.settings = settings
 
     def setup(self, device: str) -> None:
-        settings = self.settings
-        self.model = load_model(
-            settings.checkpoint,
-            adapter=settings.adapter,
-            device=settings.device,
-            dtype=settings.dtype,
-            trust_checkpoint=settings.trust_checkpoint,
-        )
-        self.tokenizer = load_tokenizer(
-            settings.tokenizer_model,
-            settings.checkpoint,
-            vocab_size=self.model.config.vocab_size,
-            trust_checkpoint=settings.trust_checkpoint,
-        )
+        self.model, self.tokenizer = load_for_inference(self.settings.model)
 
     def decode_request(self, request: DecodingRequest, **kwargs) -> DecodingRequest:
         return request

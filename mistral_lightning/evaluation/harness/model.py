@@ -31,8 +31,10 @@ from mistral_lightning.distributed import rank_and_world_size
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.ranks import init_distributed
 from mistral_lightning.generation import stream_generate
-from mistral_lightning.generation.loading import AUTO_DTYPE, load_model, load_tokenizer
+from mistral_lightning.generation.loading import load_for_inference
+from mistral_lightning.generation.settings import InferenceSettings
 from mistral_lightning.generation.text_stream import StopTextStream
+from mistral_lightning.option_values import AUTO_DTYPE
 from mistral_lightning.tokenizer import Tokenizer
 
 MODEL_NAME = "mistral-lightning"
@@ -105,11 +107,8 @@ class MistralLightningLM(TemplateLM):
         """Load `checkpoint` (HF folder or `fit` checkpoint, with a PEFT LoRA `adapter` folder merged in) on
         `device`, LOCAL_RANK's under torchrun."""
         device = init_distributed(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_model(
-            checkpoint, adapter=adapter, device=device, dtype=str(dtype), trust_checkpoint=trust_checkpoint
-        )
-        text_tokenizer = load_tokenizer(
-            tokenizer, checkpoint, vocab_size=model.config.vocab_size, trust_checkpoint=trust_checkpoint
+        model, text_tokenizer = load_for_inference(
+            InferenceSettings(str(checkpoint), adapter, tokenizer, device, str(dtype), trust_checkpoint)
         )
         return cls(model, text_tokenizer, checkpoint=str(checkpoint), **options)
 
