@@ -7,7 +7,6 @@ HF shard or one rank's share of the model. `cli/convert.py` holds the command's 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mistral_lightning.checkpoint.base import CheckpointError, WeightSource, check_shapes
-from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS
+from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS, ConversionSettings
 from mistral_lightning.checkpoint.hf import HFCheckpoint, save_hf
 from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
 from mistral_lightning.checkpoint.megatron import MegatronCheckpoint, save_megatron
@@ -59,7 +58,7 @@ def companion_source(source: WeightSource, config_folder: Path | None, out_optio
 
 
 def convert(
-    args: argparse.Namespace,
+    settings: ConversionSettings,
     *,
     load_option: str = "--load-dir",
     out_option: str = "--save-dir",
@@ -67,11 +66,11 @@ def convert(
 ) -> Path:
     """Run one conversion; the option names are the ones the user typed, for messages (`export` has its own).
     `weights_of` turns the opened source into the weights to save (`export` merges LoRA adapters with it)."""
-    loader, saver = LOADERS[args.loader], SAVERS[args.saver]
-    save_dir = Path(args.save_dir)
-    model_config = None if args.model_config is None else resolve_model_config(args.model_config)
-    config_folder = _hf_folder(args.model_config)
-    if args.save_model_type == "save_huggingface_llama":
+    loader, saver = LOADERS[settings.loader], SAVERS[settings.saver]
+    save_dir = Path(settings.save_dir)
+    model_config = None if settings.model_config is None else resolve_model_config(settings.model_config)
+    config_folder = _hf_folder(settings.model_config)
+    if settings.save_model_type == "save_huggingface_llama":
         # The recipe passes the original HF folder: ModelLink takes its config and writes into mg2hg/.
         saver = "hf"
         if model_config is None and (save_dir / "config.json").is_file():
@@ -80,15 +79,15 @@ def convert(
         save_dir = save_dir / MG2HG
     if saver == "hf":
         for option in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
-            if getattr(args, option) not in (None, 1):
+            if getattr(settings, option) not in (None, 1):
                 raise CheckpointError(
                     f"--{option.replace('_', '-')} applies to --saver megatron only: HF checkpoints are not "
                     "split; drop the option (or pass 1)"
                 )
-    if args.max_shard_size_gb <= 0:
-        raise CheckpointError(f"--max-shard-size-gb must be positive, got {args.max_shard_size_gb}")
+    if settings.max_shard_size_gb <= 0:
+        raise CheckpointError(f"--max-shard-size-gb must be positive, got {settings.max_shard_size_gb}")
 
-    source = weights = open_source(loader, args.load_dir, model_config, args.trust_checkpoint)
+    source = weights = open_source(loader, settings.load_dir, model_config, settings.trust_checkpoint)
     try:
         if weights_of is not None:
             weights = weights_of(source)
@@ -97,16 +96,16 @@ def convert(
         target = OutputTarget(
             save_dir,
             option=out_option,
-            overwrite=args.overwrite,
+            overwrite=settings.overwrite,
             protected={
-                f"the {load_option} source": args.load_dir,
+                f"the {load_option} source": settings.load_dir,
                 "the folder the tokenizer files come from": files_from,
                 "the folder the model config comes from": config_folder,
                 **_recorded_pretrained(source),
             },
         )
-        if args.params_dtype:
-            dtype = parse_dtype(args.params_dtype)
+        if settings.params_dtype:
+            dtype = parse_dtype(settings.params_dtype)
         elif loader == "lightning":
             dtype = torch.bfloat16  # fp32 master weights are a training artefact; Mistral releases bf16
         else:
@@ -116,7 +115,7 @@ def convert(
                 weights,
                 target,
                 dtype=dtype,
-                max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
+                max_shard_bytes=int(settings.max_shard_size_gb * 1024**3),
                 progress=functools.partial(print, flush=True),
                 files_from=files_from,
             )
@@ -130,9 +129,9 @@ def convert(
 
         layout = MegatronLayout(
             weights.config,
-            tp=option(args.target_tensor_parallel_size, inherited.tp),
-            pp=option(args.target_pipeline_parallel_size, inherited.pp),
-            vocab_divisible_by=option(args.make_vocab_size_divisible_by, inherited.vocab_divisible_by),
+            tp=option(settings.target_tensor_parallel_size, inherited.tp),
+            pp=option(settings.target_pipeline_parallel_size, inherited.pp),
+            vocab_divisible_by=option(settings.make_vocab_size_divisible_by, inherited.vocab_divisible_by),
         )
         iteration = source.iteration if isinstance(source, MegatronCheckpoint) else 1
         return save_megatron(weights, target, layout, dtype=dtype, iteration=iteration)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import fields
 
-from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS
+from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS, ConversionSettings
 from mistral_lightning.cli.options import DefaultsHelpFormatter
 from mistral_lightning.option_values import DTYPE_NAMES
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size-gb",
         type=float,
         metavar="GB",
-        default=5.0,
+        default=ConversionSettings.max_shard_size_gb,
         help="HF saver: largest safetensors file (up to one is held in memory while writing)",
     )
     parser.add_argument(
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument(
         "--save-model-type",
         choices=["megatron", "save_huggingface_llama"],
-        default="megatron",
+        default=ConversionSettings.save_model_type,
         help=f"save_huggingface_llama: write HF weights into <save-dir>/{MG2HG}, config from <save-dir>",
     )
     return parser
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"converting {args.loader} {args.load_dir} -> {args.saver} {args.save_dir}", flush=True)
     from mistral_lightning.checkpoint.conversion import convert
 
-    out_dir = convert(args)
+    out_dir = convert(
+        ConversionSettings(**{field.name: getattr(args, field.name) for field in fields(ConversionSettings)})
+    )
     print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0

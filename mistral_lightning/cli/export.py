@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 # Only torch-free modules here, so `--help` is quick; the checkpoint stack is imported after parsing.
-from mistral_lightning.cli import convert
+from mistral_lightning.checkpoint.formats import ConversionSettings
 from mistral_lightning.cli.options import DefaultsHelpFormatter
 from mistral_lightning.option_values import DTYPE_NAMES
 from mistral_lightning.outputs import OutputTarget
@@ -120,19 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = export_peft(args)
         print(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
         return 0
-    convert_argv = ["--loader", "lightning", "--saver", "hf", "--load-dir", args.checkpoint]
-    convert_argv += ["--save-dir", args.out, "--params-dtype", args.dtype or "bfloat16"]
-    if args.model_config is not None:
-        convert_argv += ["--model-config", args.model_config]
-    if args.overwrite:
-        convert_argv.append("--overwrite")
-    if args.trust_checkpoint:
-        convert_argv.append("--trust-checkpoint")
     from mistral_lightning.adapters.merge import with_adapters
-    from mistral_lightning.checkpoint.conversion import convert as run_conversion
+    from mistral_lightning.checkpoint.conversion import convert
 
-    out_dir = run_conversion(
-        convert.build_parser().parse_args(convert_argv),
+    settings = ConversionSettings(
+        "lightning",
+        "hf",
+        args.checkpoint,
+        args.out,
+        model_config=args.model_config,
+        params_dtype=args.dtype or "bfloat16",
+        overwrite=args.overwrite,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    out_dir = convert(
+        settings,
         load_option="--checkpoint",
         out_option="--out",
         weights_of=with_adapters,
