@@ -63,7 +63,7 @@ def tokenizer(tokenizer_path: str) -> Tokenizer:
 # training_utils is imported inside the fixtures: it loads Lightning, which most test modules never need.
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> str:
-    from training_utils import write_toy_pretrain_data
+    from helpers.training import write_toy_pretrain_data
 
     return write_toy_pretrain_data(tmp_path_factory.mktemp("toy_data"))
 
@@ -80,7 +80,7 @@ def single_thread():
 @pytest.fixture(scope="session")
 def reference(toy_data, single_thread, tmp_path_factory):
     """TP=1, DP=1: STEPS steps straight, in this process; returns its `Recorder`."""
-    from training_utils import Recorder, datamodule, module, trainer
+    from helpers.training import Recorder, datamodule, module, trainer
 
     recorder = Recorder()
     trainer(tmp_path_factory.mktemp("reference"), callbacks=[recorder]).fit(
@@ -92,7 +92,7 @@ def reference(toy_data, single_thread, tmp_path_factory):
 @pytest.fixture(scope="session")
 def killed_checkpoint(toy_data, tmp_path_factory) -> Path:
     """A TP=1 run checkpointed after step 3 and killed as step 4 starts (in its own process)."""
-    from training_utils import launch
+    from helpers.training import launch
 
     folder = tmp_path_factory.mktemp("killed")
     scenario = {"name": "killed", "data": toy_data, "checkpoint_every": 3, "kill_at_step": 3}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attention_kernel import dense_reference, peak_allocated_bytes, random_qkv
+from helpers.attention import dense_reference, peak_allocated_bytes, random_qkv
 
 from mistral_lightning.kernels import banded_attention, sliding_window_attention
 from mistral_lightning.kernels.banded_attention import banded_cpu_attention

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_runs import MAX_STEPS, SMALL_VOCAB, dcp_tensors, fit_config, logged_losses
-from distributed import without_process_group
+from helpers.checkpoints import MAX_STEPS, SMALL_VOCAB, dcp_tensors, fit_config, logged_losses
+from helpers.processes import without_process_group
 
 pytestmark = pytest.mark.processes
 

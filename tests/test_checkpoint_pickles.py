@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_runs import (
+from helpers.checkpoints import (
     CreatesFile,
     fit_config,
     one_line_error,

@@ -3,16 +3,12 @@ resumes bit-exact; a full disk on one rank stops every rank with one line, and n
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_runs import dcp_tensors, fit_config, logged_losses
-from distributed import free_port
+from helpers.checkpoints import dcp_tensors, fit_config, launch_fit_ranks, logged_losses
 
 pytestmark = pytest.mark.processes
 
@@ -20,34 +16,9 @@ RUNNER = Path(__file__).with_name("checkpoint_fault_run.py")
 TP2 = ["--trainer.devices", "2", "--trainer.strategy.init_args.tensor_parallel_size", "2"]
 
 
-def _launch(argv: list[str], cwd: Path, fault: str = "-") -> list[tuple[int, str]]:
-    """`fit` on two ranks as torchrun starts them; (exit code, stderr) per rank."""
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(RUNNER), fault, *argv, *TP2],
-            env={
-                **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "WORLD_SIZE": "2",
-                "NODE_RANK": "0",
-                "LOCAL_RANK": str(rank),
-                "OMP_NUM_THREADS": "1",
-            },
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    return [(proc.wait(timeout=600), proc.stderr.read()) for proc in procs]
-
-
 def test_a_tensor_parallel_checkpoint_is_complete_and_resumes_bit_exact(toy_data, tmp_path):
     straight = tmp_path / "straight"
-    results = _launch(["fit", "--config", str(fit_config(straight, toy_data))], tmp_path)
+    results = launch_fit_ranks(["fit", "--config", str(fit_config(straight, toy_data))], tmp_path)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     record = (straight / "checkpoints" / "step=4.ckpt" / "complete.json").read_text()
     assert "__0_0.distcp" in record and "__1_0.distcp" in record  # both ranks' shards are vouched for
@@ -55,7 +26,7 @@ def test_a_tensor_parallel_checkpoint_is_complete_and_resumes_bit_exact(toy_data
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoints" / "step=4.ckpt", resumed / "checkpoints" / "step=4.ckpt")
     argv = ["fit", "--config", str(fit_config(resumed, toy_data)), "--ckpt_path", "last"]
-    results = _launch(argv, tmp_path)
+    results = launch_fit_ranks(argv, tmp_path)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     reference = logged_losses(straight)
     assert logged_losses(resumed) == {step: reference[step] for step in (4, 5)}
@@ -67,7 +38,7 @@ def test_a_tensor_parallel_checkpoint_is_complete_and_resumes_bit_exact(toy_data
 def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(toy_data, tmp_path):
     for fault, failing_rank in (("1:data:step=4.ckpt", 1), ("0:meta.pt:step=4.ckpt", 0)):
         root = tmp_path / f"rank{failing_rank}"
-        results = _launch(["fit", "--config", str(fit_config(root, toy_data))], tmp_path, fault)
+        results = launch_fit_ranks(["fit", "--config", str(fit_config(root, toy_data))], tmp_path, fault)
         assert [code for code, _ in results] == [2, 2], results
         lines = [
             [line for line in err.splitlines() if line.startswith("mistral-lightning ")] for _, err in results

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_runs import dcp_tensors, fill_disk_while_writing, fit_config, logged_losses, one_line_error
+from helpers.checkpoints import (
+    dcp_tensors,
+    fill_disk_while_writing,
+    fit_config,
+    logged_losses,
+    one_line_error,
+)
 
 from mistral_lightning.cli import main as cli_main
 

@@ -21,7 +21,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from checkpoint_runs import fit_config, logged_losses, one_line_error
+from helpers.checkpoints import fit_config, logged_losses, one_line_error
 
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.data.datamodules import PretrainDataModule

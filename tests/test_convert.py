@@ -430,7 +430,7 @@ def _fsdp_round_trip(hf_in: str, hf_out: str) -> bool:
 
 @pytest.mark.processes
 def test_sharded_model_fills_from_hf_and_saves_back(hf_dir, tmp_path):
-    from distributed import run_on_ranks
+    from helpers.processes import run_on_ranks
 
     out = tmp_path / "back"
     assert run_on_ranks(_fsdp_round_trip, str(hf_dir), str(out)) == [True, True]

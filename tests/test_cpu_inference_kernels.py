@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_generation import random_model
+from helpers.models import random_model
 
 from mistral_lightning import generate
 from mistral_lightning.kernels import apply_rotary, masked_attention, pack_linear_weights, rms_norm, swiglu

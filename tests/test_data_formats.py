@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
+from helpers.tokenizer_references import CONVERSATION, SHIPPED, answer_labels, finetuning_ids
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
-from tokenizer_references import CONVERSATION, SHIPPED, answer_labels, finetuning_ids
 
 from mistral_lightning.cli.preprocess import main
 from mistral_lightning.data.preprocess.config import PreprocessError

@@ -14,17 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
-from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
-from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from tokenizer_references import (
+from helpers.tokenizer_references import (
     CONVERSATION,
     SHIPPED,
     answer_labels,
     finetuning_ids,
     write_tokenizer_json_only,
 )
+from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
+from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral_lightning.cli.preprocess import main
 from mistral_lightning.data.preprocess.config import PreprocessError

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import sentencepiece as spm
-from tokenizer_references import CONVERSATION, SHIPPED, answer_labels, finetuning_ids, prompt_ids
+from helpers.tokenizer_references import CONVERSATION, SHIPPED, answer_labels, finetuning_ids, prompt_ids
 
 from mistral_lightning.prompts import (
     IGNORE_INDEX,

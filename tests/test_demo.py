@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from distributed import without_process_group
+from helpers.processes import without_process_group
 
 from mistral_lightning.demo import pipeline as demo
 from mistral_lightning.demo.pipeline import DemoScores

@@ -15,9 +15,9 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers.training import datamodule, module, trainer
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors.torch import load_file
-from training_utils import datamodule, module, trainer
 from transformers import MistralForCausalLM
 
 from mistral_lightning import Mistral, MistralConfig, generate

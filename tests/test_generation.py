@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from distributed import run_on_ranks
-from tokenizer_references import CONVERSATION, SHIPPED, prompt_ids
+from helpers.models import random_model
+from helpers.processes import run_on_ranks
+from helpers.tokenizer_references import CONVERSATION, SHIPPED, prompt_ids
 
 from mistral_lightning import Mistral, MistralConfig, cli
 from mistral_lightning.checkpoint.hf import CheckpointError
@@ -28,25 +29,6 @@ from mistral_lightning.generation.sampling import sample_next_tokens
 
 PROMPTS = [[1, 5, 9, 33, 7], [1, 100, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 42]]
 NEW_TOKENS = 16
-
-
-def random_model(window: int | None, vocab_size: int = 256, max_seq_length: int = 128) -> Mistral:
-    config = MistralConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        sliding_window=window,
-        max_seq_length=max_seq_length,
-        # Large weights make the next token depend strongly on the context, so a cache bug shows.
-        initializer_range=0.2,
-    )
-    model = Mistral(config)
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model.eval()
 
 
 def greedy_without_cache(model: Mistral, prompt: list[int], new_tokens: int) -> list[int]:

@@ -24,12 +24,12 @@ import lm_eval.tasks
 import pytest
 import torch
 import yaml
-from distributed import free_port, without_process_group
+from helpers.processes import free_port, without_process_group
+from helpers.tokenizer_references import SHIPPED
 from lm_eval.api.instance import Instance
 from lm_eval.evaluator import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from tokenizer_references import SHIPPED
 from transformers import LlamaTokenizer
 
 from mistral_lightning import Mistral, MistralConfig, cli

@@ -18,8 +18,8 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from fake_torch_npu import install
-from test_attention_kernel import dense_reference
+from helpers.attention import dense_reference
+from helpers.fake_torch_npu import install
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 

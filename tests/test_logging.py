@@ -142,7 +142,7 @@ def _replica_summary(lengths_per_rank: list[list[int]]) -> dict:
 
 @pytest.mark.processes
 def test_two_real_ranks_sum_their_tokens_through_lightnings_reduce():
-    from distributed import run_on_ranks
+    from helpers.processes import run_on_ranks
 
     summaries = run_on_ranks(_replica_summary, [[3, 5], [7, 7]])
     for summary in summaries:  # both ranks agree: (8 + 14) tokens per step over 2 devices
@@ -216,7 +216,7 @@ def _fit_config(root: Path, data_prefix: str) -> Path:
 def logged_run(tmp_path_factory):
     """A 3-step `mistral-lightning fit` with the CSV, MLflow and W&B loggers at once; W&B offline, no network."""
     import wandb
-    from training_utils import write_instruction_data
+    from helpers.training import write_instruction_data
 
     from mistral_lightning.cli import main as cli_main
 

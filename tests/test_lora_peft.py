@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from distributed import run_on_ranks
+from helpers.processes import run_on_ranks
+from helpers.training import write_instruction_data
 from safetensors.torch import load_file
-from training_utils import write_instruction_data
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter

@@ -11,10 +11,18 @@ import re
 
 import pytest
 import torch
-from checkpoint_runs import one_line_error
-from distributed import run_on_ranks
+from helpers.checkpoints import one_line_error
+from helpers.processes import run_on_ranks
+from helpers.training import (
+    Recorder,
+    StepCounter,
+    datamodule,
+    launch,
+    module,
+    trainer,
+    write_instruction_data,
+)
 from torch.distributed.checkpoint import FileSystemReader
-from training_utils import Recorder, StepCounter, datamodule, launch, module, trainer, write_instruction_data
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter
@@ -371,8 +379,7 @@ def test_training_starts_from_a_peft_adapter_folder(toy_data, single_thread, tmp
 def test_a_one_device_lora_checkpoint_resumes_under_tp2(toy_data, tmp_path):
     import shutil
 
-    from checkpoint_runs import SMALL_VOCAB, fit_config, logged_losses
-    from test_checkpoint_ranks import _launch
+    from helpers.checkpoints import SMALL_VOCAB, fit_config, launch_fit_ranks, logged_losses
 
     lora = ["--model.lora.rank=4", f"--model.lora.targets={json.dumps(ALL_TARGETS)}"]
     straight = tmp_path / "straight"
@@ -385,7 +392,7 @@ def test_a_one_device_lora_checkpoint_resumes_under_tp2(toy_data, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoints" / "step=2.ckpt", resumed / "checkpoints" / "step=2.ckpt")
     config = fit_config(resumed, toy_data, lr=2e-2, model_config=SMALL_VOCAB)
-    results = _launch(["fit", "--config", str(config), "--ckpt_path", "last", *lora], tmp_path)
+    results = launch_fit_ranks(["fit", "--config", str(config), "--ckpt_path", "last", *lora], tmp_path)
     assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     reference = logged_losses(straight)
     # The DCP checkpoint of the adapters reshards to TP=2; the base comes from the same init_seed.

@@ -16,9 +16,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.training import Recorder, datamodule, launch, module, trainer, write_instruction_data
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
-from training_utils import Recorder, datamodule, launch, module, trainer, write_instruction_data
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.errors import UserError

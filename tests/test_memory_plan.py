@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from distributed import without_process_group
+from helpers.processes import without_process_group
 
 from mistral_lightning.cli import main as mistral_lightning
 from mistral_lightning.config import MistralConfig, parameter_shapes

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import free_port
-from training_utils import SEQ_LENGTH, STEPS, write_toy_pretrain_data
+from helpers.processes import free_port
+from helpers.training import SEQ_LENGTH, STEPS, write_toy_pretrain_data
 
 from mistral_lightning.data.datasets import cached_arrays
 
@@ -50,7 +50,7 @@ def fit_config(data_prefix: str, root: Path) -> dict:
                 "init_args": {"save_dir": str(root), "name": "logs", "version": 0},
             },
             "callbacks": [
-                {"class_path": "mesh_probe.MeshProbe", "init_args": {"out_dir": str(root / "mesh")}}
+                {"class_path": "helpers.mesh_probe.MeshProbe", "init_args": {"out_dir": str(root / "mesh")}}
             ],
         },
         "model": {

@@ -133,7 +133,7 @@ def test_peak_tflops_by_device_name(name, peak):
 
 def test_batches_are_pinned_for_any_accelerator(monkeypatch, toy_data):
     """On Ascend torch.cuda reports no GPU; torch.accelerator reports the NPU."""
-    from training_utils import datamodule
+    from helpers.training import datamodule
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)

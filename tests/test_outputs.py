@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.mmlu import write_mmlu
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from test_mmlu import write_mmlu
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint import hf, megatron

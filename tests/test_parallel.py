@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from distributed import run_on_ranks
-from training_utils import launch
+from helpers.processes import run_on_ranks
+from helpers.training import launch
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.errors import UserError

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_on_ranks
+from helpers.processes import run_on_ranks
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as torchao_to_nf4
 
 from mistral_lightning.adapters.lora import LoRAConfig, LoRAError, apply_lora, lora_layers
@@ -177,7 +177,7 @@ def test_qlora_fit_through_the_cli_checkpoints_adapters_only_and_exports_merged(
     """`fit --config configs/tiny/lora.yaml` with `model.lora.quantize_base nf4` over an HF base: the block
     projections train as NF4 (the checkpoint holds the adapters and nothing of the base), and `export` merges
     them into the dense base, as transformers then reads."""
-    from training_utils import write_instruction_data
+    from helpers.training import write_instruction_data
     from transformers import MistralForCausalLM
 
     from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint

@@ -22,8 +22,8 @@ import openai
 import pytest
 import torch
 import transformers
-from distributed import free_port
-from tokenizer_references import SHIPPED, prompt_ids, reference
+from helpers.processes import free_port
+from helpers.tokenizer_references import SHIPPED, prompt_ids, reference
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.cli import generate as generate_cli

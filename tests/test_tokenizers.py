@@ -9,7 +9,7 @@ from functools import cache
 import pytest
 import sentencepiece as spm
 import tokenizers
-from tokenizer_references import CONVERSATION, SHIPPED, reference, request, write_tokenizer_json_only
+from helpers.tokenizer_references import CONVERSATION, SHIPPED, reference, request, write_tokenizer_json_only
 
 from mistral_lightning import MistralConfig
 from mistral_lightning.config import PRESETS

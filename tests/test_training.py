@@ -9,8 +9,8 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers.training import Recorder, StepCounter, datamodule, module, trainer
 from torch.utils.data import DataLoader
-from training_utils import Recorder, StepCounter, datamodule, module, trainer
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint.hf import CheckpointError

@@ -1,9 +1,12 @@
-"""Run a function on a few gloo ranks in fresh processes and collect what each returns."""
+"""Starting processes: a command once per rank as torchrun would (`start_ranks`), or a function on a few
+gloo ranks in fresh processes (`run_on_ranks`)."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -20,6 +23,27 @@ def without_process_group(env: dict) -> dict:
     MASTER_PORT set, with its store still listening, so a child inheriting it fails with EADDRINUSE."""
     names = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"}
     return {key: value for key, value in env.items() if key not in names}
+
+
+def start_ranks(command: list[str], nprocs: int, cwd: Path, **popen) -> list[subprocess.Popen]:
+    """`command` once per rank with the environment torchrun would set (Lightning sees LOCAL_RANK and joins
+    the ranks over gloo), one thread each; `popen` goes to each Popen (stdout, stderr, text)."""
+    port = free_port()
+    environment = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nprocs),
+        "NODE_RANK": "0",
+    }
+    return [
+        subprocess.Popen(
+            command,
+            env={**os.environ, **environment, "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"},
+            cwd=cwd,
+            **popen,
+        )
+        for rank in range(nprocs)
+    ]
 
 
 def _worker(rank: int, world_size: int, port: int, target, args, results) -> None:

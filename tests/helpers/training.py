@@ -10,7 +10,6 @@ because every launch pays the import time of torch and Lightning again.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from distributed import free_port
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from helpers.processes import start_ranks
 from mistral_lightning.data.datamodules import InstructionDataModule, PretrainDataModule
 from mistral_lightning.data.indexed import IndexedDatasetWriter
 from mistral_lightning.training.module import MistralLightningModule
@@ -180,28 +179,14 @@ def launch(
     """Run `train_worker.py` on `nprocs` ranks; returns their exit codes, rank 0's results and output."""
     spec, results = folder / "spec.json", folder / "results.json"
     spec.write_text(json.dumps({"scenarios": scenarios, "results": str(results)}))
-    port = free_port()
-    procs = []
-    for rank in range(nprocs):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(nprocs),
-            "NODE_RANK": "0",
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(spec)],
-                env=env,
-                cwd=folder,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+    procs = start_ranks(
+        [sys.executable, str(WORKER), str(spec)],
+        nprocs,
+        folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     codes = [proc.returncode for proc in procs]
     return codes, json.loads(results.read_text()) if results.is_file() else None, outputs[0][-6000:]

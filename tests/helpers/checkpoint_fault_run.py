@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from checkpoint_runs import fill_disk_while_writing  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for `helpers`
+from helpers.checkpoints import fill_disk_while_writing  # noqa: E402
 from mistral_lightning.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -14,12 +14,16 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from helpers.processes import start_ranks
 
 MARKER = "complete.json"  # what a finished save of `fit` vouches with (checkpoint/integrity.py)
 
@@ -244,3 +248,21 @@ def one_line_error(capsys, argv: list[str]) -> str:
     lines = [line for line in err.splitlines() if line.startswith("mistral-lightning ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+FAULT_RUNNER = Path(__file__).with_name("checkpoint_fault_run.py")
+TP2 = ["--trainer.devices", "2", "--trainer.strategy.init_args.tensor_parallel_size", "2"]
+
+
+def launch_fit_ranks(argv: list[str], cwd: Path, fault: str = "-") -> list[tuple[int, str]]:
+    """`fit` on two TP ranks as torchrun starts them, `fault` as checkpoint_fault_run.py takes it;
+    (exit code, stderr) per rank."""
+    procs = start_ranks(
+        [sys.executable, str(FAULT_RUNNER), fault, *argv, *TP2],
+        2,
+        cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return [(proc.wait(timeout=600), proc.stderr.read()) for proc in procs]

@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from training_utils import GLOBAL_BATCH, SEQ_LENGTH, Recorder, StepCounter, datamodule, module, trainer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for `helpers`
+from helpers.training import GLOBAL_BATCH, SEQ_LENGTH, Recorder, StepCounter, datamodule, module, trainer  # noqa: E402
 
 
 class KillAtStep(L.Callback):
