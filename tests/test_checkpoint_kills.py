@@ -25,7 +25,7 @@ from helpers.processes import without_process_group
 
 pytestmark = pytest.mark.processes
 
-WORKER = Path(__file__).with_name("checkpoint_kill_worker.py")
+WORKER = Path(__file__).parent / "helpers" / "checkpoint_kill_worker.py"
 KILLED = 17
 
 

@@ -4,16 +4,12 @@ resumes bit-exact; a full disk on one rank stops every rank with one line, and n
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from helpers.checkpoints import dcp_tensors, fit_config, launch_fit_ranks, logged_losses
 
 pytestmark = pytest.mark.processes
-
-RUNNER = Path(__file__).with_name("checkpoint_fault_run.py")
-TP2 = ["--trainer.devices", "2", "--trainer.strategy.init_args.tensor_parallel_size", "2"]
 
 
 def test_a_tensor_parallel_checkpoint_is_complete_and_resumes_bit_exact(toy_data, tmp_path):
