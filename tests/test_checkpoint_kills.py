@@ -23,7 +23,7 @@ import torch
 from helpers.checkpoints import MAX_STEPS, SMALL_VOCAB, dcp_tensors, fit_config, logged_losses
 from helpers.processes import without_process_group
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
 WORKER = Path(__file__).parent / "helpers" / "checkpoint_kill_worker.py"
 KILLED = 17

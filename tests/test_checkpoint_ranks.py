@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers.checkpoints import dcp_tensors, fit_config, launch_fit_ranks, logged_losses
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
 
 def test_a_tensor_parallel_checkpoint_is_complete_and_resumes_bit_exact(toy_data, tmp_path):

@@ -21,6 +21,7 @@ STEPS = 120
 
 
 @pytest.mark.processes
+@pytest.mark.slow
 def test_the_shortened_demo_runs_every_command_and_scores_both_legs(tmp_path, monkeypatch):
     # The demo reads configs/ and writes demo_output/ and runs/ relative to the working directory.
     (tmp_path / "configs").symlink_to(REPO / "configs")

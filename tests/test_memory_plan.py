@@ -17,7 +17,7 @@ from helpers.processes import without_process_group
 from mistral_lightning.cli import main as mistral_lightning
 from mistral_lightning.config import MistralConfig, parameter_shapes
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 TP = 2
 MICRO_BATCH, SEQ_LENGTH, ACCUMULATE = 8, 128, 2

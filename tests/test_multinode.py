@@ -18,7 +18,7 @@ from helpers.training import SEQ_LENGTH, STEPS, write_toy_pretrain_data
 
 from mistral_lightning.data.datasets import cached_arrays
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 NODES, DEVICES_PER_NODE = 2, 2
 
