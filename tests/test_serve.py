@@ -22,10 +22,10 @@ import openai
 import pytest
 import torch
 import transformers
+from helpers.models import random_model
 from helpers.processes import free_port
 from helpers.tokenizer_references import SHIPPED, prompt_ids, reference
 
-from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.cli import generate as generate_cli
 
 CONTEXT = 96
@@ -40,20 +40,7 @@ EOS = 2
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A random Mistral (window 8, context 96) with the v3 tokenizer, as an HF folder."""
-    config = MistralConfig(
-        vocab_size=32768,
-        hidden_size=64,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        max_seq_length=CONTEXT,
-        initializer_range=0.2,
-    )
-    model = Mistral(config)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model = random_model(8, vocab_size=32768, max_seq_length=CONTEXT)
     path = model.save_pretrained(tmp_path_factory.mktemp("served") / "tiny-v3")
     shutil.copy(SHIPPED["v3"], path / "tokenizer.model.v3")
     return path
