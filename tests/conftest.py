@@ -1,4 +1,5 @@
-"""Shared pytest fixtures; the helpers they are built from live in training_utils.py.
+"""Shared pytest fixtures (the helpers they are built from live in tests/helpers/), the order of the files,
+and the guard that keeps processes to tests marked `processes`.
 
 Defined here, each session fixture runs at most once per session, whichever test modules use it.
 """
@@ -62,7 +63,7 @@ def tokenizer(tokenizer_path: str) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------- training
-# training_utils is imported inside the fixtures: it loads Lightning, which most test modules never need.
+# helpers.training is imported inside the fixtures: it loads Lightning, which most test modules never need.
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> str:
     from helpers.training import write_toy_pretrain_data

@@ -24,7 +24,7 @@ NODES, DEVICES_PER_NODE = 2, 2
 
 
 def fit_config(data_prefix: str, root: Path) -> dict:
-    """`training_utils`' reference run (tiny model, global batch 2, seq 32, fp32, clip 1.0) as a CLI config
+    """`helpers.training`' reference run (tiny model, global batch 2, seq 32, fp32, clip 1.0) as a CLI config
     for 2 nodes x 2 devices: TP2 inside a node, DP2 across nodes, one sample per replica."""
     return {
         "seed_everything": 0,
