@@ -82,19 +82,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # The device, weights, adapter and tokenizer are checked here (the worker loads them again), so a
     # mistake is one line before anything starts; the HTTP process needs the context length and tokenizer.
-    model = inference_settings(args, resolve_device(args.device))
-    check_device_available(model.device, "--device")
-    weights = with_adapters(open_weights(Path(model.checkpoint), model.trust_checkpoint), model.adapter)
+    loading = inference_settings(args, resolve_device(args.device))
+    check_device_available(loading.device, "--device")
+    weights = with_adapters(open_weights(Path(loading.checkpoint), loading.trust_checkpoint), loading.adapter)
     config = weights.config
     weights.close()
     tokenizer = load_tokenizer(
-        model.tokenizer,
-        model.checkpoint,
+        loading.tokenizer,
+        loading.checkpoint,
         vocab_size=config.vocab_size,
-        trust_checkpoint=model.trust_checkpoint,
+        trust_checkpoint=loading.trust_checkpoint,
     )
     name = args.served_model_name or Path(args.checkpoint).resolve().name
-    settings = ModelSettings(model, args.prefill_chunk_size)
+    settings = ModelSettings(loading, args.prefill_chunk_size)
     spec = OpenAIEndpoints(tokenizer, config.max_seq_length, name)
     api = MistralAPI(settings, spec, args.max_batch_size, args.batch_timeout)
     # accelerator "cpu": one worker, which puts the model on --device itself; timeout False: a request
@@ -109,6 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         if "workers failed to start" not in str(error):
             raise
         raise ServeError(
-            f"the model could not be loaded on --device {model.device}; the reason is above"
+            f"the model could not be loaded on --device {loading.device}; the reason is above"
         ) from None
     return 0
