@@ -8,13 +8,13 @@ import json
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
+from helpers.training import fake_trainer
 from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexedDataset
 
 from mistral_lightning.cli import main as cli_main
@@ -151,17 +151,8 @@ def _write_sft(prefix: Path, prompt_lengths: list[int], length: int = 40, token_
     return str(prefix)
 
 
-def _trainer(vocab_size: int | None = None):
-    trainer = SimpleNamespace(
-        training=True, strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 1, "rank": 0})
-    )
-    if vocab_size is not None:
-        trainer.lightning_module = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab_size))
-    return trainer
-
-
 def _setup(datamodule, stage="fit", vocab_size=None):
-    datamodule.trainer = _trainer(vocab_size)
+    datamodule.trainer = fake_trainer(vocab_size=vocab_size)
     datamodule.setup(stage)
     return datamodule
 

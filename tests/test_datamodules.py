@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers.training import fake_trainer
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
@@ -36,15 +36,8 @@ def text_prefix(tmp_path):
     return _write_documents(tmp_path / "corpus_text_document", lengths), lengths
 
 
-def _fake_trainer(replicas=1, rank=0):
-    return SimpleNamespace(
-        training=True,
-        strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": replicas, "rank": rank}),
-    )
-
-
 def _ready(datamodule, replicas=1, rank=0):
-    datamodule.trainer = _fake_trainer(replicas, rank)
+    datamodule.trainer = fake_trainer(replicas, rank)
     datamodule.setup("fit")
     return datamodule
 

@@ -24,6 +24,7 @@ from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels import chunked_cross_entropy
 from mistral_lightning.labels import IGNORE_INDEX
+from mistral_lightning.training.gradients import gradient_scale
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -221,3 +222,11 @@ def test_unknown_loss_normalization_is_refused_naming_the_option():
         UserError, match=r"model.loss_normalization='mean' is not one of 'token', 'micro_batch'"
     ):
         module(loss_normalization="mean")
+
+
+def test_the_gradient_scale_turns_averaged_micro_batch_sums_into_the_step_token_mean():
+    """Hand calculation: 2 ranks × 2 micro-batches, 10 labelled tokens in all. After the backward each gradient
+    is the mean of 4 summed losses' gradients; the step's loss is their sum over 10 tokens: 4/10."""
+    assert gradient_scale(10, averaged_over_ranks=2, accumulate_grad_batches=2) == pytest.approx(0.4)
+    # micro_batch rule: the denominator is the micro-batch count itself, so nothing changes.
+    assert gradient_scale(4, averaged_over_ranks=2, accumulate_grad_batches=2) == 1.0

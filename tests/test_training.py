@@ -18,7 +18,7 @@ from mistral_lightning.cli import main as cli_main
 from mistral_lightning.data.datamodules import InstructionDataModule
 from mistral_lightning.errors import UserError
 from mistral_lightning.generation.loading import load_model as load_trained_model
-from mistral_lightning.training.module import NonFiniteLossError
+from mistral_lightning.training.divergence import TrainingDivergedError
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer, lr_factor
 
 
@@ -41,8 +41,9 @@ class PoisonWeightsAtStep(L.Callback):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(toy_data, single_thread, tmp_path):
     fit_trainer = trainer(tmp_path, callbacks=[PoisonWeightsAtStep()], checkpoint_every=1)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 2"):
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 2") as stopped:
         fit_trainer.fit(module(), datamodule=datamodule(toy_data))
+    assert "the last good checkpoint is" in str(stopped.value) and "step=2.ckpt" in str(stopped.value)
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert saved == ["step=1.ckpt", "step=2.ckpt"]
     last_good = load_trained_model(tmp_path / "checkpoints" / "step=2.ckpt")

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mistral_lightning.data.contract import model_vocab_size
 from mistral_lightning.data.datasets import (
     SPLIT_NAMES,
     BlendedDataset,
@@ -108,8 +109,7 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
 
     def _check_vocabulary(self) -> None:
         """Token ids at or above the model's vocabulary are refused now, not when a batch reaches them."""
-        config = getattr(getattr(self.trainer, "lightning_module", None), "config", None)
-        vocab_size = getattr(config, "vocab_size", None)
+        vocab_size = model_vocab_size(self.trainer)
         if vocab_size is None:
             return
         for indexed, largest in self._largest_token_ids():
@@ -136,7 +136,7 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
 
     def _data_parallel(self) -> tuple[int, int]:
         """(size, rank) of data parallelism; tensor-parallel peers report the same rank, so they get the same batch."""
-        return data_parallel_layout(getattr(self.trainer, "strategy", None))
+        return data_parallel_layout(None if self.trainer is None else self.trainer.strategy)
 
     def _dataloader(self, split: str, sampler: ResumableSampler) -> ResumableDataLoader:
         return ResumableDataLoader(
@@ -177,10 +177,7 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         sampler = ResumableSampler(dataset, self.micro_batch_size, replicas, rank, 0, False)
         # During fit an empty split only means no validation; a `validate` or `test` run would report nothing.
         command = EVAL_COMMANDS[split]
-        if (
-            sampler.samples_per_epoch == 0
-            and getattr(getattr(self.trainer, "state", None), "fn", None) == command
-        ):
+        if sampler.samples_per_epoch == 0 and self.trainer is not None and self.trainer.state.fn == command:
             raise EmptySplitError(
                 f"`{command}` has nothing to run: the {split} split holds {len(dataset)} samples, fewer than one "
                 f"batch (micro_batch_size {self.micro_batch_size} x {replicas} data-parallel ranks), with "

@@ -25,10 +25,13 @@ from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters
 from mistral_lightning.adapters.nf4 import check_quantize_base, materialize_nf4_
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config
+from mistral_lightning.data.contract import data_seq_length
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.cross_entropy import Reduction
 from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
+from mistral_lightning.training.divergence import TrainingDivergedError, last_good
+from mistral_lightning.training.gradients import gradient_scale, scale_gradients_
 from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 from mistral_lightning.training.parallel import (
     ParallelConfig,
@@ -40,10 +43,6 @@ from mistral_lightning.training.parallel import (
 )
 
 LossNormalization = Literal["token", "micro_batch"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf; the run stops before the bad step reaches the weights."""
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -151,7 +150,6 @@ class MistralLightningModule(L.LightningModule):
         check_quantize_base(self.lora_config, self.device_mesh["tensor_parallel"].size())
         with torch.device("meta"):
             model = Mistral(self.config)
-        datamodule = getattr(self.trainer, "datamodule", None)
         parallelize(
             model,
             self.device_mesh,
@@ -159,7 +157,7 @@ class MistralLightningModule(L.LightningModule):
             activation_checkpointing=self.parallel_config.activation_checkpointing,
             compile=self.parallel_config.compile,
             mp_policy=mixed_precision_policy(self.trainer.precision),
-            seq_length=getattr(datamodule, "seq_length", None),
+            seq_length=data_seq_length(self.trainer),
             lora=self.lora_config,
         )
         model.to_empty(device=self.trainer.strategy.root_device)
@@ -175,6 +173,11 @@ class MistralLightningModule(L.LightningModule):
 
                 load_peft_adapter(model, self.lora_config.adapter)
         self.model = model
+
+    @property
+    def vocab_size(self) -> int:
+        """What the DataModules check token ids against (data/contract.py)."""
+        return self.config.vocab_size
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -233,19 +236,14 @@ class MistralLightningModule(L.LightningModule):
         loss = loss_total / denominator
         # Every rank holds the same reduced value, so all of them stop together.
         if not math.isfinite(loss):
-            raise NonFiniteLossError(
+            folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            raise TrainingDivergedError(
                 f"training loss is {loss} at step {self.global_step}; stopping before this step updates the "
-                "weights, so the last saved checkpoint is intact. Lower model.optimizer.lr, check the data, or "
-                "resume from that checkpoint (fit --ckpt_path ...)"
+                f"weights, so the last saved checkpoint is intact; {last_good(folder)}. Lower "
+                "model.optimizer.lr, check the data, or resume from that checkpoint (fit --ckpt_path ...)"
             )
-        # Lightning divided each micro-batch's loss by accumulate_grad_batches and FSDP2 averaged the ranks'
-        # gradients; this turns their sum into the gradient of loss_total / denominator.
-        scale = dp_mesh.size() * self.trainer.accumulate_grad_batches / denominator
-        if scale != 1.0:
-            with torch.no_grad():
-                for param in self.model.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(scale)
+        scale = gradient_scale(denominator, dp_mesh.size(), self.trainer.accumulate_grad_batches)
+        scale_gradients_(self.model.parameters(), scale)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
 

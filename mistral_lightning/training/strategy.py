@@ -11,10 +11,9 @@ all-reduce); a checkpoint is written under a temporary name, marked complete (ch
 and renamed into place (outputs.publish), so an interrupted save leaves the previous one untouched;
 a failed write (a full disk) removes the temporary and stops with one line naming the folder and its
 free space. Loading: the checkpoint is checked first (no pickled code unless `trust_checkpoint`, complete);
-an incomplete `last.ckpt` gives way to the newest complete checkpoint, with a note. A run stopped by a
-NaN/Inf loss names the last good checkpoint. Frozen parameters (a LoRA run's base) are neither saved nor
-loaded: they come from `model.pretrained` again, so an adapter checkpoint holds the adapters and their
-optimizer state only. `mistral-lightning fit|validate|test|predict` use it in place of Lightning's class
+an incomplete `last.ckpt` gives way to the newest complete checkpoint, with a note. Frozen parameters (a
+LoRA run's base) are neither saved nor loaded: they come from `model.pretrained` again, so an adapter
+checkpoint holds the adapters and their optimizer state only. `mistral-lightning fit|validate|test|predict` use it in place of Lightning's class
 (cli/fit.py).
 """
 
@@ -60,11 +59,7 @@ from mistral_lightning.outputs import (
     remove_leftovers,
     temporary_sibling,
 )
-from mistral_lightning.training.module import NonFiniteLossError
-
-
-class TrainingDivergedError(UserError):
-    """The loss, weights or optimizer state became NaN/Inf; names the last good checkpoint."""
+from mistral_lightning.training.divergence import TrainingDivergedError
 
 
 def _first_failure(err: BaseException) -> BaseException:
@@ -243,17 +238,6 @@ class DeviceModelParallelStrategy(ModelParallelStrategy):
         # As Lightning's load returns it: the non-tensor state, for the loops, callbacks and hooks.
         return saved
 
-    # ------------------------------------------------------------------ stopping
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
-        # The training step and the hooks before the update all run inside the optimizer step.
-        try:
-            return super().optimizer_step(*args, **kwargs)
-        except NonFiniteLossError as err:
-            callback = self.lightning_module.trainer.checkpoint_callback
-            folder = getattr(callback, "dirpath", None)
-            last_good = last_good_checkpoint(folder) if folder else "no checkpoints are being saved"
-            raise TrainingDivergedError(f"{err}; {last_good}") from err
-
 
 # ---------------------------------------------------------------------- in LightningCLI (cli/fit.py)
 LIGHTNING_STRATEGY = "lightning.pytorch.strategies.ModelParallelStrategy"
@@ -288,7 +272,6 @@ def prepare_checkpoint_loading(trainer: Any, settings: Any) -> None:
 
 __all__ = [
     "DeviceModelParallelStrategy",
-    "TrainingDivergedError",
     "prepare_checkpoint_loading",
     "use_safe_strategy",
 ]

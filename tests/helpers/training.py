@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -41,6 +42,17 @@ def write_toy_pretrain_data(folder: Path) -> str:
         writer.add_document(rng.integers(3, 2000, size=int(rng.integers(20, 60))))
     writer.finalize()
     return prefix
+
+
+def fake_trainer(replicas: int = 1, rank: int = 0, vocab_size: int | None = None) -> SimpleNamespace:
+    """The Trainer attributes a DataModule reads (data/contract.py and the sampler layout), in a fit run."""
+    return SimpleNamespace(
+        training=True,
+        state=SimpleNamespace(fn="fit"),
+        strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": replicas, "rank": rank}),
+        datamodule=None,
+        lightning_module=None if vocab_size is None else SimpleNamespace(vocab_size=vocab_size),
+    )
 
 
 def datamodule(

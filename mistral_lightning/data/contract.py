@@ -1,0 +1,37 @@
+"""What the LightningModule and the DataModules read from each other, through the Trainer that holds both.
+
+The module reads the data's `seq_length` (sequence parallelism checks it divides before any weight is
+built); a DataModule reads the model's `vocab_size` (token ids beyond it are refused before the first step).
+Either side may run without the other (a module fitted on plain DataLoaders, a DataModule set up alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class SequenceData(Protocol):
+    """A DataModule whose batches are at most `seq_length` positions long."""
+
+    seq_length: int
+
+
+@runtime_checkable
+class VocabularyModel(Protocol):
+    """A LightningModule whose model embeds token ids below `vocab_size`."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+def data_seq_length(trainer: Any) -> int | None:
+    """The trainer's DataModule's sequence length, or None without one."""
+    datamodule = None if trainer is None else trainer.datamodule
+    return datamodule.seq_length if isinstance(datamodule, SequenceData) else None
+
+
+def model_vocab_size(trainer: Any) -> int | None:
+    """The trainer's LightningModule's vocabulary size, or None without one."""
+    module = None if trainer is None else trainer.lightning_module
+    return module.vocab_size if isinstance(module, VocabularyModel) else None
