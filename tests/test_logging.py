@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
+from helpers.configs import tiny_fit_config, write_config
 
 from mistral_lightning.callbacks import RecipeThroughputMonitor
 from mistral_lightning.callbacks import throughput as throughput_module
@@ -155,24 +155,12 @@ STEPS = 3
 
 
 def _fit_config(root: Path, data_prefix: str) -> Path:
-    config = {
-        "seed_everything": 1,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "strategy": {
-                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
-            },
-            "precision": "32-true",
+    config = tiny_fit_config(
+        root,
+        data_prefix,
+        seed_everything=1,
+        trainer={
             "max_steps": STEPS,
-            "log_every_n_steps": 1,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "enable_checkpointing": False,
-            "default_root_dir": str(root),
             "logger": [
                 {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -195,8 +183,7 @@ def _fit_config(root: Path, data_prefix: str) -> Path:
                 {"class_path": "mistral_lightning.callbacks.MemoryMonitor"},
             ],
         },
-        "model": {"model_config": "tiny", "optimizer": {"lr": 1e-3}, "init_seed": 3},
-        "data": {
+        data={
             "class_path": "mistral_lightning.data.datamodules.InstructionDataModule",
             "init_args": {
                 "data_prefix": data_prefix,
@@ -206,10 +193,8 @@ def _fit_config(root: Path, data_prefix: str) -> Path:
                 "num_workers": 0,
             },
         },
-    }
-    path = root / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    )
+    return write_config(config, root / "fit.yaml")
 
 
 @pytest.fixture(scope="module")

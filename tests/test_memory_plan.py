@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.configs import tiny_fit_config
 from helpers.processes import without_process_group
 
 from mistral_lightning.cli import main as mistral_lightning
@@ -24,25 +25,15 @@ MICRO_BATCH, SEQ_LENGTH, ACCUMULATE = 8, 128, 2
 
 
 def tiny_tp2_config(data_prefix: str, root: Path) -> dict:
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": TP,
-            "strategy": {
-                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": TP},
-            },
-            "precision": "32-true",
-            "max_steps": 2,
+    return tiny_fit_config(
+        root,
+        data_prefix,
+        tensor_parallel=TP,
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=MICRO_BATCH,
+        trainer={
             "accumulate_grad_batches": ACCUMULATE,
             "gradient_clip_val": 1.0,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "default_root_dir": str(root),
             "callbacks": [
                 {
                     "class_path": "mistral_lightning.benchmarks.allocator_peak.AllocatorPeak",
@@ -50,19 +41,8 @@ def tiny_tp2_config(data_prefix: str, root: Path) -> dict:
                 }
             ],
         },
-        "model": {"model_config": "tiny", "parallel": {"sequence_parallel": True}},
-        "data": {
-            "class_path": "mistral_lightning.data.datamodules.PretrainDataModule",
-            "init_args": {
-                "data_prefixes": [data_prefix],
-                "seq_length": SEQ_LENGTH,
-                "micro_batch_size": MICRO_BATCH,
-                "split": "1,0,0",
-                "num_workers": 0,
-                "cross_document_attention": True,
-            },
-        },
-    }
+        model={"model_config": "tiny", "parallel": {"sequence_parallel": True}},
+    )
 
 
 def run(command: list[str], cwd: Path) -> None:

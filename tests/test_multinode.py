@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.configs import tiny_fit_config
 from helpers.processes import free_port
 from helpers.training import SEQ_LENGTH, STEPS, write_toy_pretrain_data
 
@@ -26,25 +27,18 @@ NODES, DEVICES_PER_NODE = 2, 2
 def fit_config(data_prefix: str, root: Path) -> dict:
     """`helpers.training`' reference run (tiny model, global batch 2, seq 32, fp32, clip 1.0) as a CLI config
     for 2 nodes x 2 devices: TP2 inside a node, DP2 across nodes, one sample per replica."""
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
+    config = tiny_fit_config(
+        root,
+        data_prefix,
+        data_parallel=NODES,
+        tensor_parallel=DEVICES_PER_NODE,
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=1,
+        trainer={
             "devices": DEVICES_PER_NODE,
             "num_nodes": NODES,
-            "strategy": {
-                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": NODES, "tensor_parallel_size": DEVICES_PER_NODE},
-            },
-            "precision": "32-true",
             "max_steps": STEPS,
             "gradient_clip_val": 1.0,
-            "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(root),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(root), "name": "logs", "version": 0},
@@ -53,24 +47,9 @@ def fit_config(data_prefix: str, root: Path) -> dict:
                 {"class_path": "helpers.mesh_probe.MeshProbe", "init_args": {"out_dir": str(root / "mesh")}}
             ],
         },
-        "model": {
-            "model_config": "tiny",
-            "optimizer": {"lr": 1e-3},
-            "schedule": {"warmup_fraction": 0.2, "min_lr": 1e-4},
-            "init_seed": 3,
-        },
-        "data": {
-            "class_path": "mistral_lightning.data.datamodules.PretrainDataModule",
-            "init_args": {
-                "data_prefixes": [data_prefix],
-                "seq_length": SEQ_LENGTH,
-                "micro_batch_size": 1,
-                "split": "1,0,0",
-                "num_workers": 0,
-                "cross_document_attention": True,
-            },
-        },
-    }
+        model={"schedule": {"warmup_fraction": 0.2, "min_lr": 1e-4}},
+    )
+    return config
 
 
 @pytest.fixture(scope="module")

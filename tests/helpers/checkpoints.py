@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from helpers.configs import tiny_fit_config, write_config
 from helpers.processes import start_ranks
 
 MARKER = "complete.json"  # what a finished save of `fit` vouches with (checkpoint/integrity.py)
@@ -44,24 +44,16 @@ def fit_config(
     root: Path, data_prefix: str, *, lr: float = 1e-3, every: int = CHECKPOINT_EVERY, model_config="tiny"
 ) -> Path:
     """A tiny one-process `fit` on toy data: DCP checkpoints every `every` steps plus last.ckpt, losses
-    logged every step to CSV, Lightning's own ModelParallelStrategy named as a user would."""
-    config = {
-        "seed_everything": 1234,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "strategy": {
-                "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
-            },
-            "precision": "32-true",
+    logged every step to CSV."""
+    config = tiny_fit_config(
+        root,
+        data_prefix,
+        seed_everything=1234,
+        trainer={
             "max_steps": MAX_STEPS,
             "gradient_clip_val": 1.0,
-            "log_every_n_steps": 1,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
+            "enable_checkpointing": True,
+            "default_root_dir": None,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(root / "logs"), "name": "", "version": "first"},
@@ -79,23 +71,9 @@ def fit_config(
                 }
             ],
         },
-        "model": {"model_config": model_config, "optimizer": {"lr": lr}, "init_seed": 3},
-        "data": {
-            "class_path": "mistral_lightning.data.datamodules.PretrainDataModule",
-            "init_args": {
-                "data_prefixes": [data_prefix],
-                "seq_length": 32,
-                "micro_batch_size": 2,
-                "split": "1,0,0",
-                "num_workers": 0,
-                "cross_document_attention": True,
-            },
-        },
-    }
-    path = root / "fit.yaml"
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
+        model={"model_config": model_config, "optimizer": {"lr": lr}},
+    )
+    return write_config(config, root / "fit.yaml")
 
 
 def logged_losses(root: Path, version: str = "first") -> dict[int, float]:
