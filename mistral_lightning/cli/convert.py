@@ -13,7 +13,7 @@ import time
 from dataclasses import fields
 
 from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS, ConversionSettings
-from mistral_lightning.cli.options import DefaultsHelpFormatter
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_trust_checkpoint
 from mistral_lightning.option_values import DTYPE_NAMES
 
 
@@ -92,11 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace a --save-dir that holds a previous output of the same format (and nothing else)",
     )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle arbitrary Python objects in .pt/.ckpt files (only for checkpoints you trust)",
-    )
+    add_trust_checkpoint(parser, ".pt/.ckpt files")
     recipe = parser.add_argument_group("ModelLink spellings (accepted for the recipe's command lines)")
     recipe.add_argument("--model-type", choices=["GPT"], default="GPT", help="always GPT")
     recipe.add_argument(

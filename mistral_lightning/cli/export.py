@@ -20,7 +20,7 @@ from pathlib import Path
 
 # Only torch-free modules here, so `--help` is quick; the checkpoint stack is imported after parsing.
 from mistral_lightning.checkpoint.formats import ConversionSettings
-from mistral_lightning.cli.options import DefaultsHelpFormatter
+from mistral_lightning.cli.options import DefaultsHelpFormatter, add_trust_checkpoint
 from mistral_lightning.option_values import DTYPE_NAMES
 from mistral_lightning.outputs import OutputTarget
 
@@ -65,11 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an --out folder that holds a previous HF export (and nothing else)",
     )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle arbitrary Python objects in the checkpoint (only for checkpoints you trust)",
-    )
+    add_trust_checkpoint(parser, "--checkpoint")
     return parser
 
 

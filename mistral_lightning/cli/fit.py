@@ -25,6 +25,7 @@ import mistral_lightning.training.npu  # noqa: F401  (registers the "npu" accele
 from mistral_lightning.adapters.merge import trained_weights
 from mistral_lightning.checkpoint.hf import HF_OUTPUT, save_hf
 from mistral_lightning.cli.configs import resolve_config_argv
+from mistral_lightning.cli.options import add_trust_checkpoint
 from mistral_lightning.config import parse_dtype
 from mistral_lightning.errors import UserError
 from mistral_lightning.outputs import OutputTarget, check_output_folder, probe_writable
@@ -118,11 +119,7 @@ class MistralCLI(LightningCLI):
             default=False,
             help="replace an --export_hf_dir that holds a previous HF export (and nothing else)",
         )
-        parser.add_argument(
-            "--trust-checkpoint",
-            action="store_true",
-            help="load --ckpt_path with full unpickling, running any code it holds (only checkpoints you trust)",
-        )
+        add_trust_checkpoint(parser, "--ckpt_path")
 
     def instantiate_classes(self) -> None:
         settings = self.config[self.subcommand]

@@ -6,6 +6,7 @@ Each command builds its parser from torch-free modules and imports the model sta
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from mistral_lightning.generation.settings import InferenceSettings
 from mistral_lightning.option_values import AUTO_DEVICE, AUTO_DTYPE, DTYPE_NAMES
@@ -51,10 +52,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=AUTO_DTYPE,
         help="dtype of the loaded weights; auto: the checkpoint's own",
     )
+    add_trust_checkpoint(parser, "a `fit` checkpoint")
+
+
+def add_trust_checkpoint(parser: Any, loaded: str) -> None:
+    """`--trust-checkpoint`, for every command that reads checkpoints (argparse or LightningCLI's parser)."""
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
-        help="load a `fit` checkpoint with full unpickling, running any code it holds (only checkpoints you trust)",
+        help=f"load {loaded} with full unpickling, running any code it holds (only checkpoints you trust)",
     )
 
 
