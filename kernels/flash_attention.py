@@ -9,7 +9,7 @@ import torch
 from mistral_lightning.kernels.documents import AttentionMetadata
 
 
-def _window_size(window: int | None) -> tuple[int, int]:
+def flash_window_size(window: int | None) -> tuple[int, int]:
     """flash-attn's (left, right): W - 1 earlier keys and none after, or -1 for no limit."""
     return (-1, 0) if window is None else (window - 1, 0)
 
@@ -18,7 +18,7 @@ def flash_attention(q, k, v, window, *, metadata: AttentionMetadata):
     """flash_attn_func over [B, T, H, D]: every row one sequence (the metadata's documents are not used)."""
     from flash_attn import flash_attn_func
 
-    return flash_attn_func(q, k, v, causal=True, window_size=_window_size(window))
+    return flash_attn_func(q, k, v, causal=True, window_size=flash_window_size(window))
 
 
 def varlen_arguments(metadata: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -44,6 +44,6 @@ def flash_attention_varlen(q, k, v, window, *, metadata: AttentionMetadata):
         max_len,
         max_len,
         causal=True,
-        window_size=_window_size(window),
+        window_size=flash_window_size(window),
     )
     return out.reshape(q.shape)

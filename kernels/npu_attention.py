@@ -35,7 +35,7 @@ def varlen_calls(
     return calls
 
 
-def _band_arguments(q: torch.Tensor, window: int | None, metadata: AttentionMetadata) -> dict:
+def band_arguments(q: torch.Tensor, window: int | None, metadata: AttentionMetadata) -> dict:
     """The arguments both layouts share: heads, the batch's compressed mask, the band and the softmax scale."""
     mask = metadata.derived(("npu_compressed_mask", q.device), lambda: compressed_mask(q.device))
     # Band mode with pre_tockens = W - 1 gives exactly W visible keys (ModelLink's W lets in W + 1);
@@ -48,7 +48,7 @@ def _band_arguments(q: torch.Tensor, window: int | None, metadata: AttentionMeta
 
 def npu_fusion_attention(q, k, v, window, *, metadata: AttentionMetadata):
     """Layout BSND: every row one sequence (the metadata's documents are not used)."""
-    arguments = _band_arguments(q, window, metadata)
+    arguments = band_arguments(q, window, metadata)
     return torch_npu().npu_fusion_attention(q, k, v, input_layout="BSND", **arguments)[0]
 
 
@@ -56,7 +56,7 @@ def npu_fusion_attention_varlen(q, k, v, window, *, metadata: AttentionMetadata)
     """Layout TND: the batch flattened to tokens, each document its own sequence, in as many calls as the
     1024-sequence limit needs."""
     batch, seq_len = q.shape[:2]
-    arguments = _band_arguments(q, window, metadata)
+    arguments = band_arguments(q, window, metadata)
     calls = metadata.derived("npu_varlen_calls", lambda: varlen_calls(metadata.document_lengths()))
     flat = [x.reshape(batch * seq_len, *x.shape[2:]) for x in (q, k, v)]
     outputs = [

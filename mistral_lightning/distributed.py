@@ -25,6 +25,28 @@ def data_parallel_layout(strategy: Any) -> tuple[int, int]:
     return int(replicas), int(kwargs.get("rank", getattr(strategy, "global_rank", 0)))
 
 
+def context_parallel_layout(strategy: Any) -> tuple[int, int]:
+    """(size, rank) of context parallelism: each rank of it holds one contiguous shard of every sequence
+    (training/context_parallel.py); (1, 0) for a strategy without it."""
+    layout = getattr(strategy, "context_parallel_layout", None)
+    return (1, 0) if layout is None else layout
+
+
+def context_shard(batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
+    """Rank `rank`'s contiguous shard of every [B, T] tensor of a batch, with global position ids."""
+    input_ids = batch["input_ids"]
+    seq_len = input_ids.shape[1]
+    if "position_ids" not in batch:
+        batch = {**batch, "position_ids": torch.arange(seq_len, device=input_ids.device).expand_as(input_ids)}
+    shard = seq_len // size
+    return {
+        key: value[:, rank * shard : (rank + 1) * shard]
+        if isinstance(value, torch.Tensor) and value.shape[:2] == input_ids.shape
+        else value
+        for key, value in batch.items()
+    }
+
+
 def gather_unique(items: list[T], key: Callable[[T], Hashable]) -> list[T]:
     """Every rank's items on every rank, one per key (tensor-parallel peers produce the same ones),
     sorted by key."""

@@ -57,6 +57,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.window = config.sliding_window
+        # Context parallelism replaces it from outside with attention over a halo (training/context_parallel.py).
+        self.attention_fn = sliding_window_attention
         self.q = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
         self.k = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
         self.v = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
@@ -79,7 +81,7 @@ class Attention(nn.Module):
             k, v, mask = kv_cache.update(self.layer_idx, k, v)
             out = masked_attention(q, k, v, mask)
         else:
-            out = sliding_window_attention(q, k, v, self.window, metadata=attention)
+            out = self.attention_fn(q, k, v, self.window, metadata=attention)
         return self.o(out.reshape(batch, seq_len, -1))
 
 

@@ -66,8 +66,16 @@ def run_on_ranks(target, *args, world_size: int = 2, timeout: float = 120) -> li
     ]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join(timeout=timeout)
+    # Results are read before joining: a rank whose result is still in the queue's pipe cannot exit.
+    collected = {}
+    try:
+        for _ in range(world_size):
+            rank, result = results.get(timeout=timeout)
+            collected[rank] = result
+    finally:
+        for worker in workers:
+            worker.join(timeout=timeout if len(collected) == world_size else 5)
+            if worker.is_alive():
+                worker.kill()
     assert all(worker.exitcode == 0 for worker in workers), "a worker rank failed (see its stderr)"
-    collected = dict(results.get(timeout=5) for _ in range(world_size))
     return [collected[rank] for rank in range(world_size)]

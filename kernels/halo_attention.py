@@ -1,0 +1,164 @@
+"""Attention of one context-parallel shard over its halo and its own keys, exact on every backend.
+
+q [B, T, Hq, D] are the shard's queries; k/v [B, halo + T, Hkv, D] are the `halo` keys just before the shard
+(received from the ranks before it) followed by the shard's own. Query i sits at key position halo + i, so it
+sees keys j with halo + i - window < j <= halo + i and, with packed documents, only keys of its own document.
+The metadata's `document_ids` cover the keys: [B, halo + T], the queries' being the last T columns.
+
+Every device kernel counts its causal or band mask from the bottom-right corner of the [T, halo + T] score
+matrix, which is exactly this offset: flash-attn's `causal=True` with `window_size=(W - 1, 0)`, and
+`npu_fusion_attention`'s sparse_mode 4 (band, `pre_tockens=W - 1`, `next_tockens=0`) or 3 (causal). With
+packed documents the halo keys of other documents are dropped before the varlen call (their queries are on
+other ranks), so each document is one sequence whose keys are its queries plus the halo part of the first.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import NamedTuple
+
+import torch
+
+from mistral_lightning.kernels.backend import resolve_backend, torch_npu
+from mistral_lightning.kernels.documents import AttentionMetadata
+from mistral_lightning.kernels.flash_attention import flash_window_size
+from mistral_lightning.kernels.masks import additive_mask, band_mask
+from mistral_lightning.kernels.npu_attention import NPU_MAX_VARLEN_SEQUENCES, band_arguments
+from mistral_lightning.kernels.sdpa_attention import default_band_query_block, sdpa
+
+
+def blocked_sdpa_halo(q, k, v, window, halo, *, metadata: AttentionMetadata, query_block=None):
+    """The portable path: SDPA over query blocks, each with the keys its window reaches and an explicit mask."""
+    seq_len = q.shape[1]
+    block = query_block or (default_band_query_block(window) if window else seq_len)
+    positions = torch.arange(halo + seq_len, device=q.device)
+    documents = metadata.document_ids
+    outputs = []
+    for start in range(0, seq_len, block):
+        end = min(start + block, seq_len)
+        first_key = 0 if window is None else max(0, halo + start - window + 1)
+        queries, keys = slice(halo + start, halo + end), slice(first_key, halo + end)
+        mask = band_mask(positions[queries], positions[keys], window)
+        if documents is not None:
+            mask = (mask & (documents[:, queries, None] == documents[:, None, keys]))[:, None]
+        outputs.append(sdpa(q[:, start:end], k[:, keys], v[:, keys], additive_mask(mask, q.dtype)))
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+class HaloVarlenLayout(NamedTuple):
+    """The batch flattened for the varlen kernels: which flattened keys are kept, and each document's
+    query and key counts (rows batch-major, documents in order)."""
+
+    kept_keys: torch.Tensor  # int64 indices into the [B * (halo + T)] flattened keys, on the device
+    query_lengths: list[int]
+    key_lengths: list[int]
+
+
+def halo_varlen_layout(document_ids: torch.Tensor, halo: int) -> HaloVarlenLayout:
+    """From the keys' document ids [B, halo + T] (one device-to-host copy)."""
+    ids = document_ids.cpu()
+    batch, width = ids.shape
+    kept, query_lengths, key_lengths = [], [], []
+    for row in range(batch):
+        local = ids[row, halo:]
+        starts = torch.ones_like(local, dtype=torch.bool)
+        starts[1:] = local[1:] != local[:-1]
+        bounds = [*torch.nonzero(starts).squeeze(-1).tolist(), len(local)]
+        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+        # The halo keys of the shard's first document: the halo's trailing run of its id.
+        halo_ids = ids[row, :halo]
+        differs = torch.nonzero(halo_ids != local[0]).squeeze(-1)
+        shared = halo - (int(differs[-1]) + 1 if len(differs) else 0)
+        kept.append(torch.arange(row * width + halo - shared, (row + 1) * width))
+        query_lengths += lengths
+        key_lengths += [lengths[0] + shared, *lengths[1:]]
+    return HaloVarlenLayout(torch.cat(kept).to(document_ids.device), query_lengths, key_lengths)
+
+
+def _layout(metadata: AttentionMetadata, halo: int, device: torch.device) -> HaloVarlenLayout:
+    return metadata.derived(
+        ("halo_varlen", halo, device), lambda: halo_varlen_layout(metadata.document_ids, halo)
+    )
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def flash_halo_attention(q, k, v, window, halo, *, metadata: AttentionMetadata):
+    """flash_attn_func: its causal window is counted from the bottom-right corner, i.e. after the halo."""
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, causal=True, window_size=flash_window_size(window))
+
+
+def flash_halo_attention_varlen(q, k, v, window, halo, *, metadata: AttentionMetadata):
+    """flash_attn_varlen_func, each document one sequence whose keys may start in the halo."""
+    from flash_attn import flash_attn_varlen_func
+
+    layout = _layout(metadata, halo, q.device)
+    cu_q = torch.tensor([0, *accumulate(layout.query_lengths)], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, *accumulate(layout.key_lengths)], dtype=torch.int32, device=q.device)
+    out = flash_attn_varlen_func(
+        _flat(q),
+        _flat(k)[layout.kept_keys],
+        _flat(v)[layout.kept_keys],
+        cu_q,
+        cu_k,
+        max(layout.query_lengths),
+        max(layout.key_lengths),
+        causal=True,
+        window_size=flash_window_size(window),
+    )
+    return out.reshape(q.shape)
+
+
+def npu_halo_attention(q, k, v, window, halo, *, metadata: AttentionMetadata):
+    """BSND: Sq = T, Skv = halo + T; band mode 4 (or causal mode 3) counts from the bottom-right corner."""
+    arguments = band_arguments(q, window, metadata)
+    return torch_npu().npu_fusion_attention(q, k, v, input_layout="BSND", **arguments)[0]
+
+
+def npu_halo_attention_varlen(q, k, v, window, halo, *, metadata: AttentionMetadata):
+    """TND with actual_seq_qlen / actual_seq_kvlen per document, in calls of at most 1024 documents."""
+    arguments = band_arguments(q, window, metadata)
+    layout = _layout(metadata, halo, q.device)
+    flat_q, flat_k, flat_v = _flat(q), _flat(k)[layout.kept_keys], _flat(v)[layout.kept_keys]
+    outputs, q_start, k_start = [], 0, 0
+    for first in range(0, len(layout.query_lengths), NPU_MAX_VARLEN_SEQUENCES):
+        q_ends = list(accumulate(layout.query_lengths[first : first + NPU_MAX_VARLEN_SEQUENCES]))
+        k_ends = list(accumulate(layout.key_lengths[first : first + NPU_MAX_VARLEN_SEQUENCES]))
+        outputs.append(
+            torch_npu().npu_fusion_attention(
+                flat_q[q_start : q_start + q_ends[-1]],
+                flat_k[k_start : k_start + k_ends[-1]],
+                flat_v[k_start : k_start + k_ends[-1]],
+                input_layout="TND",
+                actual_seq_qlen=q_ends,
+                actual_seq_kvlen=k_ends,
+                **arguments,
+            )[0]
+        )
+        q_start, k_start = q_start + q_ends[-1], k_start + k_ends[-1]
+    return torch.cat(outputs).reshape(q.shape)
+
+
+HALO_PATHS = {
+    ("portable", False): blocked_sdpa_halo,
+    ("portable", True): blocked_sdpa_halo,
+    ("flash", False): flash_halo_attention,
+    ("flash", True): flash_halo_attention_varlen,
+    ("npu", False): npu_halo_attention,
+    ("npu", True): npu_halo_attention_varlen,
+}
+
+
+def halo_attention(q, k, v, window, halo, *, metadata: AttentionMetadata, backend: str | None = None):
+    """Attention of the shard's queries over [halo + own] keys (see the module doc); the path by backend and
+    whether documents are packed."""
+    if window is not None and window <= 0:
+        raise ValueError(f"sliding window must be positive or None, got {window}")
+    if k.shape[1] != halo + q.shape[1]:
+        raise ValueError(f"keys {k.shape[1]} != halo {halo} + queries {q.shape[1]}")
+    path = HALO_PATHS[resolve_backend(q, backend), metadata.document_ids is not None]
+    return path(q, k, v, window, halo, metadata=metadata)

@@ -1,0 +1,21 @@
+"""Run on gloo ranks (helpers.processes.run_on_ranks): one layer's halo attention over the shard of this rank,
+its output and the full q/k/v gradients, gathered for the comparison with dense attention on one process."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from mistral_lightning.kernels.documents import AttentionMetadata
+from mistral_lightning.training.context_parallel import HaloAttention
+
+
+def shard_attention(q, k, v, window, documents, grad):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    shard = q.shape[1] // size
+    mine = slice(rank * shard, (rank + 1) * shard)
+    leaves = [x[:, mine].detach().clone().requires_grad_() for x in (q, k, v)]
+    metadata = AttentionMetadata(None if documents is None else documents[:, mine])
+    out = HaloAttention(dist.group.WORLD)(*leaves, window, metadata=metadata)
+    out.backward(grad[:, mine])
+    # numpy arrays travel back by value (tensors would by a shared-memory handle that dies with the rank)
+    return out.detach().numpy(), [leaf.grad.numpy() for leaf in leaves]
