@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from mistral_lightning.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -36,6 +38,11 @@ def context_shard(batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]
     """Rank `rank`'s contiguous shard of every [B, T] tensor of a batch, with global position ids."""
     input_ids = batch["input_ids"]
     seq_len = input_ids.shape[1]
+    if seq_len % size:
+        raise UserError(
+            f"a batch of {seq_len} positions cannot be split into context_parallel_size={size} equal shards; "
+            "make data.init_args.seq_length a multiple of it"
+        )
     if "position_ids" not in batch:
         batch = {**batch, "position_ids": torch.arange(seq_len, device=input_ids.device).expand_as(input_ids)}
     shard = seq_len // size

@@ -1,15 +1,20 @@
 """Context parallelism: halo attention on 2 and 4 gloo ranks equals dense attention over the whole sequence
 on one process (outputs and every q/k/v gradient), for windows inside one shard, spanning several (multi-hop),
-no window (the whole prefix), and packed documents with boundaries on shard edges."""
+no window (the whole prefix), and packed documents with boundaries on shard edges; and through `fit`, CP4,
+TP2 × CP2 and DP2 × CP2 log the losses and gradient norms of one process."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from helpers.attention import dense_reference, random_qkv
 from helpers.halo_ranks import shard_attention
 from helpers.processes import run_on_ranks
+from helpers.training import STEPS, Recorder, datamodule, launch, module, trainer, write_instruction_data
 
+from mistral_lightning import MistralConfig
 from mistral_lightning.training.context_parallel import halo_length, hop_sizes
 
 SEQ = 48
@@ -59,3 +64,69 @@ def test_hop_sizes_by_hand():
     assert hop_sizes(None, 12, 4) == [12, 12, 12]
     assert hop_sizes(37, 12, 4) == [12, 12, 12]
     assert [halo_length(30, 12, rank) for rank in range(4)] == [0, 12, 24, 29]
+
+
+# ---------------------------------------------------------------------- through fit, on 4 gloo ranks
+def _tiny(window: int | None) -> dict:
+    return dataclasses.asdict(MistralConfig.from_name("tiny", sliding_window=window))
+
+
+# Sequences of 32 positions: shards of 8 under CP4 and 16 under CP2. Window 5: one hop; 12: two hops (8 + 3);
+# none: the whole prefix.
+FIT_RUNS = {
+    "cp4_window5": {"context_parallel": 4, "window": 5},
+    "cp4_window12_multihop": {"context_parallel": 4, "window": 12},
+    "cp4_no_window": {"context_parallel": 4, "window": None},
+    "tp2_cp2_window5": {"context_parallel": 2, "tensor_parallel": 2, "window": 5},
+    "dp2_cp2_window5": {"context_parallel": 2, "data_parallel": 2, "window": 5},
+    "cp4_packed_window12": {"context_parallel": 4, "window": 12, "instruction": True},
+}
+
+
+@pytest.fixture(scope="module")
+def instruction_data(tmp_path_factory) -> str:
+    """Samples of 5 to 13 tokens packed into 32-position bins: document boundaries inside and on shard edges."""
+    prefix = str(tmp_path_factory.mktemp("instruction") / "packed")
+    samples = [(2 + index % 4, 3 + index % 7) for index in range(48)]
+    return write_instruction_data(prefix, samples)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(toy_data, instruction_data, tmp_path_factory) -> dict:
+    scenarios = [
+        {
+            "name": name,
+            "data": instruction_data if run.get("instruction") else toy_data,
+            "instruction": run.get("instruction", False),
+            "context_parallel": run["context_parallel"],
+            "tensor_parallel": run.get("tensor_parallel", 1),
+            "data_parallel": run.get("data_parallel", 1),
+            "module": {"model_config": _tiny(run["window"])},
+        }
+        for name, run in FIT_RUNS.items()
+    ]
+    codes, results, output = launch(scenarios, tmp_path_factory.mktemp("four_ranks"), nprocs=4, timeout=600)
+    assert codes == [0] * 4 and results is not None, output
+    return results
+
+
+def _one_process(data: str, window: int | None, instruction: bool, root) -> Recorder:
+    recorder = Recorder()
+    trainer(root, callbacks=[recorder]).fit(
+        module(model_config=_tiny(window)), datamodule=datamodule(data, instruction=instruction)
+    )
+    return recorder
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("run", list(FIT_RUNS))
+def test_context_parallel_fit_logs_the_one_process_losses_and_gradient_norms(
+    four_ranks, toy_data, instruction_data, single_thread, tmp_path, run
+):
+    settings = FIT_RUNS[run]
+    data = instruction_data if settings.get("instruction") else toy_data
+    expected = _one_process(data, settings["window"], settings.get("instruction", False), tmp_path)
+    got = four_ranks[run]
+    assert len(got["losses"]) == len(expected.losses) == STEPS
+    assert got["losses"] == pytest.approx(expected.losses, rel=1e-5, abs=1e-6)
+    assert got["grad_norms"] == pytest.approx(expected.grad_norms, rel=1e-5, abs=1e-6)

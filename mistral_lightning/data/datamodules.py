@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import functools
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from mistral_lightning.data.datasets import (
     split_bounds,
 )
 from mistral_lightning.data.indexed import IndexedDataset, bin_path, idx_path
-from mistral_lightning.distributed import data_parallel_layout
+from mistral_lightning.distributed import context_parallel_layout, context_shard, data_parallel_layout
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
 
@@ -139,6 +140,9 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         return data_parallel_layout(None if self.trainer is None else self.trainer.strategy)
 
     def _dataloader(self, split: str, sampler: ResumableSampler) -> ResumableDataLoader:
+        # Under context parallelism every batch's length must split into equal shards.
+        size, _ = context_parallel_layout(None if self.trainer is None else self.trainer.strategy)
+        self.pad_to_multiple_of = math.lcm(8, size)
         return ResumableDataLoader(
             self.datasets[split],
             batch_size=self.micro_batch_size,
@@ -193,6 +197,10 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         return self._eval_dataloader("test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        strategy = None if self.trainer is None else self.trainer.strategy
+        size, rank = context_parallel_layout(strategy)
+        if size > 1 and not self.trainer.predicting:
+            batch = context_shard(batch, rank, size)
         # Counted when a training batch reaches the device, i.e. is consumed, not when a worker prefetches it.
         if self.trainer is not None and self.trainer.training:
             replicas, _ = self._data_parallel()

@@ -40,6 +40,7 @@ from mistral_lightning.training.parallel import (
     init_weights,
     mixed_precision_policy,
     parallelize,
+    sharding_mesh,
 )
 
 LossNormalization = Literal["token", "micro_batch"]
@@ -224,9 +225,10 @@ class MistralLightningModule(L.LightningModule):
         """Once per optimizer step, after the last micro-batch's backward and before clipping: one reduction of
         the step's totals over the data-parallel ranks, then the gradients are scaled to the step's loss."""
         totals, self._step_totals = self._step_totals, None
-        dp_mesh = self.device_mesh["data_parallel"]
+        dp_mesh = sharding_mesh(self.device_mesh)
         if dp_mesh.size() > 1:
-            # Tensor-parallel peers hold the same batch but sit in different data-parallel groups: none is counted twice.
+            # Tensor-parallel peers hold the same batch but sit in different data-parallel groups: none is counted
+            # twice. Context-parallel ranks hold different positions of it: their totals add up.
             torch.distributed.all_reduce(totals, group=dp_mesh.get_group())
         loss_total, denominator, labelled = totals.tolist()  # the step's one device-to-host copy
         self._step_skipped = labelled == 0

@@ -40,6 +40,7 @@ from mistral_lightning.adapters.nf4 import quantize_base_
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.errors import UserError
 from mistral_lightning.model import Mistral
+from mistral_lightning.training.context_parallel import apply_context_parallel
 
 ActivationCheckpointing = Literal["none", "full", "selective"]
 
@@ -231,10 +232,12 @@ def parallelize(
     lora: add adapters to its targets and freeze the rest, after TP (the adapters take their layer's layout)
     and before checkpointing, compile and FSDP2 (which then shard frozen and trainable parameters alike).
     """
-    tp_mesh, dp_mesh = mesh["tensor_parallel"], mesh["data_parallel"]
+    tp_mesh, dp_mesh = mesh["tensor_parallel"], sharding_mesh(mesh)
     check_parallel_config(model.config, tp_mesh.size(), sequence_parallel, seq_length)
     if tp_mesh.size() > 1:
         apply_tensor_parallel(model, tp_mesh, sequence_parallel)
+    if CONTEXT_PARALLEL in mesh.mesh_dim_names:
+        apply_context_parallel(model, mesh[CONTEXT_PARALLEL].get_group())
     if lora is not None:
         apply_lora(model, lora)
         if tp_mesh.size() > 1:
@@ -248,6 +251,17 @@ def parallelize(
     # distributed checkpoints (and their resharding to another TP size) are built on.
     apply_fsdp(model, dp_mesh, mp_policy or MixedPrecisionPolicy(), ignored_params=nf4_base)
     return model
+
+
+CONTEXT_PARALLEL = "context_parallel"
+
+
+def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks FSDP2 shards over and whose gradients and loss totals are reduced together: data parallelism,
+    times context parallelism when the mesh has it (its ranks see different positions of the same samples)."""
+    if CONTEXT_PARALLEL in mesh.mesh_dim_names:
+        return mesh["data_context_parallel"]
+    return mesh["data_parallel"]
 
 
 @torch.no_grad()

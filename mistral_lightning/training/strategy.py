@@ -19,13 +19,16 @@ checkpoint holds the adapters and their optimizer state only. `mistral-lightning
 
 from __future__ import annotations
 
+import math
 import shutil
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.api import CheckpointException
@@ -36,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError, load_torch_file
@@ -78,10 +82,71 @@ def _gigabytes_free(folder: Path) -> str:
 
 class DeviceModelParallelStrategy(ModelParallelStrategy):
     """ModelParallelStrategy (FSDP2 + DTensor TP) on the run's device, with checked checkpoints; see the
-    module doc."""
+    module doc.
+
+    context_parallel_size: ranks that each hold a contiguous shard of every sequence
+    (training/context_parallel.py). With more than one, the mesh is (data_parallel, context_parallel,
+    tensor_parallel), tensor parallelism innermost (inside a node), and FSDP2 shards over data × context
+    (the flattened `data_context_parallel` dimension), as torchtitan does.
+    """
 
     # Load checkpoints with full unpickling (`--trust-checkpoint`): only for checkpoints one trusts.
     trust_checkpoint: bool = False
+
+    def __init__(
+        self,
+        data_parallel_size: int | Literal["auto"] = "auto",
+        tensor_parallel_size: int | Literal["auto"] = "auto",
+        context_parallel_size: int = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size,
+            tensor_parallel_size,
+            save_distributed_checkpoint,
+            process_group_backend,
+            timeout,
+        )
+        if context_parallel_size < 1:
+            raise UserError(
+                f"trainer.strategy.init_args.context_parallel_size={context_parallel_size} must be >= 1"
+            )
+        self._context_parallel_size = context_parallel_size
+
+    @property
+    def context_parallel_layout(self) -> tuple[int, int]:
+        """(size, this rank's index) of context parallelism (distributed.context_parallel_layout)."""
+        if self._context_parallel_size == 1:
+            return 1, 0
+        return self._context_parallel_size, self.device_mesh["context_parallel"].get_local_rank()
+
+    def setup_environment(self) -> None:
+        if self._context_parallel_size == 1:
+            super().setup_environment()
+            return
+        ParallelStrategy.setup_environment(self)
+        self._setup_distributed()
+        context = self._context_parallel_size
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes
+        if self._tensor_parallel_size == "auto":
+            self._tensor_parallel_size = self.num_processes // context
+        sizes = (self._data_parallel_size, context, self._tensor_parallel_size)
+        if math.prod(sizes) != self.world_size:
+            raise UserError(
+                f"data_parallel_size × context_parallel_size × tensor_parallel_size = {' × '.join(map(str, sizes))}"
+                f" must equal the {self.world_size} processes (trainer.devices × trainer.num_nodes)"
+            )
+        mesh = init_device_mesh(
+            self.root_device.type,
+            sizes,
+            mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel"),
+        )
+        mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
+        self._device_mesh = mesh
+        self.lightning_module._device_mesh = mesh
 
     # ------------------------------------------------------------------ the device
     def _get_process_group_backend(self) -> str:

@@ -2,7 +2,7 @@
 
 A scenario: {"name", "data", "tensor_parallel", "data_parallel", "module": {...}, "resume": ckpt or null,
 "checkpoint_every": n or null, "kill_at_step": n or null, "seq_length": n, "expect_error": bool,
-"instruction": bool (data is instruction data), "global_batch": n, "accumulate": n}.
+"instruction": bool (data is instruction data), "global_batch": n, "accumulate": n, "context_parallel": n}.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def run(scenario: dict, root: Path) -> dict:
         root / scenario["name"],
         tensor_parallel=scenario.get("tensor_parallel", 1),
         data_parallel=scenario.get("data_parallel", 1),
+        context_parallel=scenario.get("context_parallel", 1),
         accumulate=accumulate,
         callbacks=callbacks,
         checkpoint_every=scenario.get("checkpoint_every"),

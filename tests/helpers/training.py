@@ -26,6 +26,7 @@ from mistral_lightning.data.datamodules import InstructionDataModule, PretrainDa
 from mistral_lightning.data.indexed import IndexedDatasetWriter
 from mistral_lightning.training.module import MistralLightningModule
 from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig
+from mistral_lightning.training.strategy import DeviceModelParallelStrategy
 
 GLOBAL_BATCH = 2
 SEQ_LENGTH = 32
@@ -134,6 +135,7 @@ def trainer(
     *,
     tensor_parallel: int = 1,
     data_parallel: int = 1,
+    context_parallel: int = 1,
     max_steps: int = STEPS,
     accumulate: int = 1,
     callbacks: list[L.Callback] = (),
@@ -154,8 +156,15 @@ def trainer(
         ]
     defaults = dict(
         accelerator="cpu",
-        devices=tensor_parallel * data_parallel,
-        strategy=ModelParallelStrategy(
+        devices=tensor_parallel * data_parallel * context_parallel,
+        strategy=DeviceModelParallelStrategy(
+            data_parallel_size=data_parallel,
+            tensor_parallel_size=tensor_parallel,
+            context_parallel_size=context_parallel,
+            save_distributed_checkpoint=distributed_checkpoint,
+        )
+        if context_parallel > 1
+        else ModelParallelStrategy(
             data_parallel_size=data_parallel,
             tensor_parallel_size=tensor_parallel,
             save_distributed_checkpoint=distributed_checkpoint,
