@@ -270,6 +270,21 @@ def parameter_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def window_choice_note(config: MistralConfig, pretrained: str | Path | None) -> str | None:
+    """One line when `config`'s sliding window is not the `pretrained` folder's own (the 32K recipe imposes 4096
+    on v0.2 weights, whose config.json has none), so that the choice is visible; None when they agree."""
+    if not pretrained or not (Path(pretrained) / "config.json").is_file():
+        return None
+    own = MistralConfig.from_hf(pretrained).sliding_window
+    if own == config.sliding_window:
+        return None
+    describe = lambda window: "no sliding window" if window is None else f"sliding_window={window}"  # noqa: E731
+    return (
+        f"note: model.model_config trains with {describe(config.sliding_window)}; model.pretrained={pretrained} "
+        f"has {describe(own)} in its config.json; the export's config.json records the trained one"
+    )
+
+
 def resolve_model_config(
     model_config: str | Path | dict | MistralConfig | None, pretrained: str | Path | None = None
 ) -> MistralConfig:

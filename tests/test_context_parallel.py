@@ -6,6 +6,8 @@ TP2 × CP2 and DP2 × CP2 log the losses and gradient norms of one process."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 
 import pytest
 import torch
@@ -15,7 +17,9 @@ from helpers.processes import run_on_ranks
 from helpers.training import STEPS, Recorder, datamodule, launch, module, trainer, write_instruction_data
 
 from mistral_lightning import MistralConfig
+from mistral_lightning.config import window_choice_note
 from mistral_lightning.training.context_parallel import halo_length, hop_sizes
+from mistral_lightning.training.module import MistralLightningModule
 
 SEQ = 48
 
@@ -92,7 +96,7 @@ def instruction_data(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def four_ranks(toy_data, instruction_data, tmp_path_factory) -> dict:
+def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) -> dict:
     scenarios = [
         {
             "name": name,
@@ -105,6 +109,16 @@ def four_ranks(toy_data, instruction_data, tmp_path_factory) -> dict:
         }
         for name, run in FIT_RUNS.items()
     ]
+    # The one-process run's checkpoint after step 3 (the `tiny` preset, window 64), resumed by DP2 × CP2.
+    scenarios.append(
+        {
+            "name": "dp2_cp2_resumes_cp1",
+            "data": toy_data,
+            "context_parallel": 2,
+            "data_parallel": 2,
+            "resume": str(killed_checkpoint),
+        }
+    )
     codes, results, output = launch(scenarios, tmp_path_factory.mktemp("four_ranks"), nprocs=4, timeout=600)
     assert codes == [0] * 4 and results is not None, output
     return results
@@ -130,3 +144,25 @@ def test_context_parallel_fit_logs_the_one_process_losses_and_gradient_norms(
     assert len(got["losses"]) == len(expected.losses) == STEPS
     assert got["losses"] == pytest.approx(expected.losses, rel=1e-5, abs=1e-6)
     assert got["grad_norms"] == pytest.approx(expected.grad_norms, rel=1e-5, abs=1e-6)
+
+
+def test_a_window_imposed_on_windowless_weights_is_said_in_one_line(tmp_path, caplog):
+    """The recipe's case: v0.2-style weights whose config.json has no window, trained with the 4096 window."""
+    folder = tmp_path / "v0.2-like"
+    folder.mkdir()
+    windowless = MistralConfig.from_name("tiny", sliding_window=None)
+    (folder / "config.json").write_text(json.dumps(windowless.to_hf_dict()))
+    imposed = MistralConfig.from_name("tiny", sliding_window=4096)
+    note = window_choice_note(imposed, folder)
+    assert note is not None and "\n" not in note
+    assert "sliding_window=4096" in note and "no sliding window" in note and str(folder) in note
+    assert window_choice_note(windowless, folder) is None
+    with caplog.at_level(logging.INFO):
+        MistralLightningModule(model_config=dataclasses.asdict(imposed), pretrained=str(folder))
+    assert note in caplog.text
+
+
+@pytest.mark.processes
+def test_a_one_process_checkpoint_resumes_under_context_parallelism(four_ranks, reference):
+    resumed = four_ranks["dp2_cp2_resumes_cp1"]
+    assert resumed["losses"] == pytest.approx(reference.losses[3:], rel=1e-5, abs=1e-6)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torchmetrics.aggregation import MeanMetric
@@ -24,7 +24,7 @@ from torchmetrics.aggregation import MeanMetric
 from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters
 from mistral_lightning.adapters.nf4 import check_quantize_base, materialize_nf4_
 from mistral_lightning.checkpoint.hf import load_hf_weights
-from mistral_lightning.config import MistralConfig, resolve_model_config
+from mistral_lightning.config import MistralConfig, resolve_model_config, window_choice_note
 from mistral_lightning.data.contract import data_seq_length
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.cross_entropy import Reduction
@@ -107,6 +107,9 @@ class MistralLightningModule(L.LightningModule):
                 "base weights; restore the base model there or set model.pretrained to a copy of it"
             )
         self.config = resolve_model_config(model_config, pretrained)
+        note = window_choice_note(self.config, pretrained) if model_config is not None else None
+        if note:
+            rank_zero_info(note)
         # A checkpoint's hyper-parameters come back as dicts (load_from_checkpoint).
         self.optimizer_config = _settings(OptimizerConfig, optimizer)
         self.schedule_config = _settings(ScheduleConfig, schedule)
