@@ -17,6 +17,11 @@ from helpers.processes import run_on_ranks
 from helpers.training import STEPS, Recorder, datamodule, launch, module, trainer, write_instruction_data
 
 from mistral_lightning import MistralConfig
+from mistral_lightning.benchmarks.context_parallel_halo import (
+    count_received,
+    position_bytes,
+    received_bytes_per_layer,
+)
 from mistral_lightning.config import window_choice_note
 from mistral_lightning.training.context_parallel import halo_length, hop_sizes
 from mistral_lightning.training.module import MistralLightningModule
@@ -166,3 +171,16 @@ def test_a_window_imposed_on_windowless_weights_is_said_in_one_line(tmp_path, ca
 def test_a_one_process_checkpoint_resumes_under_context_parallelism(four_ranks, reference):
     resumed = four_ranks["dp2_cp2_resumes_cp1"]
     assert resumed["losses"] == pytest.approx(reference.losses[3:], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.processes
+def test_the_bytes_each_rank_receives_equal_the_halo_formula():
+    """Counted from the exchange's own irecv calls on 4 ranks, window 20 over shards of 8 (hops of 8, 8, 3)."""
+    rows = run_on_ranks(count_received, 32, 20, 4, 2, 16, world_size=4)
+    per_position = position_bytes(2, 16, 4)
+    for rank, row in enumerate(rows):
+        assert row["forward"] == halo_length(20, 8, rank) * per_position
+    # Backward returns each halo's gradient to its owners: what rank r received, it sends back.
+    assert sum(row["backward"] for row in rows) == sum(row["forward"] for row in rows)
+    halo, gathered = received_bytes_per_layer(20, 32, 4, 3, per_position).values()
+    assert (halo, gathered) == (19 * per_position, 24 * per_position)
