@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from mistral_lightning.callbacks.memory import MemoryMonitor
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.devices import device_name, synchronize
-from mistral_lightning.distributed import data_parallel_layout
+from mistral_lightning.distributed import context_parallel_layout, data_parallel_layout
 
 # Dense bf16 peak TFLOPs per device, matched as a substring of the device name (first match wins, so a
 # variant comes before its family). Ascend 910_93 (A3) has no row: no official dense bf16 figure was found;
@@ -105,6 +105,8 @@ class RecipeThroughputMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.world_size = trainer.world_size
         self.replicas = data_parallel_layout(trainer.strategy)[0]
+        # Under context parallelism each rank's batch is one shard of the replica's sequences.
+        self.context = context_parallel_layout(trainer.strategy)[0]
         self.device = trainer.strategy.root_device
         self.device_name = device_name(self.device)
         peak = self.peak_tflops if self.peak_tflops is not None else lookup_peak_tflops(self.device_name)
@@ -125,7 +127,8 @@ class RecipeThroughputMonitor(L.Callback):
     ) -> None:
         batch_size, seq_len = batch["input_ids"].shape
         self._totals.samples += batch_size * self.replicas
-        self._pending.append((count_tokens(batch), attended_keys(pl_module.config, seq_len)))
+        keys = attended_keys(pl_module.config, seq_len * self.context)
+        self._pending.append((count_tokens(batch), keys))
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients for this optimizer step
         synchronize(self.device)
@@ -145,17 +148,18 @@ class RecipeThroughputMonitor(L.Callback):
             pl_module.log_dict({f"throughput/{name}": value for name, value in metrics.items()})
 
     def _step_tokens(self, trainer: L.Trainer) -> tuple[int, int]:
-        """This step's tokens and token-keys over all replicas (ranks of a replica count the same batch)."""
+        """This step's tokens and token-keys over all replicas (tensor-parallel ranks of a replica count the same
+        tokens; context-parallel ranks count one shard each)."""
         tokens = sum(int(count) for count, _ in self._pending)
         token_keys = sum(int(count) * keys for count, keys in self._pending)
         self._pending.clear()
-        if self.replicas == 1:
+        if self.replicas == 1 and self.context == 1:
             return tokens, token_keys
         # Padding differs between replicas; every rank takes part, each replica counted world/replicas times.
         local = torch.tensor([tokens, token_keys], dtype=torch.int64, device=self.device)
         summed = trainer.strategy.reduce(local, reduce_op="sum").tolist()
-        per_replica = self.world_size // self.replicas
-        return summed[0] // per_replica, summed[1] // per_replica
+        counted_twice = self.world_size // (self.replicas * self.context)
+        return summed[0] // counted_twice, summed[1] // counted_twice
 
     def _rates(self, points: list[_Totals], config: MistralConfig) -> dict[str, float]:
         """Throughput's rates between the first and the last of `points` (empty with fewer than two)."""

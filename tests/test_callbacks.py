@@ -36,7 +36,9 @@ class FakeClock:
         return self.now
 
 
-def _run(monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: float | None = 295.0):
+def _run(
+    monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: float | None = 295.0, context: int = 1
+):
     """Drive the callback as Lightning would: per optimizer step, each replica accumulates micro-batches."""
     clock = FakeClock()
     monkeypatch.setattr(throughput_module, "perf_counter", clock)
@@ -45,6 +47,7 @@ def _run(monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: f
         root_device=torch.device("cpu"),
         # Every rank counts the same tokens here, so their sum is world_size times this rank's.
         reduce=lambda tensor, reduce_op: tensor * world_size,
+        context_parallel_layout=(context, 0),
     )
     trainer = SimpleNamespace(world_size=world_size, global_step=0, strategy=strategy, is_global_zero=True)
     logged: list[dict] = []
@@ -54,7 +57,7 @@ def _run(monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: f
     monitor = RecipeThroughputMonitor(window_size=3, peak_tflops=peak_tflops)
     monitor.on_train_start(trainer, pl_module)
     micro_batches = GLOBAL_BATCH // replicas  # micro-batch size 1 on each replica
-    batch = {"input_ids": torch.zeros(1, SEQ, dtype=torch.long)}
+    batch = {"input_ids": torch.zeros(1, SEQ // context, dtype=torch.long)}  # this rank's shard
     for _ in range(steps):
         for micro in range(micro_batches):
             if micro == micro_batches - 1:  # the optimizer step happens with the last micro-batch
@@ -66,10 +69,12 @@ def _run(monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: f
 
 
 @pytest.mark.parametrize(
-    ("world_size", "replicas"), [(8, 1), (8, 2), (1, 1)], ids=["tp8", "tp4_dp2", "single"]
+    ("world_size", "replicas", "context"),
+    [(8, 1, 1), (8, 2, 1), (1, 1, 1), (8, 1, 2), (8, 2, 4)],
+    ids=["tp8", "tp4_dp2", "single", "tp4_cp2", "dp2_cp4"],
 )
-def test_recipe_figures_by_hand(monkeypatch, world_size, replicas):
-    monitor, logged = _run(monkeypatch, world_size, replicas, steps=4)
+def test_recipe_figures_by_hand(monkeypatch, world_size, replicas, context):
+    monitor, logged = _run(monkeypatch, world_size, replicas, steps=4, context=context)
     tokens_per_sec_per_device = GLOBAL_BATCH * SEQ / STEP_SECONDS / world_size
     tflops_per_device = FLOPS_PER_TOKEN * tokens_per_sec_per_device / 1e12
     expected = {
