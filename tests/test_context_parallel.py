@@ -184,3 +184,29 @@ def test_the_bytes_each_rank_receives_equal_the_halo_formula():
     assert sum(row["backward"] for row in rows) == sum(row["forward"] for row in rows)
     halo, gathered = received_bytes_per_layer(20, 32, 4, 3, per_position).values()
     assert (halo, gathered) == (19 * per_position, 24 * per_position)
+
+
+@pytest.mark.processes
+def test_stop_and_resume_under_context_parallelism_repeats_the_straight_run_exactly(
+    four_ranks, toy_data, tmp_path
+):
+    """CP4, window 5: checkpointed after step 3 and killed as step 4 starts, then resumed under CP4."""
+    killed = {
+        "name": "cp4_killed",
+        "data": toy_data,
+        "context_parallel": 4,
+        "module": {"model_config": _tiny(5)},
+        "checkpoint_every": 3,
+        "kill_at_step": 3,
+    }
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "resumed").mkdir()
+    codes, _, output = launch([killed], tmp_path / "killed", nprocs=4)
+    assert codes == [17] * 4, output
+    resumed = {**killed, "name": "cp4_resumed", "kill_at_step": None, "checkpoint_every": None}
+    resumed["resume"] = str(tmp_path / "killed" / "cp4_killed" / "checkpoints" / "step=3.ckpt")
+    codes, results, output = launch([resumed], tmp_path / "resumed", nprocs=4)
+    assert codes == [0] * 4 and results is not None, output
+    straight = four_ranks["cp4_window5"]
+    assert results["cp4_resumed"]["losses"] == straight["losses"][3:]
+    assert results["cp4_resumed"]["grad_norms"] == straight["grad_norms"][3:]
