@@ -40,28 +40,30 @@ def halo_length(window: int | None, shard_length: int, rank: int) -> int:
     return before if window is None else min(window - 1, before)
 
 
-def halo_bytes_per_layer(
-    window: int | None, shard_length: int, context_parallel_size: int, rank: int, position_bytes: int
-) -> int:
-    """Bytes rank `rank` receives per layer forward for its K/V halo (`position_bytes`: K + V of one position)."""
-    return halo_length(window, shard_length, rank) * position_bytes
+class _Posted:
+    """Point-to-point operations under way: the receive buffers by hop, and what must live until they finish."""
+
+    def __init__(self) -> None:
+        self.received: dict[int, torch.Tensor] = {}
+        self.requests: list[Any] = []
+        self.sent: list[torch.Tensor] = []  # kept alive until the sends complete
+
+    def wait(self) -> None:
+        for request in self.requests:
+            request.wait()
+        self.requests, self.sent = [], []
 
 
-def _exchange(
-    tensor: torch.Tensor, sizes: list[int], dim: int, group: Any, *, backward: bool = False
-) -> list[torch.Tensor]:
+def _post(tensor: torch.Tensor, sizes: list[int], dim: int, group: Any, *, backward: bool = False) -> _Posted:
     """Hop j sends `tensor`'s last sizes[j-1] positions (along `dim`) to rank + j and receives as many from
-    rank - j; returns the received pieces ordered by source rank (farthest first). With `backward`, `tensor`
-    holds the received pieces' gradients, concatenated in that order, and each goes back to its source."""
+    rank - j, without waiting. With `backward`, `tensor` holds the received pieces' gradients, concatenated
+    farthest source first, and each goes back to its source."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     shard = tensor.shape[dim]
-    received: dict[int, torch.Tensor] = {}
-    operations = []
-    incoming = [hop for hop in range(1, len(sizes) + 1) if rank - hop >= 0]
-    offsets = {}
-    start = 0
-    for hop in reversed(incoming):  # the farthest source first, as the pieces are concatenated
-        offsets[hop] = start
+    posted, operations = _Posted(), []
+    offsets, start = {}, 0
+    for hop in reversed([hop for hop in range(1, len(sizes) + 1) if rank - hop >= 0]):
+        offsets[hop] = start  # the farthest source first, as the pieces are concatenated
         start += sizes[hop - 1]
     for hop, size in enumerate(sizes, start=1):
         if not backward:
@@ -71,19 +73,52 @@ def _exchange(
             send_to, receive_from = rank - hop, rank + hop
             piece = tensor.narrow(dim, offsets[hop], size) if send_to >= 0 else None
         if piece is not None:
-            peer = dist.get_global_rank(group, send_to)
-            operations.append(dist.P2POp(dist.isend, piece.contiguous(), peer, group))
+            posted.sent.append(piece.contiguous())
+            operations.append(
+                dist.P2POp(dist.isend, posted.sent[-1], dist.get_global_rank(group, send_to), group)
+            )
         if 0 <= receive_from < world:
             shape = list(tensor.shape)
             shape[dim] = size
-            received[hop] = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+            posted.received[hop] = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
             peer = dist.get_global_rank(group, receive_from)
-            operations.append(dist.P2POp(dist.irecv, received[hop], peer, group))
+            operations.append(dist.P2POp(dist.irecv, posted.received[hop], peer, group))
     if operations:
-        for request in dist.batch_isend_irecv(operations):
-            request.wait()
-    order = sorted(received, reverse=not backward)
-    return [received[hop] for hop in order]
+        posted.requests = dist.batch_isend_irecv(operations)
+    return posted
+
+
+def _pieces(posted: _Posted, *, backward: bool = False) -> list[torch.Tensor]:
+    """The received pieces ordered by source rank, farthest first (forward) or nearest first (backward)."""
+    return [posted.received[hop] for hop in sorted(posted.received, reverse=not backward)]
+
+
+def _exchange(
+    tensor: torch.Tensor, sizes: list[int], dim: int, group: Any, *, backward: bool = False
+) -> list[torch.Tensor]:
+    """`_post`, waited for: the received pieces."""
+    posted = _post(tensor, sizes, dim, group, backward=backward)
+    posted.wait()
+    return _pieces(posted, backward=backward)
+
+
+def _halo_of(pieces: list[torch.Tensor], local: torch.Tensor, dim: int) -> torch.Tensor:
+    if not pieces:
+        shape = list(local.shape)
+        shape[dim] = 0
+        return local.new_empty(shape)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def _gradient_to_owners(ctx, grad_halo: torch.Tensor) -> torch.Tensor:
+    """The halo's gradient back to the ranks it came from; this rank's own positions' gradient from its
+    successors (hop j's piece is the gradient of this shard's last sizes[j-1] positions)."""
+    returned = _exchange(grad_halo.contiguous(), ctx.sizes, ctx.dim, ctx.group, backward=True)
+    grad = grad_halo.new_zeros(ctx.shape)
+    shard = ctx.shape[ctx.dim]
+    for piece in returned:
+        grad.narrow(ctx.dim, shard - piece.shape[ctx.dim], piece.shape[ctx.dim]).add_(piece)
+    return grad
 
 
 class HaloExchange(torch.autograd.Function):
@@ -92,25 +127,49 @@ class HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor, sizes: list[int], dim: int, group: Any) -> torch.Tensor:
         ctx.sizes, ctx.dim, ctx.group, ctx.shape = sizes, dim, group, local.shape
-        pieces = _exchange(local, sizes, dim, group)
-        if not pieces:
-            shape = list(local.shape)
-            shape[dim] = 0
-            return local.new_empty(shape)
-        return torch.cat(pieces, dim=dim)
+        return _halo_of(_exchange(local, sizes, dim, group), local, dim)
 
     @staticmethod
     def backward(ctx, grad_halo: torch.Tensor):
-        returned = _exchange(grad_halo.contiguous(), ctx.sizes, ctx.dim, ctx.group, backward=True)
-        grad = grad_halo.new_zeros(ctx.shape)
-        shard = ctx.shape[ctx.dim]
-        for piece in returned:  # hop j's piece is the gradient of this shard's last sizes[j-1] positions
-            grad.narrow(ctx.dim, shard - piece.shape[ctx.dim], piece.shape[ctx.dim]).add_(piece)
-        return grad, None, None, None
+        return _gradient_to_owners(ctx, grad_halo), None, None, None
+
+
+class HaloExchangeStart(torch.autograd.Function):
+    """The one-hop exchange, posted: returns the (not yet filled) halo buffer; `HaloExchangeWait` completes it.
+    Between the two, this rank computes what needs no halo. Backward as `HaloExchange`."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, size: int, dim: int, group: Any, posted: list) -> torch.Tensor:
+        ctx.sizes, ctx.dim, ctx.group, ctx.shape = [size], dim, group, local.shape
+        posted.append(_post(local, [size], dim, group))
+        return _halo_of(_pieces(posted[-1]), local, dim)
+
+    @staticmethod
+    def backward(ctx, grad_halo: torch.Tensor):
+        return _gradient_to_owners(ctx, grad_halo), None, None, None, None
+
+
+class HaloExchangeWait(torch.autograd.Function):
+    """Identity on the halo buffer, once its receive (and this rank's send) completed."""
+
+    @staticmethod
+    def forward(ctx, halo: torch.Tensor, posted: list) -> torch.Tensor:
+        posted.pop().wait()
+        return halo.view_as(halo)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 class HaloAttention:
-    """What `Attention.attention_fn` becomes under context parallelism (`apply_context_parallel`)."""
+    """What `Attention.attention_fn` becomes under context parallelism (`apply_context_parallel`).
+
+    With a window inside one shard (W - 1 < T) the exchange overlaps with attention: the queries from W - 1 on
+    see only this shard's keys, so they are computed while the halo is in flight; the first W - 1 queries then
+    run over [halo + the shard's first W - 1 keys]. The two query sets are disjoint, so their outputs are
+    concatenated, exactly. Longer windows and windowless models exchange first, then attend.
+    """
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -119,14 +178,35 @@ class HaloAttention:
     def __call__(self, q, k, v, window, *, metadata: AttentionMetadata) -> torch.Tensor:
         shard = q.shape[1]
         sizes = hop_sizes(window, shard, self.size)
+        # Once per batch and before any K/V message, so the two kinds of message never interleave.
+        with_halo = metadata.derived(
+            ("context_parallel_halo", window), lambda: self._metadata(metadata, sizes)
+        )
+        if window is not None and len(sizes) == 1 and sizes[0] < shard:
+            return self._overlapped(q, k, v, window, sizes[0], metadata, with_halo)
         halo_kv = HaloExchange.apply(torch.stack((k, v)), sizes, 2, self.group)
         halo = halo_kv.shape[2]
         keys = torch.cat((halo_kv[0], k), dim=1)
         values = torch.cat((halo_kv[1], v), dim=1)
-        with_halo = metadata.derived(
-            ("context_parallel_halo", window), lambda: self._metadata(metadata, sizes)
-        )
         return halo_attention(q, keys, values, window, halo, metadata=with_halo)
+
+    def _overlapped(self, q, k, v, window, size, metadata, with_halo) -> torch.Tensor:
+        posted: list = []
+        halo_kv = HaloExchangeStart.apply(torch.stack((k, v)), size, 2, self.group, posted)
+        # Queries size.. see keys 0.. of this shard only: as if the first `size` keys were their halo.
+        interior = halo_attention(q[:, size:], k, v, window, size, metadata=metadata)
+        halo_kv = HaloExchangeWait.apply(halo_kv, posted)
+        halo = halo_kv.shape[2]
+        keys = torch.cat((halo_kv[0], k[:, :size]), dim=1)
+        values = torch.cat((halo_kv[1], v[:, :size]), dim=1)
+        boundary_metadata = metadata.derived(
+            ("context_parallel_boundary", window),
+            lambda: AttentionMetadata(
+                None if with_halo.document_ids is None else with_halo.document_ids[:, : halo + size]
+            ),
+        )
+        boundary = halo_attention(q[:, :size], keys, values, window, halo, metadata=boundary_metadata)
+        return torch.cat((boundary, interior), dim=1)
 
     def _metadata(self, metadata: AttentionMetadata, sizes: list[int]) -> AttentionMetadata:
         """The keys' documents, [halo + own], exchanged once per batch (every layer has the same halo)."""
