@@ -37,7 +37,12 @@ class FakeClock:
 
 
 def _run(
-    monkeypatch, world_size: int, replicas: int, steps: int, peak_tflops: float | None = 295.0, context: int = 1
+    monkeypatch,
+    world_size: int,
+    replicas: int,
+    steps: int,
+    peak_tflops: float | None = 295.0,
+    context: int = 1,
 ):
     """Drive the callback as Lightning would: per optimizer step, each replica accumulates micro-batches."""
     clock = FakeClock()

@@ -72,9 +72,28 @@ def tiny_tp2(toy_data, tmp_path_factory) -> tuple[dict, list[dict]]:
     return json.loads((root / "plan.json").read_text()), measured
 
 
+@pytest.fixture(scope="module")
+def tiny_cp2(toy_data, tmp_path_factory) -> tuple[dict, list[dict]]:
+    """The same for context parallelism: sequences of 512 split over 2 ranks, the window (64) inside a shard."""
+    root = tmp_path_factory.mktemp("plan_tiny_cp2")
+    settings = tiny_tp2_config(toy_data, root)
+    settings["trainer"]["strategy"] = {
+        "class_path": "mistral_lightning.training.strategy.DeviceModelParallelStrategy",
+        "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1, "context_parallel_size": 2},
+    }
+    settings["data"]["init_args"]["seq_length"] = 512
+    config = root / "fit.yaml"
+    config.write_text(json.dumps(settings))
+    run(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")], root)
+    run(["fit", "--config", str(config)], root)
+    measured = [json.loads((root / "measured" / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return json.loads((root / "plan.json").read_text()), measured
+
+
 @pytest.mark.processes
-def test_simulated_peak_is_within_15_percent_of_each_ranks_measured_peak(tiny_tp2):
-    plan, measured = tiny_tp2
+@pytest.mark.parametrize("layout", ["tiny_tp2", "tiny_cp2"])
+def test_simulated_peak_is_within_15_percent_of_each_ranks_measured_peak(request, layout):
+    plan, measured = request.getfixturevalue(layout)
     predicted = plan["report"]["peak_bytes"]
     for rank in measured:
         assert rank["steps"] == 2

@@ -21,7 +21,6 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.device_mesh import init_device_mesh
 
 from mistral_lightning.adapters.lora import LoRAConfig
 from mistral_lightning.adapters.nf4 import check_quantize_base
@@ -33,7 +32,12 @@ from mistral_lightning.model import Mistral
 from mistral_lightning.training.memory_plan import MemoryReport, StepShape, simulate_training_step
 from mistral_lightning.training.module import MistralLightningModule
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
-from mistral_lightning.training.parallel import ParallelConfig, mixed_precision_policy, parallelize
+from mistral_lightning.training.parallel import (
+    ParallelConfig,
+    build_device_mesh,
+    mixed_precision_policy,
+    parallelize,
+)
 
 USAGE = (
     "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--plan_output FILE.json] "
@@ -66,10 +70,11 @@ class TrainingLayout:
     optimizer: OptimizerConfig
     step: StepShape
     lora: LoRAConfig | None = None
+    context_parallel: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.data_parallel * self.tensor_parallel
+        return self.data_parallel * self.context_parallel * self.tensor_parallel
 
 
 def precision_plugin(precision: str) -> Precision:
@@ -86,12 +91,12 @@ def plan(layout: TrainingLayout) -> MemoryReport:
     plugin = precision_plugin(layout.precision)
     check_quantize_base(layout.lora, layout.tensor_parallel)
 
+    context = layout.context_parallel
+    # Under context parallelism a rank runs its shard of each sequence; the last rank holds the largest halo.
+    step = dataclasses.replace(layout.step, seq_length=layout.step.seq_length // context)
+
     def build() -> Mistral:
-        mesh = init_device_mesh(
-            "cpu",
-            (layout.data_parallel, layout.tensor_parallel),
-            mesh_dim_names=("data_parallel", "tensor_parallel"),
-        )
+        mesh = build_device_mesh("cpu", layout.data_parallel, context, layout.tensor_parallel)
         with plugin.module_init_context(), torch.device("meta"):
             model = Mistral(layout.model)
         # Eager: compiled blocks need a compiler run per shape, which a fake tensor cannot drive.
@@ -101,16 +106,17 @@ def plan(layout: TrainingLayout) -> MemoryReport:
             sequence_parallel=layout.parallel.sequence_parallel,
             activation_checkpointing=layout.parallel.activation_checkpointing,
             mp_policy=mixed_precision_policy(layout.precision),
-            seq_length=layout.step.seq_length,
+            seq_length=step.seq_length,
             lora=layout.lora,
         )
 
     return simulate_training_step(
         build,
         lambda model: build_optimizer(model, layout.optimizer),
-        layout.step,
+        step,
         forward_context=plugin.forward_context,
         world_size=layout.world_size,
+        rank=layout.world_size - 1 if context > 1 else 0,
     )
 
 
@@ -145,7 +151,7 @@ def _count(value, option: str) -> int:
         raise UserError(f"{option}={value!r}: the plan needs a number of devices; set it (e.g. 8)") from None
 
 
-def _strategy_sizes(trainer, devices: int, num_nodes: int) -> tuple[int, int]:
+def _strategy_sizes(trainer, devices: int, num_nodes: int) -> tuple[int, int, int]:
     strategy = trainer.strategy
     class_path = getattr(strategy, "class_path", None)
     if class_path is None:
@@ -160,15 +166,17 @@ def _strategy_sizes(trainer, devices: int, num_nodes: int) -> tuple[int, int]:
         )
     init_args = getattr(strategy, "init_args", None) or {}
     dp, tp = init_args.get("data_parallel_size", "auto"), init_args.get("tensor_parallel_size", "auto")
+    cp = int(init_args.get("context_parallel_size", 1))
     # Lightning's defaults: data parallel across nodes, tensor parallel across a node's devices.
     dp = num_nodes if dp == "auto" else int(dp)
-    tp = devices if tp == "auto" else int(tp)
-    if dp * tp != devices * num_nodes:
+    tp = devices // cp if tp == "auto" else int(tp)
+    if dp * cp * tp != devices * num_nodes:
         raise UserError(
-            f"trainer.strategy.init_args: data_parallel_size={dp} x tensor_parallel_size={tp} must equal "
-            f"trainer.devices x trainer.num_nodes = {devices} x {num_nodes}; change one of them"
+            f"trainer.strategy.init_args: data_parallel_size={dp} x context_parallel_size={cp} x "
+            f"tensor_parallel_size={tp} must equal trainer.devices x trainer.num_nodes = {devices} x {num_nodes}; "
+            "change one of them"
         )
-    return dp, tp
+    return dp, cp, tp
 
 
 def _model_config(model_args) -> MistralConfig:
@@ -211,7 +219,7 @@ def layout_from_config(config) -> TrainingLayout:
         )
     devices = _count(trainer.devices, "trainer.devices")
     num_nodes = _count(trainer.num_nodes or 1, "trainer.num_nodes")
-    dp, tp = _strategy_sizes(trainer, devices, num_nodes)
+    dp, cp, tp = _strategy_sizes(trainer, devices, num_nodes)
     precision = PRECISIONS.get(str(trainer.precision or "32-true"))
     if precision is None:
         raise UserError(
@@ -221,6 +229,7 @@ def layout_from_config(config) -> TrainingLayout:
         model=_model_config(model_args),
         data_parallel=dp,
         tensor_parallel=tp,
+        context_parallel=cp,
         precision=precision,
         parallel=ParallelConfig(**_as_dict(model_args.get("parallel"))),
         optimizer=OptimizerConfig(**_as_dict(model_args.get("optimizer"))),
@@ -274,7 +283,14 @@ def format_report(
     params = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
     lines = [
         f"memory plan of {source}: Mistral-{params} on {layout.world_size} ranks (data_parallel "
-        f"{layout.data_parallel} x tensor_parallel {layout.tensor_parallel}), seq {step.seq_length}, micro-batch "
+        f"{layout.data_parallel} x context_parallel {layout.context_parallel} x tensor_parallel "
+        f"{layout.tensor_parallel}), seq {step.seq_length}"
+        + (
+            f" ({step.seq_length // layout.context_parallel} per rank; the last rank, with the largest halo)"
+            if layout.context_parallel > 1
+            else ""
+        )
+        + ", micro-batch "
         f"{step.micro_batch_size} x {step.micro_batches} accumulated, {layout.precision}, activation checkpointing "
         f"{layout.parallel.activation_checkpointing}, sequence parallel {layout.parallel.sequence_parallel}",
         f"{_describe_lora(layout.lora)}",

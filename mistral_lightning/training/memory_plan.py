@@ -93,11 +93,11 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def fake_process_group(world_size: int) -> Iterator[None]:
-    """Rank 0 of a process group of `world_size` ranks whose collectives only produce shapes."""
+def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
+    """Rank `rank` of a process group of `world_size` ranks whose collectives only produce shapes."""
     if dist.is_initialized():
         raise RuntimeError("the memory plan needs its own fake process group; a process group is already up")
-    dist.init_process_group("fake", rank=0, world_size=world_size)
+    dist.init_process_group("fake", rank=rank, world_size=world_size)
     try:
         yield
     finally:
@@ -169,6 +169,7 @@ def simulate_training_step(
     *,
     forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     world_size: int = 1,
+    rank: int = 0,
     steps: int = 2,
     lightning_order: bool = True,
 ) -> MemoryReport:
@@ -185,7 +186,7 @@ def simulate_training_step(
     propagating = _ShardingPropagationFlag()
     attention_paths: list[str] = []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fake_process_group(world_size))
+        stack.enter_context(fake_process_group(world_size, rank))
         model = build()
         stack.callback(setattr, ShardingPropagator, "_fake_mode_lock", ShardingPropagator._fake_mode_lock)
         ShardingPropagator._fake_mode_lock = propagating

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -256,11 +256,26 @@ def parallelize(
 CONTEXT_PARALLEL = "context_parallel"
 
 
+def build_device_mesh(device_type: str, data: int, context: int, tensor: int) -> DeviceMesh:
+    """The training mesh: (data_parallel, tensor_parallel), with context_parallel between them when it is
+    used; tensor parallelism innermost, so that its ranks share a node."""
+    if context == 1:
+        return init_device_mesh(
+            device_type, (data, tensor), mesh_dim_names=("data_parallel", "tensor_parallel")
+        )
+    return init_device_mesh(
+        device_type,
+        (data, context, tensor),
+        mesh_dim_names=("data_parallel", CONTEXT_PARALLEL, "tensor_parallel"),
+    )
+
+
 def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The ranks FSDP2 shards over and whose gradients and loss totals are reduced together: data parallelism,
     times context parallelism when the mesh has it (its ranks see different positions of the same samples)."""
     if CONTEXT_PARALLEL in mesh.mesh_dim_names:
-        return mesh["data_context_parallel"]
+        # _flatten returns the mesh it made before (slicing a flattened dim off the root is deprecated).
+        return mesh["data_parallel", CONTEXT_PARALLEL]._flatten("data_context_parallel")
     return mesh["data_parallel"]
 
 

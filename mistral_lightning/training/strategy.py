@@ -39,7 +39,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError, load_torch_file
@@ -64,6 +63,7 @@ from mistral_lightning.outputs import (
     temporary_sibling,
 )
 from mistral_lightning.training.divergence import TrainingDivergedError
+from mistral_lightning.training.parallel import build_device_mesh
 
 
 def _first_failure(err: BaseException) -> BaseException:
@@ -139,12 +139,7 @@ class DeviceModelParallelStrategy(ModelParallelStrategy):
                 f"data_parallel_size × context_parallel_size × tensor_parallel_size = {' × '.join(map(str, sizes))}"
                 f" must equal the {self.world_size} processes (trainer.devices × trainer.num_nodes)"
             )
-        mesh = init_device_mesh(
-            self.root_device.type,
-            sizes,
-            mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel"),
-        )
-        mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
+        mesh = build_device_mesh(self.root_device.type, *sizes)
         self._device_mesh = mesh
         self.lightning_module._device_mesh = mesh
 
