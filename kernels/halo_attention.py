@@ -28,21 +28,57 @@ from mistral_lightning.kernels.sdpa_attention import default_band_query_block, s
 
 
 def blocked_sdpa_halo(q, k, v, window, halo, *, metadata: AttentionMetadata, query_block=None):
-    """The portable path: SDPA over query blocks, each with the keys its window reaches and an explicit mask."""
-    seq_len = q.shape[1]
-    block = query_block or (default_band_query_block(window) if window else seq_len)
-    positions = torch.arange(halo + seq_len, device=q.device)
+    """The portable path. With a window, as `blocked_sdpa_band`: query blocks of `query_block` (default
+    `default_band_query_block(window)`) in one batched SDPA call, block j meeting the B + W - 1 keys its window
+    reaches (an overlapping `unfold` view), all blocks sharing one band mask. Keys are padded on the left up to a
+    halo of W - 1 (padding masked) and queries on the right up to whole blocks (their rows dropped). Without a
+    window: one call over every key, with an explicit causal mask."""
+    if window is None:
+        return _causal_over_halo(q, k, v, halo, metadata.document_ids)
+    batch, seq_len = q.shape[:2]
+    block = query_block or default_band_query_block(window)
+    blocks = -(-seq_len // block)
+    left = max(0, window - 1 - halo)  # keys before the first one, so that every block's window exists
+    right = blocks * block - seq_len
     documents = metadata.document_ids
-    outputs = []
-    for start in range(0, seq_len, block):
-        end = min(start + block, seq_len)
-        first_key = 0 if window is None else max(0, halo + start - window + 1)
-        queries, keys = slice(halo + start, halo + end), slice(first_key, halo + end)
-        mask = band_mask(positions[queries], positions[keys], window)
+    if left or right:
+        k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, left, right)) for x in (k, v))
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, right))
         if documents is not None:
-            mask = (mask & (documents[:, queries, None] == documents[:, None, keys]))[:, None]
-        outputs.append(sdpa(q[:, start:end], k[:, keys], v[:, keys], additive_mask(mask, q.dtype)))
-    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            documents = torch.nn.functional.pad(documents, (left, right), value=-2)
+    halo += left
+    keys = block + window - 1
+
+    def windows(
+        x,
+    ):  # [B, halo + nb*block, ...] -> [B * nb, keys, ...], overlapping, block j from halo + j*block - W + 1
+        return x[:, halo - window + 1 :].unfold(1, keys, block).movedim(-1, 2).flatten(0, 1)
+
+    positions = torch.arange(keys, device=q.device)
+    mask = band_mask(positions[window - 1 :], positions, window)  # [block, keys], the same for every block
+    # Block b's key t is padded key halo - (W - 1) + b*block + t: the left padding is invisible.
+    first_key = halo - (window - 1) + torch.arange(blocks, device=q.device)[:, None] * block
+    valid = first_key + positions[None, :] >= left  # [nb, keys]
+    mask = (mask[None] & valid[:, None, :]).repeat(batch, 1, 1)  # [B * nb, block, keys]
+    if documents is not None:
+        doc_q = documents[:, halo:].reshape(batch * blocks, block, 1)
+        mask = mask & (doc_q == windows(documents)[:, None, :])
+    out = sdpa(
+        q.reshape(batch * blocks, block, *q.shape[2:]),
+        windows(k),
+        windows(v),
+        additive_mask(mask[:, None], q.dtype),
+    )
+    return out.reshape(batch, blocks * block, *q.shape[2:])[:, :seq_len]
+
+
+def _causal_over_halo(q, k, v, halo, documents):
+    """Every query over all keys up to its own position (no window): one SDPA call with an explicit mask."""
+    positions = torch.arange(halo + q.shape[1], device=q.device)
+    mask = band_mask(positions[halo:], positions, None)
+    if documents is not None:
+        mask = (mask & (documents[:, halo:, None] == documents[:, None, :]))[:, None]
+    return sdpa(q, k, v, additive_mask(mask, q.dtype))
 
 
 class HaloVarlenLayout(NamedTuple):
