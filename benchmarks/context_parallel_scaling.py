@@ -23,7 +23,13 @@ from pathlib import Path
 
 import lightning as L
 
-from mistral_lightning.benchmarks.common import BENCH_CONFIG, RESULTS_DIR, machine, save_json, write_random_tokens
+from mistral_lightning.benchmarks.common import (
+    BENCH_CONFIG,
+    RESULTS_DIR,
+    machine,
+    save_json,
+    write_random_tokens,
+)
 from mistral_lightning.child_processes import python_module_command, safe_path_env
 
 
@@ -54,7 +60,11 @@ def fit_config(data_prefix: str, root: Path, ranks: int, seq: int, steps: int) -
             "devices": ranks,
             "strategy": {
                 "class_path": "mistral_lightning.training.strategy.DeviceModelParallelStrategy",
-                "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1, "context_parallel_size": ranks},
+                "init_args": {
+                    "data_parallel_size": 1,
+                    "tensor_parallel_size": 1,
+                    "context_parallel_size": ranks,
+                },
             },
             "precision": "bf16-true",
             "max_steps": steps,

@@ -86,13 +86,24 @@ def precision_plugin(precision: str) -> Precision:
     return Precision()
 
 
+def simulated_context_rank(context_parallel: int) -> int:
+    """The context index the plan simulates: one that receives the largest halo and, with CP > 2, sends one."""
+    return 0 if context_parallel == 1 else max(1, context_parallel - 2)
+
+
+def simulated_rank(layout: TrainingLayout) -> int:
+    """That context index's first global rank, in the mesh order (data, context, tensor)."""
+    return simulated_context_rank(layout.context_parallel) * layout.tensor_parallel
+
+
 def plan(layout: TrainingLayout) -> MemoryReport:
     """Simulate one rank of `layout`: the model built as `MistralLightningModule.configure_model` builds it."""
     plugin = precision_plugin(layout.precision)
     check_quantize_base(layout.lora, layout.tensor_parallel)
 
     context = layout.context_parallel
-    # Under context parallelism a rank runs its shard of each sequence; the last rank holds the largest halo.
+    # Under context parallelism a rank runs its shard of each sequence. The rank simulated both receives the
+    # largest halo and sends its own (the next-to-last context rank; the last one with CP2): the most memory.
     step = dataclasses.replace(layout.step, seq_length=layout.step.seq_length // context)
 
     def build() -> Mistral:
@@ -116,7 +127,7 @@ def plan(layout: TrainingLayout) -> MemoryReport:
         step,
         forward_context=plugin.forward_context,
         world_size=layout.world_size,
-        rank=layout.world_size - 1 if context > 1 else 0,
+        rank=simulated_rank(layout),
     )
 
 
@@ -286,7 +297,8 @@ def format_report(
         f"{layout.data_parallel} x context_parallel {layout.context_parallel} x tensor_parallel "
         f"{layout.tensor_parallel}), seq {step.seq_length}"
         + (
-            f" ({step.seq_length // layout.context_parallel} per rank; the last rank, with the largest halo)"
+            f" ({step.seq_length // layout.context_parallel} per rank; simulated: context rank "
+            f"{simulated_context_rank(layout.context_parallel)}, which receives the largest halo)"
             if layout.context_parallel > 1
             else ""
         )
