@@ -132,6 +132,6 @@ def test_a_layout_that_does_not_match_the_devices_is_one_line_naming_the_options
     assert status == 2
     assert len(error.splitlines()) == 1
     assert (
-        "data_parallel_size=2 x tensor_parallel_size=2" in error
+        "data_parallel_size=2 x context_parallel_size=1 x tensor_parallel_size=2" in error
         and "trainer.devices x trainer.num_nodes" in error
     )
