@@ -12,16 +12,12 @@ import logging
 import pytest
 import torch
 from helpers.attention import dense_reference, random_qkv
-from helpers.halo_ranks import shard_attention
+from helpers.halo_ranks import cases_on_ranks
 from helpers.processes import run_on_ranks
 from helpers.training import STEPS, Recorder, datamodule, launch, module, trainer, write_instruction_data
 
 from mistral_lightning import MistralConfig
-from mistral_lightning.benchmarks.context_parallel_halo import (
-    count_received,
-    position_bytes,
-    received_bytes_per_layer,
-)
+from mistral_lightning.benchmarks.context_parallel_halo import position_bytes, received_bytes_per_layer
 from mistral_lightning.config import window_choice_note
 from mistral_lightning.training.context_parallel import halo_length, hop_sizes
 from mistral_lightning.training.module import MistralLightningModule
@@ -37,10 +33,47 @@ def _documents() -> torch.Tensor:
     return rows
 
 
+# (ranks, window, packed documents): a window inside one shard, spanning several (multi-hop), and none.
+CASES = [(2, 5, False), (2, None, True), (4, 5, True), (4, 30, False), (4, 30, True), (4, None, False)]
+# One layer's byte count on 4 ranks: window 20 over shards of 8 (hops of 8, 8, 3), 2 KV heads of 16, fp32.
+COUNTED = (32, 20, 4, 2, 16)
+
+
+@pytest.fixture(scope="module")
+def on_ranks() -> dict:
+    """Every case's inputs, dense reference and the ranks' results: one start of 2 ranks and one of 4."""
+    inputs = {}
+    for case in CASES:
+        ranks, window, packed = case
+        q, k, v = random_qkv(SEQ)
+        documents = _documents() if packed else None
+        expected = dense_reference(q, k, v, window, documents)
+        grad = torch.randn_like(expected)
+        inputs[case] = (
+            expected.detach(),
+            torch.autograd.grad(expected, (q, k, v), grad),
+            (q, k, v, window, documents, grad),
+        )
+    results = {}
+    for ranks in (2, 4):
+        cases = [case for case in CASES if case[0] == ranks]
+        ran = run_on_ranks(
+            cases_on_ranks,
+            [inputs[case][2] for case in cases],
+            COUNTED if ranks == 4 else None,
+            world_size=ranks,
+        )
+        for index, case in enumerate(cases):
+            results[case] = [rank["cases"][index] for rank in ran]
+        if ranks == 4:
+            results["bytes"] = [rank["bytes"] for rank in ran]
+    return {"inputs": inputs, "results": results}
+
+
 @pytest.mark.processes
 @pytest.mark.parametrize(
-    "ranks, window, packed",
-    [(2, 5, False), (2, None, True), (4, 5, True), (4, 30, False), (4, 30, True), (4, None, False)],
+    "case",
+    CASES,
     ids=[
         "cp2-w5",
         "cp2-nowindow-packed",
@@ -50,19 +83,26 @@ def _documents() -> torch.Tensor:
         "cp4-nowindow",
     ],
 )
-def test_halo_attention_on_ranks_equals_dense_attention(ranks, window, packed):
-    q, k, v = random_qkv(SEQ)
-    documents = _documents() if packed else None
-    expected = dense_reference(q, k, v, window, documents)
-    grad = torch.randn_like(expected)
-    want = torch.autograd.grad(expected, (q, k, v), grad)
-    results = run_on_ranks(shard_attention, q, k, v, window, documents, grad, world_size=ranks)
-    torch.testing.assert_close(
-        torch.cat([torch.from_numpy(out) for out, _ in results], dim=1), expected.detach()
-    )
+def test_halo_attention_on_ranks_equals_dense_attention(on_ranks, case):
+    expected, want, _ = on_ranks["inputs"][case]
+    results = on_ranks["results"][case]
+    torch.testing.assert_close(torch.cat([torch.from_numpy(out) for out, _ in results], dim=1), expected)
     for index, name in enumerate("qkv"):
         got = torch.cat([torch.from_numpy(grads[index]) for _, grads in results], dim=1)
         torch.testing.assert_close(got, want[index], msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.processes
+def test_the_bytes_each_rank_receives_equal_the_halo_formula(on_ranks):
+    """Counted from the exchange's own irecv calls on 4 ranks, window 20 over shards of 8."""
+    rows = on_ranks["results"]["bytes"]
+    per_position = position_bytes(2, 16, 4)
+    for rank, row in enumerate(rows):
+        assert row["forward"] == halo_length(20, 8, rank) * per_position
+    # Backward returns each halo's gradient to its owners: what rank r received, it sends back.
+    assert sum(row["backward"] for row in rows) == sum(row["forward"] for row in rows)
+    halo, gathered = received_bytes_per_layer(20, 32, 4, 3, per_position).values()
+    assert (halo, gathered) == (19 * per_position, 24 * per_position)
 
 
 def test_hop_sizes_by_hand():
@@ -83,7 +123,7 @@ def _tiny(window: int | None) -> dict:
 # Sequences of 32 positions: shards of 8 under CP4 and 16 under CP2. Window 5: one hop; 12: two hops (8 + 3);
 # none: the whole prefix.
 FIT_RUNS = {
-    "cp4_window5": {"context_parallel": 4, "window": 5},
+    "cp4_window5": {"context_parallel": 4, "window": 5, "checkpoint_every": 3},
     "cp4_window12_multihop": {"context_parallel": 4, "window": 12},
     "cp4_no_window": {"context_parallel": 4, "window": None},
     "tp2_cp2_window5": {"context_parallel": 2, "tensor_parallel": 2, "window": 5},
@@ -102,6 +142,7 @@ def instruction_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("four_ranks")
     scenarios = [
         {
             "name": name,
@@ -111,9 +152,19 @@ def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) 
             "tensor_parallel": run.get("tensor_parallel", 1),
             "data_parallel": run.get("data_parallel", 1),
             "module": {"model_config": _tiny(run["window"])},
+            "checkpoint_every": run.get("checkpoint_every"),
         }
         for name, run in FIT_RUNS.items()
     ]
+    # The CP4 run's own step-3 checkpoint, resumed under CP4 (scenarios run in order, in the same ranks).
+    scenarios.append(
+        {
+            **scenarios[0],
+            "name": "cp4_resumed",
+            "checkpoint_every": None,
+            "resume": str(folder / "cp4_window5" / "checkpoints" / "step=3.ckpt"),
+        }
+    )
     # The one-process run's checkpoint after step 3 (the `tiny` preset, window 64), resumed by DP2 × CP2.
     scenarios.append(
         {
@@ -124,7 +175,7 @@ def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) 
             "resume": str(killed_checkpoint),
         }
     )
-    codes, results, output = launch(scenarios, tmp_path_factory.mktemp("four_ranks"), nprocs=4, timeout=600)
+    codes, results, output = launch(scenarios, folder, nprocs=4, timeout=600)
     assert codes == [0] * 4 and results is not None, output
     return results
 
@@ -174,39 +225,8 @@ def test_a_one_process_checkpoint_resumes_under_context_parallelism(four_ranks, 
 
 
 @pytest.mark.processes
-def test_the_bytes_each_rank_receives_equal_the_halo_formula():
-    """Counted from the exchange's own irecv calls on 4 ranks, window 20 over shards of 8 (hops of 8, 8, 3)."""
-    rows = run_on_ranks(count_received, 32, 20, 4, 2, 16, world_size=4)
-    per_position = position_bytes(2, 16, 4)
-    for rank, row in enumerate(rows):
-        assert row["forward"] == halo_length(20, 8, rank) * per_position
-    # Backward returns each halo's gradient to its owners: what rank r received, it sends back.
-    assert sum(row["backward"] for row in rows) == sum(row["forward"] for row in rows)
-    halo, gathered = received_bytes_per_layer(20, 32, 4, 3, per_position).values()
-    assert (halo, gathered) == (19 * per_position, 24 * per_position)
-
-
-@pytest.mark.processes
-def test_stop_and_resume_under_context_parallelism_repeats_the_straight_run_exactly(
-    four_ranks, toy_data, tmp_path
-):
-    """CP4, window 5: checkpointed after step 3 and killed as step 4 starts, then resumed under CP4."""
-    killed = {
-        "name": "cp4_killed",
-        "data": toy_data,
-        "context_parallel": 4,
-        "module": {"model_config": _tiny(5)},
-        "checkpoint_every": 3,
-        "kill_at_step": 3,
-    }
-    (tmp_path / "killed").mkdir()
-    (tmp_path / "resumed").mkdir()
-    codes, _, output = launch([killed], tmp_path / "killed", nprocs=4)
-    assert codes == [17] * 4, output
-    resumed = {**killed, "name": "cp4_resumed", "kill_at_step": None, "checkpoint_every": None}
-    resumed["resume"] = str(tmp_path / "killed" / "cp4_killed" / "checkpoints" / "step=3.ckpt")
-    codes, results, output = launch([resumed], tmp_path / "resumed", nprocs=4)
-    assert codes == [0] * 4 and results is not None, output
-    straight = four_ranks["cp4_window5"]
-    assert results["cp4_resumed"]["losses"] == straight["losses"][3:]
-    assert results["cp4_resumed"]["grad_norms"] == straight["grad_norms"][3:]
+def test_resume_under_context_parallelism_repeats_the_straight_run_exactly(four_ranks):
+    """CP4, window 5: the run's checkpoint after step 3 (what a run stopped there leaves), resumed under CP4."""
+    straight, resumed = four_ranks["cp4_window5"], four_ranks["cp4_resumed"]
+    assert resumed["losses"] == straight["losses"][3:]
+    assert resumed["grad_norms"] == straight["grad_norms"][3:]

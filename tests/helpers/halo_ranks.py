@@ -1,5 +1,6 @@
 """Run on gloo ranks (helpers.processes.run_on_ranks): one layer's halo attention over the shard of this rank,
-its output and the full q/k/v gradients, gathered for the comparison with dense attention on one process."""
+its output and the full q/k/v gradients, gathered for the comparison with dense attention on one process;
+several cases, and the exchange's byte count, in one start of the ranks."""
 
 from __future__ import annotations
 
@@ -19,3 +20,13 @@ def shard_attention(q, k, v, window, documents, grad):
     out.backward(grad[:, mine])
     # numpy arrays travel back by value (tensors would by a shared-memory handle that dies with the rank)
     return out.detach().numpy(), [leaf.grad.numpy() for leaf in leaves]
+
+
+def cases_on_ranks(cases: list[tuple], count_bytes: tuple | None = None) -> dict:
+    """`shard_attention(*case)` for each case, and `count_received(*count_bytes)` if given."""
+    from mistral_lightning.benchmarks.context_parallel_halo import count_received
+
+    return {
+        "cases": [shard_attention(*case) for case in cases],
+        "bytes": None if count_bytes is None else count_received(*count_bytes),
+    }
