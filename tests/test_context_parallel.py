@@ -120,11 +120,10 @@ def _tiny(window: int | None) -> dict:
     return dataclasses.asdict(MistralConfig.from_name("tiny", sliding_window=window))
 
 
-# Sequences of 32 positions: shards of 8 under CP4 and 16 under CP2. Window 5: one hop; 12: two hops (8 + 3);
-# none: the whole prefix.
+# Sequences of 32 positions: shards of 8 under CP4 and 16 under CP2. Window 5: one hop (overlapped); 12: two
+# hops (8 + 3), with packed documents; none: the whole prefix.
 FIT_RUNS = {
     "cp4_window5": {"context_parallel": 4, "window": 5, "checkpoint_every": 3},
-    "cp4_window12_multihop": {"context_parallel": 4, "window": 12},
     "cp4_no_window": {"context_parallel": 4, "window": None},
     "tp2_cp2_window5": {"context_parallel": 2, "tensor_parallel": 2, "window": 5},
     "dp2_cp2_window5": {"context_parallel": 2, "data_parallel": 2, "window": 5},
