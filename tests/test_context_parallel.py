@@ -14,7 +14,7 @@ import torch
 from helpers.attention import dense_reference, random_qkv
 from helpers.halo_ranks import cases_on_ranks
 from helpers.processes import run_on_ranks
-from helpers.training import STEPS, Recorder, datamodule, launch, module, trainer, write_instruction_data
+from helpers.training import Recorder, datamodule, launch, module, trainer, write_instruction_data
 
 from mistral_lightning import MistralConfig
 from mistral_lightning.benchmarks.context_parallel_halo import position_bytes, received_bytes_per_layer
@@ -122,8 +122,9 @@ def _tiny(window: int | None) -> dict:
 
 # Sequences of 32 positions: shards of 8 under CP4 and 16 under CP2. Window 5: one hop (overlapped); 12: two
 # hops (8 + 3), with packed documents; none: the whole prefix.
+FIT_STEPS = 4  # enough for the warmup, the cosine decay and two steps after a checkpoint
 FIT_RUNS = {
-    "cp4_window5": {"context_parallel": 4, "window": 5, "checkpoint_every": 3},
+    "cp4_window5": {"context_parallel": 4, "window": 5, "checkpoint_every": 2},
     "cp4_no_window": {"context_parallel": 4, "window": None},
     "tp2_cp2_window5": {"context_parallel": 2, "tensor_parallel": 2, "window": 5},
     "dp2_cp2_window5": {"context_parallel": 2, "data_parallel": 2, "window": 5},
@@ -152,16 +153,17 @@ def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) 
             "data_parallel": run.get("data_parallel", 1),
             "module": {"model_config": _tiny(run["window"])},
             "checkpoint_every": run.get("checkpoint_every"),
+            "max_steps": FIT_STEPS,
         }
         for name, run in FIT_RUNS.items()
     ]
-    # The CP4 run's own step-3 checkpoint, resumed under CP4 (scenarios run in order, in the same ranks).
+    # The CP4 run's own step-2 checkpoint, resumed under CP4 (scenarios run in order, in the same ranks).
     scenarios.append(
         {
             **scenarios[0],
             "name": "cp4_resumed",
             "checkpoint_every": None,
-            "resume": str(folder / "cp4_window5" / "checkpoints" / "step=3.ckpt"),
+            "resume": str(folder / "cp4_window5" / "checkpoints" / "step=2.ckpt"),
         }
     )
     # The one-process run's checkpoint after step 3 (the `tiny` preset, window 64), resumed by DP2 × CP2.
@@ -181,7 +183,7 @@ def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) 
 
 def _one_process(data: str, window: int | None, instruction: bool, root) -> Recorder:
     recorder = Recorder()
-    trainer(root, callbacks=[recorder]).fit(
+    trainer(root, callbacks=[recorder], max_steps=FIT_STEPS).fit(
         module(model_config=_tiny(window)), datamodule=datamodule(data, instruction=instruction)
     )
     return recorder
@@ -196,7 +198,7 @@ def test_context_parallel_fit_logs_the_one_process_losses_and_gradient_norms(
     data = instruction_data if settings.get("instruction") else toy_data
     expected = _one_process(data, settings["window"], settings.get("instruction", False), tmp_path)
     got = four_ranks[run]
-    assert len(got["losses"]) == len(expected.losses) == STEPS
+    assert len(got["losses"]) == len(expected.losses) == FIT_STEPS
     assert got["losses"] == pytest.approx(expected.losses, rel=1e-5, abs=1e-6)
     assert got["grad_norms"] == pytest.approx(expected.grad_norms, rel=1e-5, abs=1e-6)
 
@@ -225,7 +227,8 @@ def test_a_one_process_checkpoint_resumes_under_context_parallelism(four_ranks, 
 
 @pytest.mark.processes
 def test_resume_under_context_parallelism_repeats_the_straight_run_exactly(four_ranks):
-    """CP4, window 5: the run's checkpoint after step 3 (what a run stopped there leaves), resumed under CP4."""
+    """CP4, window 5: the run's checkpoint after step 2 (what a run stopped there leaves), resumed under CP4."""
     straight, resumed = four_ranks["cp4_window5"], four_ranks["cp4_resumed"]
-    assert resumed["losses"] == straight["losses"][3:]
-    assert resumed["grad_norms"] == straight["grad_norms"][3:]
+    assert len(resumed["losses"]) == FIT_STEPS - 2
+    assert resumed["losses"] == straight["losses"][2:]
+    assert resumed["grad_norms"] == straight["grad_norms"][2:]

@@ -2,7 +2,8 @@
 
 A scenario: {"name", "data", "tensor_parallel", "data_parallel", "module": {...}, "resume": ckpt or null,
 "checkpoint_every": n or null, "kill_at_step": n or null, "seq_length": n, "expect_error": bool,
-"instruction": bool (data is instruction data), "global_batch": n, "accumulate": n, "context_parallel": n}.
+"instruction": bool (data is instruction data), "global_batch": n, "accumulate": n, "context_parallel": n,
+"max_steps": n}.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for `helpers`
-from helpers.training import GLOBAL_BATCH, SEQ_LENGTH, Recorder, StepCounter, datamodule, module, trainer  # noqa: E402
+from helpers.training import (  # noqa: E402
+    GLOBAL_BATCH,
+    SEQ_LENGTH,
+    STEPS,
+    Recorder,
+    StepCounter,
+    datamodule,
+    module,
+    trainer,
+)
 
 
 class KillAtStep(L.Callback):
@@ -69,6 +79,7 @@ def run(scenario: dict, root: Path) -> dict:
         tensor_parallel=scenario.get("tensor_parallel", 1),
         data_parallel=scenario.get("data_parallel", 1),
         context_parallel=scenario.get("context_parallel", 1),
+        max_steps=scenario.get("max_steps", STEPS),
         accumulate=accumulate,
         callbacks=callbacks,
         checkpoint_every=scenario.get("checkpoint_every"),
