@@ -35,7 +35,8 @@ def context_parallel_layout(strategy: Any) -> tuple[int, int]:
 
 
 def context_shard(batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]:
-    """Rank `rank`'s contiguous shard of every [B, T] tensor of a batch, with global position ids."""
+    """Rank `rank`'s contiguous shard of every [B, T] tensor of a batch (our datasets always give position ids,
+    so the shard keeps the global ones)."""
     input_ids = batch["input_ids"]
     seq_len = input_ids.shape[1]
     if seq_len % size:
@@ -43,8 +44,6 @@ def context_shard(batch: dict[str, Any], rank: int, size: int) -> dict[str, Any]
             f"a batch of {seq_len} positions cannot be split into context_parallel_size={size} equal shards; "
             "make data.init_args.seq_length a multiple of it"
         )
-    if "position_ids" not in batch:
-        batch = {**batch, "position_ids": torch.arange(seq_len, device=input_ids.device).expand_as(input_ids)}
     shard = seq_len // size
     return {
         key: value[:, rank * shard : (rank + 1) * shard]

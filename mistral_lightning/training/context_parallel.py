@@ -122,7 +122,8 @@ def _gradient_to_owners(ctx, grad_halo: torch.Tensor) -> torch.Tensor:
 
 
 class HaloExchange(torch.autograd.Function):
-    """local [..., T (at `dim`), ...] -> the halo before it; backward returns the halo's gradient to its owners."""
+    """The shard's last positions (at `dim`; what the hops send) -> the halo before it; backward returns the
+    halo's gradient to its owners."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, sizes: list[int], dim: int, group: Any) -> torch.Tensor:
@@ -162,6 +163,12 @@ class HaloExchangeWait(torch.autograd.Function):
         return grad, None
 
 
+def _stacked_tail(k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
+    """K and V of the shard's last `length` positions as one [2, B, length, ...] message: only what any hop sends
+    (the first hop's size is the largest), not a copy of the whole shard."""
+    return torch.stack((k[:, k.shape[1] - length :], v[:, v.shape[1] - length :]))
+
+
 class HaloAttention:
     """What `Attention.attention_fn` becomes under context parallelism (`apply_context_parallel`).
 
@@ -184,7 +191,7 @@ class HaloAttention:
         )
         if window is not None and len(sizes) == 1 and sizes[0] < shard:
             return self._overlapped(q, k, v, window, sizes[0], metadata, with_halo)
-        halo_kv = HaloExchange.apply(torch.stack((k, v)), sizes, 2, self.group)
+        halo_kv = HaloExchange.apply(_stacked_tail(k, v, sizes[0] if sizes else 0), sizes, 2, self.group)
         halo = halo_kv.shape[2]
         keys = torch.cat((halo_kv[0], k), dim=1)
         values = torch.cat((halo_kv[1], v), dim=1)
@@ -192,7 +199,7 @@ class HaloAttention:
 
     def _overlapped(self, q, k, v, window, size, metadata, with_halo) -> torch.Tensor:
         posted: list = []
-        halo_kv = HaloExchangeStart.apply(torch.stack((k, v)), size, 2, self.group, posted)
+        halo_kv = HaloExchangeStart.apply(_stacked_tail(k, v, size), size, 2, self.group, posted)
         # Queries size.. see keys 0.. of this shard only: as if the first `size` keys were their halo.
         interior = halo_attention(q[:, size:], k, v, window, size, metadata=metadata)
         halo_kv = HaloExchangeWait.apply(halo_kv, posted)
