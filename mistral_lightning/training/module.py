@@ -184,6 +184,11 @@ class MistralLightningModule(L.LightningModule):
         return self.config.vocab_size
 
     @property
+    def sliding_window(self) -> int | None:
+        """What the DataModules cut sequences by under context parallelism (data/contract.py)."""
+        return self.config.sliding_window
+
+    @property
     def tensor_parallel_size(self) -> int:
         return self.device_mesh["tensor_parallel"].size()
 
