@@ -1,7 +1,7 @@
-"""Context parallelism: halo attention on 2 and 4 gloo ranks equals dense attention over the whole sequence
-on one process (outputs and every q/k/v gradient), for windows inside one shard, spanning several (multi-hop),
-no window (the whole prefix), and packed documents with boundaries on shard edges; and through `fit`, CP4,
-TP2 × CP2 and DP2 × CP2 log the losses and gradient norms of one process."""
+"""Context parallelism: attention on 2 and 4 gloo ranks equals dense attention over the whole sequence on one
+process (outputs and every q/k/v gradient), for windows inside one shard, spanning several (multi-hop halos),
+reaching the whole prefix and no window (zig-zag shards, gathered K/V), and packed documents with boundaries on
+shard edges; and through `fit`, CP4, TP2 × CP2 and DP2 × CP2 log the losses and gradient norms of one process."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from helpers.training import Recorder, datamodule, launch, module, trainer, writ
 from mistral_lightning import MistralConfig
 from mistral_lightning.benchmarks.context_parallel_halo import position_bytes, received_bytes_per_layer
 from mistral_lightning.config import window_choice_note
+from mistral_lightning.distributed import context_shard_slices, zigzag_context_shards
 from mistral_lightning.training.context_parallel import halo_length, hop_sizes
 from mistral_lightning.training.module import MistralLightningModule
 
@@ -33,8 +34,17 @@ def _documents() -> torch.Tensor:
     return rows
 
 
-# (ranks, window, packed documents): a window inside one shard, spanning several (multi-hop), and none.
-CASES = [(2, 5, False), (2, None, True), (4, 5, True), (4, 30, False), (4, 30, True), (4, None, False)]
+# (ranks, window, packed documents): a window inside one shard, spanning several (multi-hop), reaching the whole
+# prefix (zig-zag with a window: shards of 24, W - 1 = 29), and none (zig-zag).
+CASES = [
+    (2, 5, False),
+    (2, None, True),
+    (2, 30, True),
+    (4, 5, True),
+    (4, 30, False),
+    (4, 30, True),
+    (4, None, False),
+]
 # One layer's byte count on 4 ranks: window 20 over shards of 8 (hops of 8, 8, 3), 2 KV heads of 16, fp32.
 COUNTED = (32, 20, 4, 2, 16)
 
@@ -77,6 +87,7 @@ def on_ranks() -> dict:
     ids=[
         "cp2-w5",
         "cp2-nowindow-packed",
+        "cp2-w30-zigzag-packed",
         "cp4-w5-packed",
         "cp4-w30-multihop",
         "cp4-w30-packed",
@@ -86,9 +97,16 @@ def on_ranks() -> dict:
 def test_halo_attention_on_ranks_equals_dense_attention(on_ranks, case):
     expected, want, _ = on_ranks["inputs"][case]
     results = on_ranks["results"][case]
-    torch.testing.assert_close(torch.cat([torch.from_numpy(out) for out, _ in results], dim=1), expected)
+
+    def whole(pieces, like):  # each rank's [B, shard, ...] piece put back at its positions
+        out = torch.full_like(like, float("nan"))
+        for positions, piece in pieces:
+            out[:, torch.from_numpy(positions)] = torch.from_numpy(piece)
+        return out
+
+    torch.testing.assert_close(whole([(positions, out) for positions, out, _ in results], expected), expected)
     for index, name in enumerate("qkv"):
-        got = torch.cat([torch.from_numpy(grads[index]) for _, grads in results], dim=1)
+        got = whole([(positions, grads[index]) for positions, _, grads in results], want[index])
         torch.testing.assert_close(got, want[index], msg=lambda m, name=name: f"d{name}: {m}")
 
 
@@ -106,13 +124,38 @@ def test_the_bytes_each_rank_receives_equal_the_halo_formula(on_ranks):
 
 
 def test_hop_sizes_by_hand():
-    """Shards of 12: W=5 needs 4 positions from the previous rank; W=30 needs 29: 12 + 12 + 5 over 3 hops;
-    no window, or W reaching the first shard from the last, sends whole shards to every later rank."""
-    assert hop_sizes(5, 12, 4) == [4]
-    assert hop_sizes(30, 12, 4) == [12, 12, 5]
-    assert hop_sizes(None, 12, 4) == [12, 12, 12]
-    assert hop_sizes(37, 12, 4) == [12, 12, 12]
+    """Shards of 12: W=5 needs 4 positions from the previous rank; W=30 needs 29: 12 + 12 + 5 over 3 hops."""
+    assert hop_sizes(5, 12) == [4]
+    assert hop_sizes(30, 12) == [12, 12, 5]
     assert [halo_length(30, 12, rank) for rank in range(4)] == [0, 12, 24, 29]
+
+
+def test_zigzag_shards_when_the_window_reaches_the_whole_prefix_and_balance_the_causal_work():
+    """48 positions on 4 ranks: no window, or W - 1 ≥ 36 positions before the last shard, cut 8 chunks of 6 and
+    give rank r chunks r and 7 - r; shorter windows keep contiguous shards of 12. Counted by hand, the causal
+    (query, key) pairs per rank are then equal, where contiguous shards give 78, 222, 366, 510."""
+    assert [zigzag_context_shards(window, 48, 4) for window in (None, 37, 36, 5)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert not zigzag_context_shards(None, 48, 1)
+    assert context_shard_slices(48, 1, 4, zigzag=True) == (slice(6, 12), slice(36, 42))
+    assert context_shard_slices(48, 1, 4, zigzag=False) == (slice(12, 24),)
+
+    def causal_pairs(zigzag):
+        return [
+            sum(
+                position + 1
+                for part in context_shard_slices(48, rank, 4, zigzag)
+                for position in range(48)[part]
+            )
+            for rank in range(4)
+        ]
+
+    assert causal_pairs(zigzag=False) == [78, 222, 366, 510]
+    assert causal_pairs(zigzag=True) == [294] * 4
 
 
 # ---------------------------------------------------------------------- through fit, on 4 gloo ranks
@@ -121,8 +164,8 @@ def _tiny(window: int | None) -> dict:
 
 
 # Sequences of 32 positions: shards of 8 under CP4 and 16 under CP2. Window 5: one hop (overlapped); 12: two
-# hops (8 + 3), with packed documents; none: the whole prefix.
-FIT_STEPS = 4  # enough for the warmup, the cosine decay and two steps after a checkpoint
+# hops (8 + 3), with packed documents; none, and the `tiny` preset's 64: zig-zag shards.
+FIT_STEPS = 6  # the issue's 6 steps: the warmup, the cosine decay, and four after the step-2 checkpoint
 FIT_RUNS = {
     "cp4_window5": {"context_parallel": 4, "window": 5, "checkpoint_every": 2},
     "cp4_no_window": {"context_parallel": 4, "window": None},

@@ -1,7 +1,8 @@
 """What the LightningModule and the DataModules read from each other, through the Trainer that holds both.
 
 The module reads the data's `seq_length` (sequence parallelism checks it divides before any weight is
-built); a DataModule reads the model's `vocab_size` (token ids beyond it are refused before the first step).
+built); a DataModule reads the model's `vocab_size` (token ids beyond it are refused before the first step) and
+its `sliding_window` (which decides how context parallelism splits a sequence).
 Either side may run without the other (a module fitted on plain DataLoaders, a DataModule set up alone).
 """
 
@@ -25,6 +26,14 @@ class VocabularyModel(Protocol):
     def vocab_size(self) -> int: ...
 
 
+@runtime_checkable
+class AttentionWindowModel(Protocol):
+    """A LightningModule whose attention sees the last `sliding_window` positions (None: every earlier one)."""
+
+    @property
+    def sliding_window(self) -> int | None: ...
+
+
 def data_seq_length(trainer: Any) -> int | None:
     """The trainer's DataModule's sequence length, or None without one."""
     datamodule = None if trainer is None else trainer.datamodule
@@ -35,3 +44,9 @@ def model_vocab_size(trainer: Any) -> int | None:
     """The trainer's LightningModule's vocabulary size, or None without one."""
     module = None if trainer is None else trainer.lightning_module
     return module.vocab_size if isinstance(module, VocabularyModel) else None
+
+
+def model_sliding_window(trainer: Any) -> int | None:
+    """The trainer's LightningModule's attention window; None for a windowless one, or without one."""
+    module = None if trainer is None else trainer.lightning_module
+    return module.sliding_window if isinstance(module, AttentionWindowModel) else None

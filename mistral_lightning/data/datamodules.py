@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mistral_lightning.data.contract import model_vocab_size
+from mistral_lightning.data.contract import model_sliding_window, model_vocab_size
 from mistral_lightning.data.datasets import (
     SPLIT_NAMES,
     BlendedDataset,
@@ -140,9 +140,9 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         return data_parallel_layout(None if self.trainer is None else self.trainer.strategy)
 
     def _dataloader(self, split: str, sampler: ResumableSampler) -> ResumableDataLoader:
-        # Under context parallelism every batch's length must split into equal shards.
+        # Under context parallelism a batch's length must split into equal parts (2 per rank when zig-zag).
         size, _ = context_parallel_layout(None if self.trainer is None else self.trainer.strategy)
-        self.pad_to_multiple_of = math.lcm(8, size)
+        self.pad_to_multiple_of = math.lcm(8, 2 * size)
         return ResumableDataLoader(
             self.datasets[split],
             batch_size=self.micro_batch_size,
@@ -200,7 +200,7 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
         strategy = None if self.trainer is None else self.trainer.strategy
         size, rank = context_parallel_layout(strategy)
         if size > 1 and not self.trainer.predicting:
-            batch = context_shard(batch, rank, size)
+            batch = context_shard(batch, rank, size, model_sliding_window(self.trainer))
         # Counted when a training batch reaches the device, i.e. is consumed, not when a worker prefetches it.
         if self.trainer is not None and self.trainer.training:
             replicas, _ = self._data_parallel()

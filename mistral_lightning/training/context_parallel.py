@@ -1,36 +1,41 @@
-"""Context parallelism by halo exchange: each rank of the `context_parallel` mesh dimension holds a contiguous
-shard of every sequence, and attention gets from the ranks before it only the keys/values its window reaches.
+"""Context parallelism: each rank of the `context_parallel` mesh dimension holds a shard of every sequence, and
+attention gets from the other ranks only the keys/values its queries reach.
 
-With window W and shard length T, a query of rank r at global position p needs keys p - W + 1 .. p, so the rank
-needs the last min(W - 1, r·T) positions before its shard: its halo. When W - 1 > T the halo spans several
-ranks, so it arrives in hops: in hop j every rank sends its last `hop_sizes[j - 1]` positions to rank + j.
-Without a window (or W - 1 ≥ the positions before the last shard) the same exchange sends every shard to
-every later rank, which is the exact, unbalanced all-gather of the causal prefix.
+With a window W shorter than the positions before the last shard, shards are contiguous (`distributed.
+context_shard`) and a query of rank r at global position p needs keys p - W + 1 .. p, so the rank needs the last
+min(W - 1, r·T) positions before its shard: its halo. When W - 1 > T the halo spans several ranks, so it arrives
+in hops: in hop j every rank sends its last `hop_sizes[j - 1]` positions to rank + j. `HaloExchange` sends and
+receives the K/V halo point-to-point (one batched isend/irecv per hop) and `kernels.halo_attention` runs banded
+attention over [halo + own] keys. Backward: the halo's dK/dV go back to the ranks that own those positions, the
+same hops reversed, and are added to their own gradients. The halo's document ids go the same way once per
+batch, so packed documents stay exact across shard edges.
 
-Forward: `HaloExchange` sends and receives the K/V halo point-to-point (one batched isend/irecv per hop) and
-`kernels.halo_attention` runs banded attention over [halo + own] keys. Backward: the halo's dK/dV go back to
-the ranks that own those positions, the same hops reversed, and are added to their own gradients. The halo's
-document ids go the same way once per batch, so packed documents stay exact across shard edges.
+Without a window (or W - 1 reaching the first shard from the last) every query may need every earlier key, and
+contiguous shards would give rank r (2r + 1)/CP² of the causal work. Then the sequence is split zig-zag
+(rank r holds chunks r and 2·CP - 1 - r of 2·CP, which balances the work exactly), K/V are all-gathered
+(`ZigzagGather`; backward reduce-scatters their gradient to the owners), and each of the two chunks attends over
+the keys before it within the window.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mistral_lightning.distributed import zigzag_context_shards
 from mistral_lightning.kernels.documents import AttentionMetadata
 from mistral_lightning.kernels.halo_attention import halo_attention
 
 
-def hop_sizes(window: int | None, shard_length: int, context_parallel_size: int) -> list[int]:
-    """Positions each rank sends to rank + j in hop j (index j - 1): all of them except the first hop's."""
-    if window is None or window - 1 >= (context_parallel_size - 1) * shard_length:
-        return [shard_length] * (context_parallel_size - 1)
-    hops = min(context_parallel_size - 1, math.ceil((window - 1) / shard_length))
+def hop_sizes(window: int, shard_length: int) -> list[int]:
+    """Positions each rank sends to rank + j in hop j (index j - 1) for a window the halo exchange serves
+    (not `zigzag_context_shards`): whole shards, then the rest of W - 1."""
+    hops = math.ceil((window - 1) / shard_length)
     return [min(shard_length, window - 1 - (hop - 1) * shard_length) for hop in range(1, hops + 1)]
 
 
@@ -169,6 +174,47 @@ def _stacked_tail(k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor
     return torch.stack((k[:, k.shape[1] - length :], v[:, v.shape[1] - length :]))
 
 
+def _global_order(gathered: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """An all-gather's output [size · n, ...] of zig-zag shards (sequence at `dim`) -> the whole sequence in order:
+    the ranks' first chunks, then their second chunks from the last rank back."""
+    chunks = gathered.unflatten(0, (size, -1)).unflatten(dim + 1, (2, -1))
+    first, second = chunks.select(dim + 1, 0), chunks.select(dim + 1, 1).flip(0)
+    return torch.cat([half.movedim(0, dim).flatten(dim, dim + 1) for half in (first, second)], dim=dim)
+
+
+def _rank_major(whole: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """The inverse of `_global_order`: the whole sequence -> each rank's shard, rank after rank along dim 0."""
+    halves = whole.unflatten(dim, (2, size, -1))
+    first = halves.select(dim, 0).movedim(dim, 0)
+    second = halves.select(dim, 1).movedim(dim, 0).flip(0)
+    return torch.stack((first, second), dim=dim + 1).flatten(dim + 1, dim + 2).flatten(0, 1)
+
+
+def _zigzag_gather(local: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    gathered = local.new_empty(size * local.shape[0], *local.shape[1:])
+    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    return _global_order(gathered, size, dim)
+
+
+class ZigzagGather(torch.autograd.Function):
+    """This rank's zig-zag shard (sequence at `dim`) -> the whole sequence; backward reduce-scatters the whole
+    sequence's gradient, so each rank gets the sum of every rank's gradient of its own positions."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return _zigzag_gather(local, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size = dist.get_world_size(ctx.group)
+        rank_major = _rank_major(grad, size, ctx.dim).contiguous()
+        own = grad.new_empty(rank_major.shape[0] // size, *rank_major.shape[1:])
+        dist.reduce_scatter_tensor(own, rank_major, group=ctx.group)
+        return own, None, None
+
+
 class HaloAttention:
     """What `Attention.attention_fn` becomes under context parallelism (`apply_context_parallel`).
 
@@ -184,14 +230,16 @@ class HaloAttention:
 
     def __call__(self, q, k, v, window, *, metadata: AttentionMetadata) -> torch.Tensor:
         shard = q.shape[1]
-        sizes = hop_sizes(window, shard, self.size)
+        if zigzag_context_shards(window, shard * self.size, self.size):
+            return self._zigzag(q, k, v, window, metadata)
+        sizes = hop_sizes(window, shard)
         # Once per batch and before any K/V message, so the two kinds of message never interleave.
         with_halo = metadata.derived(
             ("context_parallel_halo", window), lambda: self._metadata(metadata, sizes)
         )
-        if window is not None and len(sizes) == 1 and sizes[0] < shard:
+        if len(sizes) == 1 and sizes[0] < shard:
             return self._overlapped(q, k, v, window, sizes[0], metadata, with_halo)
-        halo_kv = HaloExchange.apply(_stacked_tail(k, v, sizes[0] if sizes else 0), sizes, 2, self.group)
+        halo_kv = HaloExchange.apply(_stacked_tail(k, v, sizes[0]), sizes, 2, self.group)
         halo = halo_kv.shape[2]
         keys = torch.cat((halo_kv[0], k), dim=1)
         values = torch.cat((halo_kv[1], v), dim=1)
@@ -215,6 +263,39 @@ class HaloAttention:
         boundary = halo_attention(q[:, :size], keys, values, window, halo, metadata=boundary_metadata)
         return torch.cat((boundary, interior), dim=1)
 
+    def _zigzag(self, q, k, v, window, metadata) -> torch.Tensor:
+        """Each of the shard's two chunks over the keys before it (within the window) of the gathered sequence."""
+        chunk = q.shape[1] // 2
+        kv = ZigzagGather.apply(torch.stack((k, v)), 2, self.group)
+        documents = metadata.derived(
+            ("context_parallel_zigzag", window), lambda: self._gathered_documents(metadata)
+        )
+        outputs = []
+        for index, position in enumerate(self._zigzag_chunks()):
+            start = position * chunk
+            halo = start if window is None else min(window - 1, start)
+            keys = slice(start - halo, start + chunk)
+            chunk_metadata = documents.derived(
+                ("context_parallel_zigzag_chunk", index, halo),
+                partial(_key_documents, documents, keys),
+            )
+            queries = q[:, index * chunk : (index + 1) * chunk]
+            outputs.append(
+                halo_attention(queries, kv[0][:, keys], kv[1][:, keys], window, halo, metadata=chunk_metadata)
+            )
+        return torch.cat(outputs, dim=1)
+
+    def _zigzag_chunks(self) -> tuple[int, int]:
+        rank = dist.get_rank(self.group)
+        return rank, 2 * self.size - 1 - rank
+
+    def _gathered_documents(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        """The whole sequence's document ids, gathered once per batch."""
+        if metadata.document_ids is None:
+            return AttentionMetadata(None)
+        with torch.no_grad():
+            return AttentionMetadata(_zigzag_gather(metadata.document_ids, 1, self.group))
+
     def _metadata(self, metadata: AttentionMetadata, sizes: list[int]) -> AttentionMetadata:
         """The keys' documents, [halo + own], exchanged once per batch (every layer has the same halo)."""
         documents = metadata.document_ids
@@ -223,6 +304,10 @@ class HaloAttention:
         with torch.no_grad():
             pieces = _exchange(documents, sizes, 1, self.group)
         return AttentionMetadata(torch.cat([*pieces, documents], dim=1))
+
+
+def _key_documents(documents: AttentionMetadata, keys: slice) -> AttentionMetadata:
+    return AttentionMetadata(None if documents.document_ids is None else documents.document_ids[:, keys])
 
 
 def apply_context_parallel(model: nn.Module, group: Any) -> None:
