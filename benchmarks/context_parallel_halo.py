@@ -7,7 +7,9 @@ Measured: `--ranks` gloo processes run one layer's halo attention (forward and b
 every point-to-point receive the exchange posts is counted (its tensor's bytes), and checked against
 `halo_length × bytes per position` (forward) and the same again (the gradient returned in backward).
 Computed: for the 7B (8 KV heads × 128, bf16; /8 under TP8) at 64K and 128K on CP 2..16, the last rank's
-halo (the largest) against what an all-gather of K/V hands every rank ((CP - 1) shards).
+halo (the largest) against what an all-gather of K/V hands every rank ((CP - 1) shards); and the attention work
+of the busiest rank over the mean (query-key pairs inside the window, counted over the positions each rank holds
+in `distributed.context_shard_slices`), contiguous against zig-zag shards, windowless (v0.2) and with W = 4096.
 Writes benchmarks/results/context_parallel_halo.{json,md}.
 """
 
@@ -23,6 +25,7 @@ import torch.multiprocessing as mp
 
 from mistral_lightning.benchmarks.common import RESULTS_DIR, machine, save_json
 from mistral_lightning.config import MistralConfig
+from mistral_lightning.distributed import context_shard_slices
 from mistral_lightning.kernels.documents import AttentionMetadata
 from mistral_lightning.training.context_parallel import HaloAttention, halo_length
 
@@ -120,7 +123,31 @@ def seven_b_table() -> list[dict]:
     return rows
 
 
-def markdown(measured: list[dict], settings: dict, table: list[dict], where: str) -> str:
+def attention_pairs(window: int | None, seq: int, ranks: int, zigzag: bool) -> list[int]:
+    """Each rank's query-key pairs: a query at position p sees min(p + 1, W) keys."""
+    keys = torch.arange(1, seq + 1)
+    if window is not None:
+        keys = keys.clamp(max=window)
+    return [
+        sum(int(keys[part].sum()) for part in context_shard_slices(seq, rank, ranks, zigzag))
+        for rank in range(ranks)
+    ]
+
+
+def balance_table() -> list[dict]:
+    rows = []
+    for window in (None, SEVEN_B.sliding_window):
+        for seq in (65536, 131072):
+            for ranks in (2, 4, 8, 16):
+                row = {"window": window, "seq": seq, "context_parallel": ranks}
+                for layout, zigzag in (("contiguous", False), ("zigzag", True)):
+                    pairs = attention_pairs(window, seq, ranks, zigzag)
+                    row[layout] = max(pairs) * ranks / sum(pairs)
+                rows.append(row)
+    return rows
+
+
+def markdown(measured: list[dict], settings: dict, table: list[dict], balance: list[dict], where: str) -> str:
     lines = [
         "# Context parallelism: bytes received per attention layer per rank",
         "",
@@ -141,6 +168,17 @@ def markdown(measured: list[dict], settings: dict, table: list[dict], where: str
             for r in table
         ),
         "",
+        "Attention work of the busiest rank over the mean (query-key pairs inside the window), by how the sequence "
+        "is cut; `fit` cuts zig-zag exactly when a window reaches the whole prefix or there is none:",
+        "",
+        "| window | sequence | CP | contiguous | zig-zag |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['window'] or 'none'} | {r['seq'] // 1024}K | {r['context_parallel']} | "
+            f"{r['contiguous']:.3f} | {r['zigzag']:.3f} |"
+            for r in balance
+        ),
+        "",
     ]
     return "\n".join(lines)
 
@@ -153,12 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     measured = measure(args.ranks, args.seq, args.window)
     table = seven_b_table()
+    balance = balance_table()
     settings = vars(args)
     where = machine()
     save_json(
-        "context_parallel_halo", {"machine": where, **settings, "measured": measured, "mistral_7b": table}
+        "context_parallel_halo",
+        {"machine": where, **settings, "measured": measured, "mistral_7b": table, "balance": balance},
     )
-    text = markdown(measured, settings, table, where["cpu"] if "cpu" in where else str(where))
+    text = markdown(measured, settings, table, balance, where["cpu"] if "cpu" in where else str(where))
     (RESULTS_DIR / "context_parallel_halo.md").write_text(text)
     print(text)
 

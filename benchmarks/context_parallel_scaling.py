@@ -1,7 +1,7 @@
 """Peak memory per rank and tokens/s as context parallelism grows, through the real `fit`, with the plan's
 prediction of each run beside it.
 
-    python -P -m mistral_lightning.benchmarks.context_parallel_scaling [--seq 16384] [--ranks 1 2 4] [--steps 3]
+    python -P -m mistral_lightning.benchmarks.context_parallel_scaling [--seq 16384 32768 65536] [--ranks 1 2 4] [--steps 3]
 
 The bench config (benchmarks/common.py: 8 layers, window 512) in bf16, batch 1, full activation checkpointing,
 on 1, 2 and 4 gloo processes of this machine (threads split between them). Each run is a fresh
@@ -152,7 +152,7 @@ def markdown(rows: list[dict], where: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[16384])
+    parser.add_argument("--seq", type=int, nargs="+", default=[16384, 32768, 65536])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
