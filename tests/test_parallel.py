@@ -33,6 +33,8 @@ def two_ranks(toy_data, killed_checkpoint, tmp_path_factory) -> dict:
             "module": {"parallel": {"sequence_parallel": False}},
         },
         {"name": "dp2_fsdp", "data": toy_data, "data_parallel": 2},
+        # The tiny preset's window 64 reaches the whole 32-position prefix: zig-zag shards, K/V gathered.
+        {"name": "cp2", "data": toy_data, "context_parallel": 2},
         {"name": "tp2_resumes_tp1", "data": toy_data, "tensor_parallel": 2, "resume": str(killed_checkpoint)},
         {
             "name": "kv_heads",
@@ -64,6 +66,14 @@ def test_parallel_losses_match_single_device(two_ranks, reference, run):
     # The same global batches, in the same order (DP rank 0 holds the first half of each).
     if run != "dp2_fsdp":
         assert two_ranks[run]["batches"] == reference.batches
+
+
+@pytest.mark.processes
+def test_context_parallel_2_logs_the_one_process_losses_and_gradient_norms(two_ranks, reference):
+    got = two_ranks["cp2"]
+    assert len(got["losses"]) == len(reference.losses)
+    assert got["losses"] == pytest.approx(reference.losses, rel=1e-5, abs=1e-6)
+    assert got["grad_norms"] == pytest.approx(reference.grad_norms, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.processes
