@@ -49,7 +49,7 @@ venv: $(VENV)/.installed
 
 # flash-attn's build imports torch, so it is built without build isolation, against the torch installed here
 # (a wheel built against another torch does not load). When it cannot be built or loaded, set-up goes on and
-# CUDA attention runs the portable SDPA path.
+# CUDA attention runs FlexAttention (compiled).
 flash-attn:
 	$(PY) -m pip install -q packaging ninja psutil wheel setuptools
 	if MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install --no-build-isolation "$(FLASH_ATTN)" \
@@ -57,7 +57,7 @@ flash-attn:
 		echo "make: flash-attn installed; CUDA attention runs its kernels"; \
 	else \
 		echo "make: flash-attn could not be built or loaded against this torch (see above);" \
-			"CUDA attention runs the portable SDPA path"; \
+			"CUDA attention runs FlexAttention"; \
 	fi
 
 demo: $(VENV)/.installed

@@ -1,7 +1,7 @@
 """Which implementation runs `sliding_window_attention`: one table from the case to the path.
 
 A case is what the choice depends on:
-- backend: "npu" | "flash" | "portable", from `kernels.backend.resolve_backend` (device, what is installed,
+- backend: "npu" | "flash" | "flex" | "portable", from `kernels.backend.resolve_backend` (device, what is installed,
   or the `backend=` / MISTRAL_LIGHTNING_KERNELS override);
 - cpu_bf16: bf16 tensors on a CPU whose oneDNN multiplies bf16 natively (only the portable backend reads it);
 - span: "causal" (no window), "within_window" (T <= W: no key ever falls out) or "beyond_window" (T > W);
@@ -23,6 +23,7 @@ import torch
 from mistral_lightning.kernels.backend import BACKENDS, cpu_has_bf16_matmul, resolve_backend
 from mistral_lightning.kernels.banded_attention import banded_cpu_attention
 from mistral_lightning.kernels.flash_attention import flash_attention, flash_attention_varlen
+from mistral_lightning.kernels.flex_attention import flex_sliding_window_attention
 from mistral_lightning.kernels.npu_attention import npu_fusion_attention, npu_fusion_attention_varlen
 from mistral_lightning.kernels.sdpa_attention import (
     blocked_sdpa_band,
@@ -60,8 +61,11 @@ _PORTABLE: dict[tuple[bool, str, bool], AttentionPath] = {
     (True, "beyond_window", False): banded_cpu_attention,
     (True, "beyond_window", True): banded_cpu_attention,
 }
-# The device kernels take every span and dtype themselves; packed documents change only their layout.
+# The device kernels take every span and dtype themselves; packed documents change only their layout (for
+# FlexAttention, only its block mask).
 _DEVICE: dict[tuple[str, bool], AttentionPath] = {
+    ("flex", False): flex_sliding_window_attention,
+    ("flex", True): flex_sliding_window_attention,
     ("npu", False): npu_fusion_attention,
     ("npu", True): npu_fusion_attention_varlen,
     ("flash", False): flash_attention,

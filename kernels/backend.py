@@ -1,7 +1,7 @@
 """Pick a kernel implementation by the tensor's device and what is installed.
 
 Override with the `backend=` argument of each kernel or the environment variable
-MISTRAL_LIGHTNING_KERNELS (auto | portable | flash | npu), so tests can force every path.
+MISTRAL_LIGHTNING_KERNELS (auto | portable | flash | flex | npu), so tests can force every path.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from mistral_lightning.errors import UserError
 
 BACKEND_ENV = "MISTRAL_LIGHTNING_KERNELS"
-BACKENDS = ("auto", "portable", "flash", "npu")
+BACKENDS = ("auto", "portable", "flash", "flex", "npu")
 # flash-attn 2 runs fp16 and bf16 on Ampere (compute capability 8.0) and newer GPUs.
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MIN_CAPABILITY = (8, 0)
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def resolve_backend(tensor: torch.Tensor, requested: str | None = None) -> str:
-    """The backend for `tensor`'s device and dtype; "auto" takes flash-attn on CUDA only where it can run
-    (`flash_attention_unusable`), the portable path otherwise. A requested backend is used as given."""
+    """The backend for `tensor`'s device and dtype; "auto" takes flash-attn on CUDA where it can run
+    (`flash_attention_unusable`) and FlexAttention on CUDA where it cannot, the portable path elsewhere. A
+    requested backend is used as given."""
     choice = requested or os.environ.get(BACKEND_ENV) or "auto"
     if choice not in BACKENDS:
         raise ValueError(
@@ -37,8 +38,8 @@ def resolve_backend(tensor: torch.Tensor, requested: str | None = None) -> str:
         return choice
     if tensor.device.type == "npu":
         return "npu"
-    if tensor.device.type == "cuda" and _flash_attention_usable(tensor.device, tensor.dtype):
-        return "flash"
+    if tensor.device.type == "cuda":
+        return "flash" if _flash_attention_usable(tensor.device, tensor.dtype) else "flex"
     return "portable"
 
 
@@ -69,7 +70,7 @@ def _flash_attention_usable(device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _FLASH_USABLE:
         reason = flash_attention_unusable(device, dtype)
         if reason is not None:
-            log.warning("%s; attention on %s in %s runs the portable SDPA path", reason, device, dtype)
+            log.warning("%s; attention on %s in %s runs FlexAttention (compiled)", reason, device, dtype)
         _FLASH_USABLE[key] = reason is None
     return _FLASH_USABLE[key]
 

@@ -7,7 +7,8 @@ The metadata's `document_ids` cover the keys: [B, halo + T], the queries' being 
 
 Every device kernel counts its causal or band mask from the bottom-right corner of the [T, halo + T] score
 matrix, which is exactly this offset: flash-attn's `causal=True` with `window_size=(W - 1, 0)`, and
-`npu_fusion_attention`'s sparse_mode 4 (band, `pre_tockens=W - 1`, `next_tockens=0`) or 3 (causal). With
+`npu_fusion_attention`'s sparse_mode 4 (band, `pre_tockens=W - 1`, `next_tockens=0`) or 3 (causal);
+FlexAttention's mask_mod places query i at key position halo + i (kernels/flex_attention.py). With
 packed documents the halo keys of other documents are dropped before the varlen call (their queries are on
 other ranks), so each document is one sequence whose keys are its queries plus the halo part of the first.
 """
@@ -22,6 +23,7 @@ import torch
 from mistral_lightning.kernels.backend import resolve_backend, torch_npu
 from mistral_lightning.kernels.documents import AttentionMetadata
 from mistral_lightning.kernels.flash_attention import flash_window_size
+from mistral_lightning.kernels.flex_attention import flex_halo_attention
 from mistral_lightning.kernels.masks import additive_mask, band_mask
 from mistral_lightning.kernels.npu_attention import NPU_MAX_VARLEN_SEQUENCES, band_arguments
 from mistral_lightning.kernels.sdpa_attention import default_band_query_block, sdpa
@@ -184,6 +186,8 @@ HALO_PATHS = {
     ("portable", True): blocked_sdpa_halo,
     ("flash", False): flash_halo_attention,
     ("flash", True): flash_halo_attention_varlen,
+    ("flex", False): flex_halo_attention,
+    ("flex", True): flex_halo_attention,
     ("npu", False): npu_halo_attention,
     ("npu", True): npu_halo_attention_varlen,
 }

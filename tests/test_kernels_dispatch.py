@@ -115,6 +115,8 @@ def expected_path(backend, cpu_bf16, span, documents):
     """The dispatch rules in words: device kernels take everything (documents in their varlen layout); the
     portable backend runs causal SDPA while no key leaves the window, the banded kernel past it in bf16 on
     CPUs with native bf16 matmuls, blocked SDPA otherwise."""
+    if backend == "flex":  # one block mask carries the window and the documents
+        return "flex_sliding_window_attention"
     if backend != "portable":
         return {"npu": "npu_fusion_attention", "flash": "flash_attention"}[backend] + (
             "_varlen" if documents else ""
@@ -139,7 +141,7 @@ def inputs(span, documents, dtype=torch.float64, device="cpu", seed=0):
 
 
 def test_the_table_has_one_path_per_case():
-    backends, spans = ("npu", "flash", "portable"), tuple(SPANS)
+    backends, spans = ("npu", "flash", "flex", "portable"), tuple(SPANS)
     assert set(ATTENTION_PATHS) == {
         AttentionCase(*key) for key in product(backends, (False, True), spans, (False, True))
     }
@@ -156,7 +158,7 @@ def test_every_device_dtype_span_and_documents_maps_to_its_named_path(
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     monkeypatch.setattr(attention_dispatch, "cpu_has_bf16_matmul", lambda: native_bf16)
     cpu_bf16 = device == "cpu" and dtype == torch.bfloat16 and native_bf16
-    for backend, span, documents in product(("npu", "flash", "portable", None), SPANS, (False, True)):
+    for backend, span, documents in product(("npu", "flash", "flex", "portable", None), SPANS, (False, True)):
         q, _, _, window, document_ids = inputs(span, documents, dtype, device)
         case = attention_case(q, window, document_ids, backend)
         assert case == AttentionCase(backend or "portable", cpu_bf16, span, documents)
@@ -207,11 +209,14 @@ def fake_flash_attn(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", [case for case in ATTENTION_PATHS], ids=lambda case: "-".join(map(str, case))
+    "case",
+    [case for case in ATTENTION_PATHS if case.backend != "flex"],
+    ids=lambda case: "-".join(map(str, case)),
 )
 def test_every_path_equals_dense_attention(case, monkeypatch, fake_flash_attn):
     """Each path, reached through sliding_window_attention, against the dense reference with the full
-    band mask: on the CPU for the portable paths, through fakes of torch_npu and flash_attn for the others."""
+    band mask: on the CPU for the portable paths, through fakes of torch_npu and flash_attn for the others
+    (FlexAttention, forward only on the CPU: tests/test_flex_attention.py)."""
     install(monkeypatch)
     monkeypatch.setattr(attention_dispatch, "cpu_has_bf16_matmul", lambda: case.cpu_bf16)
     # Ascend computes fp16, bf16 and fp32 only (the strict fake refuses float64).
@@ -415,15 +420,15 @@ def test_flash_attn_is_chosen_for_bf16_and_fp16_on_ampere_or_newer(installed_fla
     ],
     ids=["fp32", "pre-ampere", "extension-does-not-load"],
 )
-def test_flash_attn_falls_back_to_portable_with_one_logged_line(
+def test_flash_attn_falls_back_to_flex_attention_with_one_logged_line(
     installed_flash_attn, caplog, body, capability, dtype, reason
 ):
     queries = installed_flash_attn(body, capability)
     tensor = CudaTensor(torch.device("cuda", 0), dtype)
     with caplog.at_level(logging.WARNING, logger=kernel_backend.__name__):
-        assert [resolve_backend(tensor) for _ in range(3)] == ["portable"] * 3
+        assert [resolve_backend(tensor) for _ in range(3)] == ["flex"] * 3
     (record,) = caplog.records  # once per device and dtype, not per call
-    assert reason in record.getMessage() and "portable" in record.getMessage()
+    assert reason in record.getMessage() and "FlexAttention" in record.getMessage()
     assert len(queries) == 1  # the preconditions are checked once
 
 
@@ -469,6 +474,7 @@ def test_selective_checkpointing_keeps_the_npu_attention_output(monkeypatch, mod
         "aten::matmul",  # Ascend linear layers
         "aten::mm",  # CPU and CUDA linear layers
         "aten::_scaled_dot_product_flash_attention",
+        "flex_attention",  # FlexAttention's higher-order operator, which selective checkpointing caches
     ],
 )
 def test_selective_policy_saves_every_backends_matmuls_and_attention(name):
@@ -512,10 +518,10 @@ def test_make_builds_flash_attn_without_isolation_on_gpu_machines_only(tmp_path)
 @pytest.mark.parametrize("builds", [True, False])
 def test_make_flash_attn_says_which_attention_cuda_runs(tmp_path, builds):
     """With a python whose pip build of flash-attn fails (no CUDA toolkit, say), set-up goes on and says that CUDA
-    attention runs the portable path."""
+    attention runs FlexAttention."""
     failing = 'case "$*" in *no-build-isolation*) echo "CUDA_HOME is not set" >&2; exit 1;; esac\n'
     python = executable(tmp_path / "python", ("" if builds else failing) + "exit 0\n")
     result = make("flash-attn", f"PY={python}")
     assert result.returncode == 0, result.stderr
-    expected = "CUDA attention runs its kernels" if builds else "CUDA attention runs the portable SDPA path"
+    expected = "CUDA attention runs its kernels" if builds else "CUDA attention runs FlexAttention"
     assert expected in result.stdout

@@ -75,6 +75,8 @@ SAVED_OPS_BY_BACKEND = {
     ),
     # flash-attn (2.6+) registers its kernels as torch custom operators.
     "flash": ("flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward"),
+    # FlexAttention is a higher-order operator; selective checkpointing's modes handle it by this name.
+    "flex": ("flex_attention",),
     # torch_npu registers its own autograd for matmul, so Ascend linear layers reach the policy as aten::matmul.
     "npu": ("aten::matmul", "aten::linear", "npu::npu_fusion_attention", "npu::npu_fusion_attention_v3"),
 }
