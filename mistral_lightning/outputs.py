@@ -6,7 +6,10 @@ previous output of the same kind (recognised by its files); the current director
 inputs, and any folder with other files are refused, naming them. The old output is moved aside and
 removed only after the new one is in place, so a crash leaves one of the two. Temporaries left by a
 crashed run are recognised by name (they carry the writer's process id) and removed by the next run
-that writes there. Write failures (disk full, read-only folder) become one line naming the path.
+that writes there. Temporaries are created new (O_CREAT|O_EXCL|O_NOFOLLOW for files, mkdir with mode 0700
+for folders), so nothing planted under their names in a shared folder, a symlink above all, is followed
+or written through. Write failures (disk full, read-only folder) become one line naming the path.
+`user_path` expands `~` in every path option.
 
 Standard library only: `preprocess --help` imports this without torch.
 """
@@ -26,16 +29,25 @@ from pathlib import Path
 from mistral_lightning.errors import UserError
 
 # Temporary names, each carrying the pid of the process that made it: `.<name>.partial-<pid>-<hex>` is a
-# folder being written, `.<name>.old-<pid>-<hex>` a previous output moved aside, `<name>.tmp-<pid>` a file.
+# folder being written, `.<name>.old-<pid>-<hex>` a previous output moved aside, `<name>.tmp-<pid>-<hex>` a
+# file (`<name>.tmp-<pid>` from earlier versions is recognised too).
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+")
 _OLD = re.compile(r"\.(?P<name>.+)\.old-(?P<pid>\d+)-[0-9a-f]+")
-_TMP_FILE = re.compile(r"(?P<name>.+)\.tmp-(?P<pid>\d+)")
+_TMP_FILE = re.compile(r"(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?")
+# A new file only: never an existing one, never through a symlink; the mode then gets the user's umask.
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FOREIGN_SHOWN = 3  # foreign files named in a refusal
 _NEARLY_FULL_BYTES = 16 * 1024**2  # below this much free space, an unexplained write failure is a full disk
 
 
 class OutputError(UserError):
     """An output cannot be written where the user asked, or writing it failed; says what to do."""
+
+
+def user_path(value: str | os.PathLike) -> str:
+    """A path as the user typed it, with `~` and `~user` expanded as a shell would (quoted or after `=`,
+    the shell leaves them): the `type` of every path option, and what every output target goes through."""
+    return os.path.expanduser(os.fspath(value))
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class OutputTarget:
     protected: Mapping[str, Path | str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
+        self.path = Path(user_path(self.path))
 
     def named(self) -> str:
         return f"{self.option} {self.path}"
@@ -294,7 +306,8 @@ def remove_leftovers(folder: Path, name: str) -> list[Path]:
     removed = []
     final = folder / name
     for kind, leftover in list(_leftovers(folder, name)):
-        if kind == "old" and not final.exists() and not final.is_symlink():
+        # Only a real folder or file of ours comes back; a link planted under an "old" name just goes.
+        if kind == "old" and not leftover.is_symlink() and not final.exists() and not final.is_symlink():
             os.rename(leftover, final)
             continue
         if leftover.is_dir() and not leftover.is_symlink():
@@ -367,7 +380,7 @@ class OutputFolder:
         with write_errors(self.path, self.target):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = temporary_sibling(self.path, "partial")
-            os.mkdir(self.tmp)
+            os.mkdir(self.tmp, 0o700)  # nobody else can plant links in it; _settle gives it the umask's modes
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -409,29 +422,65 @@ def publish(new: Path, final: Path) -> None:
         aside.unlink()
 
 
-def write_output_file(target: OutputTarget, kind: FileKind, data: str | bytes) -> Path:
-    """Write `data` to `target.path` through a `.tmp-<pid>` sibling and one rename; checks as
-    check_output_file (call that early too, before the work that produces `data`)."""
-    check_output_file(target, kind)
-    path = target.path
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    with write_errors(path, target):
+class NewFile:
+    """A file written under a new temporary sibling name and renamed onto `path` when complete.
+
+    The temporary, `<name>.tmp-<pid>-<hex>`, is created with O_CREAT|O_EXCL|O_NOFOLLOW, so a symlink or file
+    planted under that name is never followed nor reused; the mode honours the umask. Write to `stream`,
+    then `commit()` (fsync, rename) or `discard()`; as a context manager it commits unless the block fails.
+    Every file writer goes through this: reports, plans, predictions, indexed datasets and their caches,
+    the demo's data.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.parent / f"{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
+        descriptor = os.open(self.tmp, _NEW_FILE_FLAGS, 0o666)
+        self.stream = os.fdopen(descriptor, mode, **open_kwargs)
+
+    def commit(self) -> Path:
         try:
-            with open(tmp, "wb") as stream:  # open() honours the umask
-                stream.write(payload)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(tmp, path)
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+            self.stream.close()
+            os.replace(self.tmp, self.path)  # a rename replaces a link at `path` itself, never its target
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self.discard()
             raise
-    return path
+        return self.path
+
+    def discard(self) -> None:
+        try:
+            self.stream.close()  # may fail itself (a full disk met while flushing)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
+
+
+def write_output_file(target: OutputTarget, kind: FileKind, data: str | bytes) -> Path:
+    """Write `data` to `target.path` through a NewFile; checks as check_output_file (call that early
+    too, before the work that produces `data`)."""
+    check_output_file(target, kind)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with write_errors(target.path, target):
+        with NewFile(target.path) as stream:
+            stream.write(payload)
+    return target.path
 
 
 __all__ = [
     "FileKind",
     "FolderKind",
+    "NewFile",
     "OutputError",
     "OutputFolder",
     "OutputTarget",
@@ -442,6 +491,7 @@ __all__ = [
     "probe_writable",
     "publish",
     "remove_leftovers",
+    "user_path",
     "write_errors",
     "write_output_file",
 ]

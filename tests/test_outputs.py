@@ -351,7 +351,7 @@ def test_evaluate_on_a_full_disk_leaves_no_empty_report(mmlu_args, tmp_path, mon
     fsync = os.fsync
 
     def full_disk(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(f"report.json.tmp-{os.getpid()}"):
+        if f"/report.json.tmp-{os.getpid()}-" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return fsync(fd)
 

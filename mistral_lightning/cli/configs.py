@@ -8,13 +8,11 @@ is not a file into the packaged file before LightningCLI parses the arguments.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from mistral_lightning.errors import UserError
+from mistral_lightning.outputs import NewFile, user_path
 
 CONFIG_OPTIONS = ("--config", "-c")
 
@@ -87,19 +85,10 @@ def copy_configs(out: Path) -> list[Path]:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         # Written beside the target and renamed, so an interrupted copy leaves no half-written config.
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(handle)
-        shutil.copyfile(source, temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, target)
+        with NewFile(target) as stream:
+            stream.write(source.read_bytes())
         written.append(target)
     return written
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="copy every config into this folder (NAME.yaml under it)"
+        "--out", type=user_path, default=None, help="copy every config into this folder (NAME.yaml under it)"
     )
     args = parser.parse_args(argv)
     configs = packaged_configs()
@@ -119,6 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in configs.items():
             print(f"{name:<{width}}  {_first_comment(path)}")
         return 0
-    written = copy_configs(args.out)
+    written = copy_configs(Path(args.out))
     print(f"{len(written)} configs written under {args.out} ({len(configs) - len(written)} already there)")
     return 0

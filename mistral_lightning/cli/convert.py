@@ -15,6 +15,7 @@ from dataclasses import fields
 from mistral_lightning.checkpoint.formats import LOADERS, MG2HG, SAVERS, ConversionSettings
 from mistral_lightning.cli.options import DefaultsHelpFormatter, add_trust_checkpoint
 from mistral_lightning.option_values import DTYPE_NAMES
+from mistral_lightning.outputs import user_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--load-dir",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,
         metavar="DIR",
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--save-dir",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,
         metavar="DIR",
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model-config",
+        type=user_path,
         metavar="PRESET_OR_HF_DIR",
         help="preset name or HF folder/config.json describing the model; needed by --loader lightning when no "
         "config.json sits next to the checkpoint, and overrides a Megatron checkpoint's args",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mistral_lightning.demo.data import write_demo_data
+from mistral_lightning.outputs import user_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,  # required: no "(default: None)" in --help
         help="output folder (alpaca/{train,heldout}.parquet, mmlu/{dev,test}/)",

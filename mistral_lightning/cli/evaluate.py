@@ -14,7 +14,7 @@ from pathlib import Path
 from mistral_lightning.cli.options import DefaultsHelpFormatter, add_model_arguments, inference_settings
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu_data import SCORING_MODES
-from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
+from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, user_path, write_output_file
 
 # A report this command wrote starts as json.dumps of evaluate_mmlu's results does; --overwrite replaces only that.
 MMLU_REPORT = FileKind(
@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--task", choices=["mmlu"], default="mmlu", help="the recipe's own evaluation")
     parser.add_argument(
-        "--data-dir", help="MMLU folder with dev/ and test/ (or the test/ folder); --task mmlu"
+        "--data-dir",
+        type=user_path,
+        help="MMLU folder with dev/ and test/ (or the test/ folder); --task mmlu",
     )
     add_model_arguments(parser)
     parser.add_argument("--shots", type=int, default=5, help="solved dev examples before each question")
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output",
+        type=user_path,
         help="the JSON report; default: mmlu_results.json, or harness_results.json with --harness",
     )
     parser.add_argument(
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many documents per task (below 1: this fraction of them); default: all",
     )
     harness.add_argument(
-        "--include-path", help="a folder of your own task YAML files, beside lm-eval's tasks"
+        "--include-path", type=user_path, help="a folder of your own task YAML files, beside lm-eval's tasks"
     )
     return parser
 

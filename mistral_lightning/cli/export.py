@@ -22,7 +22,7 @@ from pathlib import Path
 from mistral_lightning.checkpoint.formats import ConversionSettings
 from mistral_lightning.cli.options import DefaultsHelpFormatter, add_trust_checkpoint
 from mistral_lightning.option_values import DTYPE_NAMES
-from mistral_lightning.outputs import OutputTarget
+from mistral_lightning.outputs import OutputTarget, user_path
 
 LORA_FORMATS = ("merged", "peft")
 
@@ -35,18 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoint",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,
         help="Lightning checkpoint: DCP folder or .ckpt file",
     )
     parser.add_argument(
         "--out",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,
         help="HF folder to write (config.json + safetensors)",
     )
     parser.add_argument(
         "--model-config",
+        type=user_path,
         help="preset name or HF folder/config.json; default: the architecture stored in the checkpoint",
     )
     parser.add_argument(

@@ -10,6 +10,7 @@ from typing import Any
 
 from mistral_lightning.generation.settings import InferenceSettings
 from mistral_lightning.option_values import AUTO_DEVICE, AUTO_DTYPE, DTYPE_NAMES
+from mistral_lightning.outputs import user_path
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -25,12 +26,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every inference command shares."""
     parser.add_argument(
         "--checkpoint",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,
         help="HF model folder, or a `fit` checkpoint (DCP folder or .ckpt)",
     )
     parser.add_argument(
         "--adapter",
+        type=user_path,
         help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) for the --checkpoint "
         "base, merged into its weights; a LoRA fit checkpoint brings its own adapters and needs none",
     )
@@ -38,6 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer",
         "--tokenizer-model",
         dest="tokenizer_model",
+        type=user_path,
         help="a tokenizer file (tokenizer.model[.vN], tekken*.json, tokenizer.json) or an HF folder; default: "
         "the checkpoint's own (its HF folder, or the model.pretrained folder of a fit checkpoint), else Mistral v1",
     )

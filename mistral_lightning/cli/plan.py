@@ -29,6 +29,7 @@ from mistral_lightning.cli.fit import MistralCLI
 from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
 from mistral_lightning.model import Mistral
+from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
 from mistral_lightning.training.memory_plan import MemoryReport, StepShape, simulate_training_step
 from mistral_lightning.training.module import MistralLightningModule
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
@@ -40,9 +41,11 @@ from mistral_lightning.training.parallel import (
 )
 
 USAGE = (
-    "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--plan_output FILE.json] "
-    "[any fit override, e.g. --trainer.strategy.init_args.tensor_parallel_size 4]"
+    "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--plan_output FILE.json "
+    "[--plan_overwrite true]] [any fit override, e.g. --trainer.strategy.init_args.tensor_parallel_size 4]"
 )
+# An earlier --plan_output starts as written below; --plan_overwrite replaces only such a file.
+PLAN_JSON = FileKind("memory plan written by plan", lambda head: head.startswith(b'{\n  "layout": '))
 # Memory of the card each accelerator usually means, when --device_memory_gb is not given (decimal GB).
 DEFAULT_DEVICE_MEMORY_GB = {"npu": ("Ascend 910B", 64.0), "cuda": ("H100", 80.0), "gpu": ("H100", 80.0)}
 # Lightning's spellings of trainer.precision, as its accelerator connector unifies them.
@@ -148,6 +151,12 @@ class _PlanCLI(MistralCLI):
         parser.add_argument(
             "--plan_output", type=str | None, default=None, help="also write the plan as JSON here"
         )
+        parser.add_argument(
+            "--plan_overwrite",
+            type=bool,
+            default=False,
+            help="replace a --plan_output file that holds an earlier plan (and nothing else)",
+        )
 
     def instantiate_classes(self) -> None:
         pass  # the plan reads the settings only: no Trainer, no DataModule, no weights
@@ -210,14 +219,6 @@ def _as_dict(value) -> dict:
     return value.as_dict() if hasattr(value, "as_dict") else dict(value or {})
 
 
-def _lora_config(value) -> LoRAConfig | None:
-    if value is None:
-        return None
-    settings = _as_dict(value)
-    settings["targets"] = tuple(settings.get("targets") or LoRAConfig.targets)
-    return LoRAConfig(**settings)
-
-
 def layout_from_config(config) -> TrainingLayout:
     """The TrainingLayout of a parsed `fit` config (a jsonargparse Namespace)."""
     trainer, model_args = config.trainer, config.model
@@ -244,7 +245,8 @@ def layout_from_config(config) -> TrainingLayout:
         precision=precision,
         parallel=ParallelConfig(**_as_dict(model_args.get("parallel"))),
         optimizer=OptimizerConfig(**_as_dict(model_args.get("optimizer"))),
-        lora=_lora_config(model_args.get("lora")),
+        # model.lora as fit reads it: the settings, as written, to LoRAConfig's own parsing ("all-linear" too).
+        lora=None if model_args.get("lora") is None else LoRAConfig(**_as_dict(model_args.get("lora"))),
         step=StepShape(
             micro_batch_size=int(data_args["micro_batch_size"]),
             seq_length=int(data_args["seq_length"]),
@@ -350,22 +352,25 @@ def main(argv: list[str]) -> int:
     config = parse_config(argv)
     layout = layout_from_config(config)
     device = _device_memory(config.trainer.accelerator, config.get("device_memory_gb"))
+    output = None
+    if config.get("plan_output"):
+        output = OutputTarget(
+            Path(config.plan_output),
+            option="--plan_output",
+            overwrite=bool(config.get("plan_overwrite")),
+            overwrite_option="--plan_overwrite true",
+        )
+        check_output_file(output, PLAN_JSON)  # before the simulation, so its minutes are not lost
     report = plan(layout)
     source = ", ".join(str(c) for c in config.get("config") or []) or "the given settings"
     print(format_report(layout, report, device, source))
-    if config.get("plan_output"):
-        Path(config.plan_output).write_text(
-            json.dumps(
-                {
-                    "layout": dataclasses.asdict(layout),
-                    "device": {"name": device[0], "memory_gb": device[1]},
-                    "report": dataclasses.asdict(report),
-                },
-                indent=2,
-                default=str,
-            )
-            + "\n"
-        )
+    if output is not None:
+        plan_json = {
+            "layout": dataclasses.asdict(layout),
+            "device": {"name": device[0], "memory_gb": device[1]},
+            "report": dataclasses.asdict(report),
+        }
+        write_output_file(output, PLAN_JSON, json.dumps(plan_json, indent=2, default=str) + "\n")
     return 0
 
 

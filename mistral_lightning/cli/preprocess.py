@@ -11,6 +11,7 @@ from mistral_lightning.data.preprocess.formats import AUTO
 from mistral_lightning.data.preprocess.handlers import FORMATS, HANDLER_CLASSES
 from mistral_lightning.data.preprocess.pipeline import preprocess
 from mistral_lightning.data.preprocess.summary import format_summary
+from mistral_lightning.outputs import user_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--input",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,
         help="a .parquet/.jsonl/.json/.arrow file, a folder of them, a glob, or a Hugging Face datasets "
@@ -34,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer = parser.add_mutually_exclusive_group(required=True)
     tokenizer.add_argument(
         "--tokenizer-model",
+        type=user_path,
         help="a tokenizer file (tokenizer.model[.vN], tekken*.json, tokenizer.json) or an HF model folder; "
         "a folder's Mistral files come first (tekken.json, tokenizer.model.vN, tokenizer.model), then "
         "tokenizer.json",
     )
     tokenizer.add_argument(
-        "--tokenizer-name-or-path", dest="tokenizer_model", help="same as --tokenizer-model"
+        "--tokenizer-name-or-path", dest="tokenizer_model", type=user_path, help="same as --tokenizer-model"
     )
     parser.add_argument(
         "--tokenizer-type",
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--output-prefix",
+        type=user_path,
         required=True,
         default=argparse.SUPPRESS,
         help="writes <prefix>_<key>_document (pretrain) or <prefix>_packed_{input_ids,"

@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from mistral_lightning.data.indexed import IndexedDataset, bin_path
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
+from mistral_lightning.outputs import NewFile
 
 SPLIT_NAMES = ("train", "validation", "test")
 PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}
@@ -51,15 +51,11 @@ def split_bounds(size: int, weights: Sequence[float]) -> list[int]:
 
 
 def _write_atomically(path: Path, write: Callable) -> None:
-    """Write through a temporary file of this process's own, then rename: builders on several nodes can share
-    a filesystem (and a process id), so none writes a file another writes, and readers see whole files only."""
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "xb") as stream:
-            write(stream)
-        os.replace(tmp, path)  # concurrent builders write identical bytes; the last rename wins harmlessly
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write through a new temporary file of this process's own (outputs.NewFile), then rename: builders on
+    several nodes can share a filesystem, so none writes a file another writes, and readers see whole files
+    only; concurrent builders write identical bytes, and the last rename wins harmlessly."""
+    with NewFile(path) as stream:
+        write(stream)
 
 
 def cached_arrays(

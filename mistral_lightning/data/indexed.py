@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_lightning.errors import UserError
+from mistral_lightning.outputs import NewFile
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -64,10 +65,8 @@ class IndexedDatasetWriter:
                 f"dtype {self.dtype} has no Megatron code; use one of {sorted(map(str, CODE_OF_DTYPE))}"
             )
         self.prefix = str(prefix)
-        suffix = f".tmp-{os.getpid()}"
-        self._bin_tmp = Path(f"{bin_path(prefix)}{suffix}")
-        self._idx_tmp = Path(f"{idx_path(prefix)}{suffix}")
-        self._bin = open(self._bin_tmp, "wb")
+        self._bin = NewFile(bin_path(prefix))
+        self._idx: NewFile | None = None
         self._lengths = array("i")
 
     def add_document(self, sequence: np.ndarray | list[int]) -> None:
@@ -84,29 +83,28 @@ class IndexedDatasetWriter:
                 raise ValueError(
                     f"values outside {self.dtype} range [{info.min}, {info.max}] for {self.prefix}"
                 )
-        self._bin.write(values.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._bin.stream.write(values.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.frombytes(np.asarray(lengths, dtype=np.int32).tobytes())
 
     def finalize(self) -> None:
-        self._bin.close()
         lengths = np.frombuffer(self._lengths, dtype=np.int32) if self._lengths else np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
         document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
-        with open(self._idx_tmp, "wb") as stream:
-            stream.write(
-                HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], len(lengths), len(document_indices))
-            )
-            for part in (lengths, pointers, document_indices):
-                stream.write(part.tobytes(order="C"))
+        self._idx = NewFile(idx_path(self.prefix))
+        self._idx.stream.write(
+            HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], len(lengths), len(document_indices))
+        )
+        for part in (lengths, pointers, document_indices):
+            self._idx.stream.write(part.tobytes(order="C"))
         # .bin first: a reader only trusts a dataset whose .idx exists.
-        os.replace(self._bin_tmp, bin_path(self.prefix))
-        os.replace(self._idx_tmp, idx_path(self.prefix))
+        self._bin.commit()
+        self._idx.commit()
 
     def abort(self) -> None:
-        self._bin.close()
-        for path in (self._bin_tmp, self._idx_tmp):
-            path.unlink(missing_ok=True)
+        for file in (self._bin, self._idx):
+            if file is not None:
+                file.discard()
 
     def __enter__(self) -> IndexedDatasetWriter:
         return self

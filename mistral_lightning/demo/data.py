@@ -22,6 +22,7 @@ import numpy as np
 
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu_data import LETTERS, Question, format_question, subject_title
+from mistral_lightning.outputs import NewFile
 
 WORDS = (
     "cat",
@@ -139,20 +140,17 @@ def _write_parquet(rows: list[dict[str, str]], path: Path) -> None:
     table = pa.table(
         {column: [row[column] for row in rows] for column in ("instruction", "input", "output", "text")}
     )
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with NewFile(path) as stream:
+        pq.write_table(table, stream)
 
 
 def _write_mmlu_csv(rng: np.random.Generator, task: Task, count: int, held_out: bool, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as stream:
+    with NewFile(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         for _ in range(count):
             words = _sample(rng, task, held_out)
             question = _question(rng, task, words)
             writer.writerow([question.question, *question.choices, LETTERS[question.answer]])
-    os.replace(tmp, path)
 
 
 def write_demo_data(

@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from mistral_lightning.errors import UserError
 from mistral_lightning.generation.loading import load_tokenizer
+from mistral_lightning.outputs import user_path
 from mistral_lightning.prompts import encode_chat_prompt
 from mistral_lightning.tokenizer import Tokenizer
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Each non-blank line as a dict with "prompt" (text) or "messages" (a chat ending on a user turn)."""
-    path = Path(path)
+    path = Path(user_path(path))
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist; give a JSONL file with one prompt per line")
     records = []
@@ -82,7 +83,7 @@ class PromptsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.prompts_file = prompts_file
-        self.tokenizer_model = tokenizer_model
+        self.tokenizer_model = None if tokenizer_model is None else user_path(tokenizer_model)
         self.chat = chat
         self.batch_size = batch_size
         self.records: list[dict[str, Any]] | None = None
