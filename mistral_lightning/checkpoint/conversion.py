@@ -20,6 +20,7 @@ from mistral_lightning.checkpoint.hf import HFCheckpoint, save_hf
 from mistral_lightning.checkpoint.lightning_ckpt import LightningCheckpoint
 from mistral_lightning.checkpoint.megatron import MegatronCheckpoint, save_megatron
 from mistral_lightning.checkpoint.megatron_layout import MegatronLayout
+from mistral_lightning.checkpoint.tokenizer_files import scratch_tokenizer
 from mistral_lightning.config import MistralConfig, parameter_shapes, parse_dtype, resolve_model_config
 from mistral_lightning.outputs import OutputTarget
 
@@ -43,7 +44,8 @@ def _hf_folder(path: str | Path | None) -> Path | None:
 
 def companion_source(source: WeightSource, config_folder: Path | None, out_option: str) -> Path | None:
     """The HF folder whose tokenizer and generation files belong with these weights: the folder being
-    converted, the `model.pretrained` folder a training checkpoint records, else the config's folder."""
+    converted, the `model.pretrained` folder a training checkpoint records, else the config's folder; for
+    a training checkpoint trained from scratch, the tokenizer file every command assumes for it."""
     if isinstance(source, HFCheckpoint):
         return source.path
     if isinstance(source, LightningCheckpoint) and source.pretrained:
@@ -54,6 +56,8 @@ def companion_source(source: WeightSource, config_folder: Path | None, out_optio
             f"here; {out_option} gets no tokenizer files (copy them from that folder, or run from where fit ran)",
             file=sys.stderr,
         )
+    elif isinstance(source, LightningCheckpoint) and config_folder is None:
+        return scratch_tokenizer(source.config, out_option)
     return config_folder
 
 

@@ -24,6 +24,7 @@ import mistral_lightning.data.datamodules  # noqa: F401  (imported, its DataModu
 import mistral_lightning.training.npu  # noqa: F401  (registers the "npu" accelerator for trainer.accelerator)
 from mistral_lightning.adapters.merge import trained_weights
 from mistral_lightning.checkpoint.hf import HF_OUTPUT, save_hf
+from mistral_lightning.checkpoint.tokenizer_files import scratch_tokenizer
 from mistral_lightning.cli.configs import resolve_config_argv
 from mistral_lightning.cli.options import add_trust_checkpoint
 from mistral_lightning.config import parse_dtype
@@ -170,15 +171,17 @@ class MistralCLI(LightningCLI):
     def after_fit(self) -> None:
         target = self._export_target()
         if target is not None and self.trainer.state.status == "finished":
+            pretrained = self.model.hparams.get("pretrained")
+            files_from = pretrained
+            if not pretrained and self.trainer.is_global_zero:  # trained from scratch: the assumed tokenizer
+                files_from = scratch_tokenizer(self.model.config, "--export_hf_dir")
             # Every rank takes part in gathering the shards; only global rank 0 writes.
             save_hf(
-                trained_weights(
-                    self.model.model, self.model.lora_config, self.model.hparams.get("pretrained")
-                ),
+                trained_weights(self.model.model, self.model.lora_config, pretrained),
                 target,
                 dtype=parse_dtype(self.config[self.subcommand]["export_hf_dtype"]),
                 is_writer=self.trainer.is_global_zero,
-                files_from=self.model.hparams.get("pretrained"),
+                files_from=files_from,
             )
             self.trainer.strategy.barrier()
 

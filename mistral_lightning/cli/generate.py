@@ -71,7 +71,7 @@ def stream_completion(
 
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     text = StopTextStream(tokenizer, args.stop)
-    for step in stream_generate(
+    steps = stream_generate(
         model,
         [prompt_ids],
         args.max_new_tokens,
@@ -81,7 +81,16 @@ def stream_completion(
         eos_id=tokenizer.eos_id,
         generator=generator,
         prefill_chunk_size=args.prefill_chunk_size,
-    ):
+    )
+    for position, step in enumerate(steps):
+        if position == 0 and step[0] == tokenizer.eos_id:
+            print(
+                f"note: the model's first token was end-of-text (id {step[0]}), so it generated nothing; "
+                "try another prompt"
+                + ("" if args.chat else ", or --chat for an instruction-tuned model")
+                + ", or sampling (--temperature 0.7)",
+                file=sys.stderr,
+            )
         out.write(text.add(step[0]))
         out.flush()
         if text.stopped:

@@ -11,7 +11,8 @@ import torch
 from mistral_lightning.adapters.merge import with_adapters
 from mistral_lightning.checkpoint.base import CheckpointError, load_torch_file
 from mistral_lightning.checkpoint.hf import HFCheckpoint
-from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LIGHTNING_METADATA, LightningCheckpoint
+from mistral_lightning.checkpoint.integrity import LIGHTNING_METADATA
+from mistral_lightning.checkpoint.lightning_ckpt import DCP_METADATA, LightningCheckpoint
 from mistral_lightning.config import parse_dtype
 from mistral_lightning.devices import check_device_available
 from mistral_lightning.generation.settings import InferenceSettings
