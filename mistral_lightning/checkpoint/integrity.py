@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError, load_torch_file
-from mistral_lightning.checkpoint.safe_pickle import DCP_METADATA, check_dcp_entries, read_dcp_metadata
+from mistral_lightning.checkpoint.safe_pickle import (
+    DCP_METADATA,
+    check_dcp_entries,
+    entry_path,
+    read_dcp_metadata,
+)
 
 MARKER = "complete.json"
 LIGHTNING_METADATA = "meta.pt"  # ModelParallelStrategy's non-tensor state beside the DCP files
@@ -90,7 +95,7 @@ def _check_marker(folder: Path, saved: dict, dcp_save_id: str | None) -> None:
             f"{folder}: {LIGHTNING_METADATA}, {DCP_METADATA} and {MARKER} come from different saves"
         )
     for name, size in files.items():
-        file = folder / name
+        file = entry_path(folder, name, marker)
         if not file.is_file() or file.stat().st_size != size:
             found = file.stat().st_size if file.is_file() else "missing"
             raise CheckpointError(f"{file}: {found} where {MARKER} records {size} bytes")
@@ -104,6 +109,19 @@ def _check_byte_ranges(folder: Path, metadata) -> None:
         if not file.is_file() or file.stat().st_size < end:
             found = f"{file.stat().st_size} bytes" if file.is_file() else "missing"
             raise CheckpointError(f"{file}: {found} where {DCP_METADATA} needs {end}")
+
+
+def read_saved_state(folder: Path, *, trust_pickle: bool = False) -> dict:
+    """Lightning's non-tensor state beside a DCP folder's tensors (meta.pt), weights-only unless trusted."""
+    meta_file = folder / LIGHTNING_METADATA
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file}: missing, so the checkpoint save did not finish")
+    saved = load_torch_file(meta_file, trust_pickle=trust_pickle)
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"{meta_file}: holds a {type(saved).__name__}, not Lightning's checkpoint state"
+        )
+    return saved
 
 
 def inspect_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> CheckpointInfo:
@@ -121,14 +139,7 @@ def inspect_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Check
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     metadata = read_dcp_metadata(path, trust_pickle=trust_pickle)
-    meta_file = path / LIGHTNING_METADATA
-    if not meta_file.is_file():
-        raise CheckpointError(f"{meta_file}: missing, so the checkpoint save did not finish")
-    saved = load_torch_file(meta_file, trust_pickle=trust_pickle)
-    if not isinstance(saved, dict):
-        raise CheckpointError(
-            f"{meta_file}: holds a {type(saved).__name__}, not Lightning's checkpoint state"
-        )
+    saved = read_saved_state(path, trust_pickle=trust_pickle)
     if not trust_pickle:
         check_dcp_entries(path, metadata)
     if (path / MARKER).is_file():
@@ -253,6 +264,7 @@ __all__ = [
     "last_good_checkpoint",
     "new_save_id",
     "newest_complete_checkpoint",
+    "read_saved_state",
     "resolve_last",
     "write_completion_marker",
 ]

@@ -17,8 +17,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mistral_lightning.checkpoint.base import CheckpointError, Index, check_shapes, load_torch_file
-from mistral_lightning.checkpoint.integrity import LIGHTNING_METADATA, inspect_checkpoint
-from mistral_lightning.checkpoint.safe_pickle import DCP_METADATA, SafeFileSystemReader
+from mistral_lightning.checkpoint.integrity import inspect_checkpoint, read_saved_state
+from mistral_lightning.checkpoint.safe_pickle import DCP_METADATA, dcp_reader, read_dcp_metadata
 from mistral_lightning.config import ConfigError, MistralConfig, parameter_shapes
 
 STATE_DICT = "state_dict"
@@ -73,9 +73,9 @@ class LightningCheckpoint:
                 )
             # Complete, and no pickle in it runs code (its .metadata, meta.pt and non-tensor entries).
             inspect_checkpoint(self.path, trust_pickle=trust_pickle)
-            self._trust_pickle = trust_pickle
-            extra = self.path / LIGHTNING_METADATA
-            saved_state = load_torch_file(extra, trust_pickle=trust_pickle) if extra.is_file() else {}
+            # What is used is read through the checks again: the files may have been replaced since.
+            self._dcp_metadata = read_dcp_metadata(self.path, trust_pickle=trust_pickle)
+            saved_state = read_saved_state(self.path, trust_pickle=trust_pickle)
             self._state = None
         else:
             saved_state = load_torch_file(self.path, trust_pickle=trust_pickle)
@@ -100,8 +100,7 @@ class LightningCheckpoint:
             check_shapes(self, self._shapes)
 
     def _dcp_index(self) -> tuple[dict[str, str], dict[str, TensorStorageMetadata]]:
-        reader = SafeFileSystemReader(self.path, trust_pickle=self._trust_pickle)
-        metadata = reader.read_metadata().state_dict_metadata
+        metadata = self._dcp_metadata.state_dict_metadata
         tensors = {
             key.removeprefix(STATE_DICT + "."): meta
             for key, meta in metadata.items()
@@ -165,7 +164,7 @@ class LightningCheckpoint:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(
                     {f"{STATE_DICT}.{key}": tensor},
-                    storage_reader=SafeFileSystemReader(self.path, trust_pickle=self._trust_pickle),
+                    storage_reader=dcp_reader(self.path, metadata=self._dcp_metadata),
                     no_dist=True,
                 )
         return tensor if index is None else tensor[index]

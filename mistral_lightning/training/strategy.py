@@ -11,8 +11,9 @@ all-reduce); a checkpoint is written under a temporary name, marked complete (ch
 and renamed into place (outputs.publish), so an interrupted save leaves the previous one untouched;
 a failed write (a full disk) removes the temporary and stops with one line naming the folder and its
 free space. Loading: the checkpoint is checked first (no pickled code unless `trust_checkpoint`, complete);
-an incomplete `last.ckpt` gives way to the newest complete checkpoint, with a note. Frozen parameters (a
-LoRA run's base) are neither saved nor loaded: they come from `model.pretrained` again, so an adapter
+an incomplete `last.ckpt` gives way to the newest complete checkpoint, with a note; then every rank checks
+it and reads it through the same checks (Lightning's own DCP load would unpickle it again unchecked).
+Frozen parameters (a LoRA run's base) are neither saved nor loaded: they come from `model.pretrained` again, so an adapter
 checkpoint holds the adapters and their optimizer state only. `mistral-lightning fit|validate|test|predict` use it in place of Lightning's class
 (cli/fit.py).
 """
@@ -41,17 +42,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError, load_torch_file
+from mistral_lightning.checkpoint.base import CheckpointError, UnsafeCheckpointError
 from mistral_lightning.checkpoint.integrity import (
-    LIGHTNING_METADATA,
     SAVE_ID,
     checkpoint_to_load,
+    inspect_checkpoint,
     last_good_checkpoint,
     new_save_id,
+    read_saved_state,
     resolve_last,
     write_completion_marker,
 )
-from mistral_lightning.checkpoint.safe_pickle import SafeFileSystemReader
+from mistral_lightning.checkpoint.safe_pickle import WeightsOnlyLoadPlanner, checkpoint_failure, dcp_reader
 from mistral_lightning.errors import UserError
 from mistral_lightning.outputs import (
     OutputError,
@@ -69,7 +71,7 @@ from mistral_lightning.training.parallel import build_device_mesh
 def _first_failure(err: BaseException) -> BaseException:
     """The exception behind DCP's CheckpointException, which gathers one per failing rank."""
     if isinstance(err, CheckpointException) and err.failures:
-        return next(iter(err.failures.values()))[0]
+        return checkpoint_failure(err)
     return err
 
 
@@ -272,27 +274,49 @@ class DeviceModelParallelStrategy(ModelParallelStrategy):
             raise (UnsafeCheckpointError if unsafe else CheckpointError)(problem)
         if note is not None:
             rank_zero_info(f"note: {note}")
-        if self.trust_checkpoint and weights_only is None:
-            weights_only = False  # meta.pt may hold the objects the user chose to trust
         path = Path(path)
         if path.is_dir():
-            saved = load_torch_file(path / LIGHTNING_METADATA, trust_pickle=self.trust_checkpoint)
-            check = getattr(self.lightning_module, "check_resumable", None)
-            if check is not None:
-                check(saved.get("hyper_parameters") or {}, path)
-            if self._has_frozen_parameters():
-                return self._load_trainable_state(path, saved)
-        return super().load_checkpoint(path, weights_only=weights_only)
+            return self._load_distributed_checkpoint(path)
+        # One file, read by Lightning's torch.load: weights-only unless trusted, as the check read it.
+        return super().load_checkpoint(
+            path, weights_only=not self.trust_checkpoint if weights_only is None else weights_only
+        )
 
-    def _load_trainable_state(self, path: Path, saved: dict[str, Any]) -> dict[str, Any]:
-        """Lightning's DCP load asks the checkpoint for every parameter; this asks only for the trainable ones
-        (and the optimizer's state of them), leaving the frozen base the module loaded from model.pretrained."""
-        trainable = StateDictOptions(ignore_frozen_params=True)
+    def _load_distributed_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Every rank checks its own view of the folder (another node's copy may differ) and reads it through the
+        checks (safe_pickle.py: allow-listed `.metadata`, weights-only meta.pt and non-tensor entries, data files
+        inside the folder), so a file replaced after a check is never read unchecked. Only the trainable
+        parameters are asked for: a LoRA run's frozen base comes from model.pretrained."""
+        trust = self.trust_checkpoint
+        failure: CheckpointError | None = None
+        try:
+            if not self.is_global_zero:  # rank 0 checked it in checkpoint_to_load
+                inspect_checkpoint(path, trust_pickle=trust)
+            saved = read_saved_state(path, trust_pickle=trust)
+            reader = dcp_reader(path, trust_pickle=trust)
+        except CheckpointError as err:
+            failure = err
+        if not self._agree(failure is None):
+            raise failure or CheckpointError(
+                f"{path}: another rank cannot use this checkpoint; see its error"
+            )
+        check = getattr(self.lightning_module, "check_resumable", None)
+        if check is not None:
+            check(saved.get("hyper_parameters") or {}, path)
+        frozen = self._has_frozen_parameters()
+        trainable = StateDictOptions(ignore_frozen_params=frozen)
         state = {"state_dict": get_model_state_dict(self.model, options=trainable)}
         for index, optimizer in enumerate(self.optimizers):
             state[f"optimizer_{index}"] = get_optimizer_state_dict(self.model, optimizer)
-        dcp_load(state, storage_reader=SafeFileSystemReader(path, trust_pickle=self.trust_checkpoint))
-        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=False))
+        try:
+            dcp_load(state, storage_reader=reader, planner=WeightsOnlyLoadPlanner(path, trust_pickle=trust))
+        except CheckpointException as err:
+            cause = checkpoint_failure(err)
+            if isinstance(cause, CheckpointError):
+                raise cause from err
+            raise
+        strict = self.lightning_module.strict_loading and not frozen
+        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=strict))
         for index, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{index}"])
         # As Lightning's load returns it: the non-tensor state, for the loops, callbacks and hooks.
