@@ -1,12 +1,14 @@
 """LoRA adapters in Hugging Face PEFT's format, merged exports and base + adapter inference, each checked against
 PEFT itself (`PeftModel` on transformers' MistralForCausalLM): its logits, its `merge_and_unload()` and its greedy
-generate."""
+generate. A PEFT folder loads as PEFT reads it (its `target_modules`, as names or a regular expression) or is
+refused in one line naming the setting that cannot be honoured."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from helpers.processes import run_on_ranks
 from helpers.training import write_instruction_data
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter
@@ -29,6 +31,7 @@ from mistral_lightning.adapters.peft_format import (
 )
 from mistral_lightning.checkpoint.integrity import LIGHTNING_METADATA
 from mistral_lightning.cli import main as cli_main
+from mistral_lightning.config import parameter_shapes
 from mistral_lightning.generation.loading import load_model
 
 LORA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "lora.yaml"
@@ -139,6 +142,88 @@ def test_a_peft_made_adapter_loads_onto_our_model_and_merged_for_inference(base,
     torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
     merged = load_model(folder, adapter=tmp_path / "peft")
     torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)
+
+
+def _edited(source: Path, out: Path, change_config=None, change_tensors=None) -> Path:
+    """A copy of the PEFT folder `source` with its adapter_config.json or tensors changed."""
+    shutil.copytree(source, out)
+    if change_config is not None:
+        config = json.loads((out / ADAPTER_CONFIG).read_text())
+        change_config(config)
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config))
+    if change_tensors is not None:
+        tensors = load_file(out / ADAPTER_WEIGHTS)
+        change_tensors(tensors)
+        save_file(tensors, out / ADAPTER_WEIGHTS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def peft_made(base, tmp_path_factory) -> Path:
+    """peft_made_adapter's folder, made once for the tests that change it."""
+    adapter = tmp_path_factory.mktemp("peft_made") / "adapter"
+    peft_made_adapter(base[1], adapter)
+    return adapter
+
+
+@pytest.mark.parametrize("targets", ["regular-expression", "all-linear"])
+def test_target_modules_load_as_peft_reads_them(base, peft_made, tmp_path, targets):
+    """PEFT's adapter with its target_modules as a regular expression; ours on every linear layer but the LM
+    head with target_modules "all-linear": each on our model gives PEFT's logits."""
+    model, folder = base
+    if targets == "all-linear":
+        save_peft_adapter(
+            adapted(model, LoRAConfig(rank=2, alpha=3.0, targets="all-linear")), tmp_path / "saved"
+        )
+        adapter = _edited(tmp_path / "saved", tmp_path / targets, _set("target_modules", "all-linear"))
+    else:
+        pattern = r"model\.layers\.\d+\.(self_attn\.[qv]_proj|mlp\.down_proj)|lm_head"
+        adapter = _edited(peft_made, tmp_path / targets, _set("target_modules", pattern))
+    ours = copy.deepcopy(model)
+    load_peft_adapter(ours, adapter)
+    expected = logits(peft_model(folder, adapter))
+    assert not torch.allclose(expected, logits(model), atol=1e-3)
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+def _set(key, value):
+    return lambda config: config.update({key: value})
+
+
+def _add_base_layer(tensors) -> None:
+    # k_proj is not a target, so PEFT leaves its weight alone; loading this would replace the base's k.
+    shape = parameter_shapes(MistralConfig.from_name("tiny"))["layers.0.attn.k.weight"]
+    tensors["base_model.model.model.layers.0.self_attn.k_proj.base_layer.weight"] = torch.zeros(shape)
+
+
+REFUSED = {
+    # PEFT puts no adapter on v_proj, so it ignores the v_proj tensors the file still holds.
+    "target_modules": (
+        {"change_config": _set("target_modules", ["q_proj", "down_proj", "lm_head"])},
+        "v_proj",
+    ),
+    "target_modules-some-layers": (
+        {"change_config": _set("target_modules", r"model\.layers\.0\.self_attn\.q_proj")},
+        "selects 1 of the 2 'q' layers",
+    ),
+    "alora_invocation_tokens": ({"change_config": _set("alora_invocation_tokens", [5, 6])}, "[5, 6]"),
+    "base_layer": ({"change_tensors": _add_base_layer}, "k_proj.base_layer.weight"),
+    "lora_alpha": ({"change_config": _set("lora_alpha", float("nan"))}, "nan"),
+    "init_lora_weights": ({"change_config": _set("init_lora_weights", "pissa")}, "pissa"),
+}
+
+
+@pytest.mark.parametrize("setting", list(REFUSED))
+def test_a_peft_setting_not_honoured_here_is_refused_in_one_line_naming_it(
+    base, peft_made, tmp_path, setting
+):
+    changes, detail = REFUSED[setting]
+    adapter = _edited(peft_made, tmp_path / "adapter", **changes)
+    with pytest.raises(AdapterError) as refused:
+        load_peft_adapter(copy.deepcopy(base[0]), adapter)
+    message = str(refused.value)
+    named = "target_modules" if setting.startswith("target_modules") or setting == "base_layer" else setting
+    assert "\n" not in message and named in message and detail in message, message
 
 
 def _adapter_under_tensor_parallelism(folder, adapter, out, expected_file) -> float:

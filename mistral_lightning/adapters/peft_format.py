@@ -8,6 +8,8 @@ written here loads with `PeftModel.from_pretrained(base, folder)` unchanged; a f
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,21 +41,33 @@ BASE_LAYER = "base_layer"  # PEFT saves a targeted lm_head's own weight under th
 PEFT_OUTPUT = FolderKind(
     "PEFT adapter folder", patterns=(ADAPTER_WEIGHTS, ADAPTER_CONFIG), required=ADAPTER_CONFIG
 )
-# adapter_config.json options that change what the tensors mean, with the value under which they mean plain LoRA.
-_PLAIN_LORA = {
-    "use_rslora": False,
-    "use_dora": False,
-    "bias": "none",
-    "lora_bias": False,
-    "fan_in_fan_out": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
-    "modules_to_save": None,
-    "layer_replication": None,
-    "trainable_token_indices": None,
-    "target_parameters": None,
+# adapter_config.json, as PEFT's LoraConfig reads it: the settings read here, the ones that change nothing
+# once the saved tensors are loaded (or only matter with a setting refused below), and those whose plain-LoRA
+# value is not empty. Any other setting must be empty (None, false, [], {}): each one PEFT adds changes what
+# the adapter computes (DoRA, rsLoRA, aLoRA's invocation tokens, per-layer ranks, ...), so it is refused by name.
+_READ_HERE = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "init_lora_weights"}
+_NO_EFFECT = {
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "auto_mapping",
+    "peft_version",
+    "runtime_config",
+    "layers_pattern",  # with layers_to_transform only
+    "megatron_core",  # with megatron_config only
+    "qalora_group_size",  # with use_qalora only
+    "loftq_config",  # the initialisations, with init_lora_weights of their name only
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
 }
+_PLAIN_LORA = {"bias": "none"}
+# init_lora_weights values that only initialise the adapters, which the saved tensors replace; the others
+# (pissa, olora, corda, loftq, ...) change the base weights as PEFT loads the adapter.
+_ADAPTER_ONLY_INIT = [True, False, "gaussian"]
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer
 
 
 class AdapterError(LoRAError):
@@ -146,7 +160,8 @@ class AdapterWeights:
 
 
 def open_peft_adapter(folder: str | Path, model_config: MistralConfig) -> AdapterWeights:
-    """A PEFT LoRA folder (written here or by PEFT's save_pretrained), checked against a base of `model_config`."""
+    """A PEFT LoRA folder (written here or by PEFT's save_pretrained), checked against a base of `model_config`:
+    loaded as PEFT loads it, or refused in one line naming the setting it cannot honour."""
     folder = Path(folder)
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
@@ -155,6 +170,7 @@ def open_peft_adapter(folder: str | Path, model_config: MistralConfig) -> Adapte
             "`export --lora-format peft` or PEFT's save_pretrained wrote"
         )
     lora_config = _read_config(config_file)
+    selected = _selected_modules(lora_config, model_config, config_file)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterError(
@@ -173,24 +189,96 @@ def open_peft_adapter(folder: str | Path, model_config: MistralConfig) -> Adapte
             f"{weights}: holds {len(unknown)} tensor(s) a LoRA adapter of this Mistral base has no place for (e.g. "
             f"{unknown[0]!r}); it was made for another architecture or with a PEFT feature not supported here"
         )
-    stored = {ours[name]: name for name in shapes}
-    # The target of 'layers.0.attn.q.lora_A.weight' is 'q'; of 'lm_head.lora_A.weight', 'lm_head'.
-    adapted = {name.split(".")[-3] for name in stored if is_adapter_parameter(name)}
-    targets = tuple(target for target in LORA_TARGETS if target in adapted)
-    if not targets:
-        raise AdapterError(f"{weights}: holds no lora_A/lora_B tensors, so there is no adapter to load")
+    # PEFT loads a tensor only into a module target_modules selects (a base_layer weight too):
+    # 'base_model.model.<module>.lora_A.weight', 'base_model.model.<module>.base_layer.weight'.
+    unselected = sorted(
+        name for name in shapes if name.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] not in selected
+    )
+    if unselected:
+        raise AdapterError(
+            f"{weights}: holds {unselected[0]!r} ({len(unselected)} such), for a module the target_modules "
+            f"{lora_config['target_modules']!r} of {ADAPTER_CONFIG} does not select, so PEFT would not load it; "
+            "add the module to target_modules or save the adapter again"
+        )
+    # The target of 'layers.0.attn.q' is 'q'; of 'lm_head', 'lm_head'.
+    chosen = {layer.rpartition(".")[2] for layer in selected.values()}
     lora = LoRAConfig(
         rank=lora_config["r"],
         alpha=lora_config["lora_alpha"],
         dropout=lora_config.get("lora_dropout", 0.0),
-        targets=targets,
+        targets=tuple(target for target in LORA_TARGETS if target in chosen),
     )
+    stored = {ours[name]: name for name in shapes}
 
     def read(name: str, index: Index | None) -> torch.Tensor:
         with safe_open(weights, "pt") as handle:
             return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
 
     return AdapterWeights(folder, lora, stored, shapes.__getitem__, read, model_config)
+
+
+def _peft_selects(pattern: str | list[str], key: str) -> bool:
+    """Whether PEFT's `target_modules` (or `exclude_modules`) `pattern` selects the module named `key`: a string
+    is a regular expression over the whole name, a list names modules or their last parts
+    (peft.tuners.tuners_utils.check_target_module_exists)."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, key) is not None
+    return key in pattern or any(key.endswith(f".{name}") for name in pattern)
+
+
+def _is_pattern(value: object) -> bool:
+    """A value PEFT takes for target_modules or exclude_modules: a regular expression or a list of names."""
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value)
+    )
+
+
+def _selected_modules(config: dict, model_config: MistralConfig, config_file: Path) -> dict[str, str]:
+    """The modules of transformers' MistralForCausalLM that `target_modules` (less `exclude_modules`) puts
+    adapters on, HF name -> our layer name; refused unless they are whole targets: every layer of a kind."""
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules")
+    setting = f"{config_file}: target_modules={targets!r}"
+    if not _is_pattern(targets) or not (excluded is None or _is_pattern(excluded)):
+        raise AdapterError(
+            f"{setting}, exclude_modules={excluded!r}: PEFT takes a list of module names or a regular expression"
+        )
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    # Every module with a parameter, and each module above one: PEFT matches them all.
+    layers: dict[str, str | None] = {}
+    for name in parameter_shapes(model_config):
+        module, layer = _module(to_hf_name(name)), _module(name)
+        layers[module] = layer if layer.rpartition(".")[2] in LORA_TARGETS else None
+        while "." in module:
+            module = module.rpartition(".")[0]
+            layers.setdefault(module, None)
+
+    def chosen(module: str, layer: str | None) -> bool:
+        hit = layer not in (None, "lm_head") if all_linear else _peft_selects(targets, module)
+        return hit and not (excluded and _peft_selects(excluded, module))
+
+    try:
+        selected = {module: layer for module, layer in layers.items() if chosen(module, layer)}
+    except re.error as err:
+        raise AdapterError(f"{setting}: not a regular expression ({err})") from err
+    if not selected:
+        raise AdapterError(
+            f"{setting} selects no module of this Mistral base, so there is no adapter to load"
+        )
+    others = [module for module, layer in selected.items() if layer is None]
+    if others:
+        raise AdapterError(
+            f"{setting} selects {others[0]}, which takes no LoRA adapter here (only the linear layers "
+            f"{list(LORA_TARGETS)} do)"
+        )
+    for kind in {layer.rpartition(".")[2] for layer in selected.values()}:
+        every = [layer for layer in layers.values() if layer and layer.rpartition(".")[2] == kind]
+        chosen_here = [layer for layer in selected.values() if layer.rpartition(".")[2] == kind]
+        if len(chosen_here) != len(every):
+            raise AdapterError(
+                f"{setting} (exclude_modules={excluded!r}) selects {len(chosen_here)} of the {len(every)} "
+                f"{kind!r} layers; an adapter loads here only on every layer of each kind it targets"
+            )
+    return selected
 
 
 def _read_config(config_file: Path) -> dict:
@@ -201,16 +289,25 @@ def _read_config(config_file: Path) -> dict:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else None
         raise AdapterError(f"{config_file}: peft_type is {found!r}; only LORA adapters can be loaded")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
-            raise AdapterError(f"{config_file}: {key} is {config.get(key)!r}; a LoRA config needs a number")
-    for key, plain in _PLAIN_LORA.items():
-        value = config.get(key, plain)
-        if value != plain and value not in (None, [], {}):
-            raise AdapterError(
-                f"{config_file}: {key}={value!r} is not supported (only plain LoRA: {key}={plain!r}); "
-                "train the adapter without it"
-            )
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0):
+        raise AdapterError(f"{config_file}: r is {rank!r}; a LoRA config needs a positive integer")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
+        raise AdapterError(f"{config_file}: lora_alpha is {alpha!r}; a LoRA config needs a finite number")
+    init = config.get("init_lora_weights", True)
+    if not any(init is value if isinstance(value, bool) else init == value for value in _ADAPTER_ONLY_INIT):
+        raise AdapterError(
+            f"{config_file}: init_lora_weights={init!r} is not supported (PEFT changes the base weights with it "
+            f"as it loads the adapter); only {_ADAPTER_ONLY_INIT} load here"
+        )
+    for key, value in config.items():
+        plain = _PLAIN_LORA.get(key)
+        if key in _READ_HERE or key in _NO_EFFECT or value == plain or value in (None, False, [], {}):
+            continue
+        raise AdapterError(
+            f"{config_file}: {key}={value!r} is not supported (only plain LoRA: {key}={plain!r}); "
+            "train the adapter without it"
+        )
     return config
 
 
