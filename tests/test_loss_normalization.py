@@ -4,7 +4,9 @@ On instruction data whose samples have very different numbers of response tokens
 whole global batch (DP=1), two accumulated micro-batches, two data-parallel ranks and two tensor-parallel
 ranks log the same per-step losses and gradient norms; the first step's values equal a hand calculation
 with a plain model and `F.cross_entropy`. `model.loss_normalization: micro_batch` (Megatron's mean per
-micro-batch) equals the mean of the micro-batch means. A global batch without a labelled token is skipped.
+micro-batch) equals the mean of the micro-batch means, a prompt-only micro-batch left out of that mean (by
+hand: its loss and gradient are those of the other micro-batch alone). A global batch without a labelled
+token is skipped.
 The chunked loss's sum reduction, which the token mean is built on, is checked against F.cross_entropy.
 """
 
@@ -215,6 +217,32 @@ def test_a_global_batch_without_labelled_tokens_is_skipped(single_thread, tmp_pa
     losses = [float(row["train/loss"]) for row in rows]
     assert losses[1] == losses[0] and losses[2] != losses[0] and min(losses) > 0
     assert [row["train/skipped_steps"] for row in rows] == ["", "1.0", "1.0"]
+
+
+def test_micro_batch_rule_leaves_a_prompt_only_micro_batch_out_of_its_mean(single_thread, tmp_path):
+    """Two accumulated micro-batches, the first without a labelled token: Megatron's mean has no value for it,
+    so the step's loss and gradient are the second one's mean, computed by hand with F.cross_entropy."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 2000, (2, 16), generator=generator)} for _ in range(2)]
+    for batch in batches:
+        batch["labels"] = batch["input_ids"].roll(-1, 1)
+    batches[0]["labels"] = torch.full_like(batches[0]["labels"], IGNORE_INDEX)
+    recorder = Recorder()
+    fit_trainer = trainer(
+        tmp_path, max_steps=1, accumulate=2, callbacks=[recorder], use_distributed_sampler=False
+    )
+    fit_trainer.fit(
+        module(loss_normalization="micro_batch"), train_dataloaders=DataLoader(batches, batch_size=None)
+    )
+
+    model = Mistral(MistralConfig.from_name("tiny"))
+    model.init_weights(torch.Generator().manual_seed(INIT_SEED))
+    logits = model(batches[1]["input_ids"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batches[1]["labels"].flatten())
+    loss.backward()
+    grad_norm = torch.cat([p.grad.double().flatten() for p in model.parameters()]).norm()
+    assert recorder.losses == pytest.approx([float(loss)], rel=1e-5)
+    assert recorder.grad_norms == pytest.approx([float(grad_norm)], rel=1e-5)
 
 
 def test_unknown_loss_normalization_is_refused_naming_the_option():

@@ -8,9 +8,10 @@ Three things touch the gradients before the optimizer sees them:
 
 So after the step's last backward each gradient is that of Σ_ranks Σ_micro-batches loss / (ranks ×
 accumulation). The step's loss is Σ_ranks Σ_micro-batches loss / denominator, where the denominator is the
-global batch's labelled-token count (token rule) or its micro-batch count (micro_batch rule), so
-`gradient_scale` is the factor that turns the former into the gradient of the latter. Under the
-micro_batch rule it is 1: the denominator is ranks × accumulation.
+global batch's labelled-token count (token rule) or its count of micro-batches that hold a labelled token
+(micro_batch rule: a prompt-only micro-batch has no mean, so it counts in neither sum), so `gradient_scale`
+is the factor that turns the former into the gradient of the latter. Under the micro_batch rule it is 1
+when every micro-batch of every rank holds a labelled token.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ class MistralLightningModule(L.LightningModule):
         loss_chunk_size: positions per chunk of the LM head + cross-entropy, bounding fp32 logits.
         loss_normalization: "token": an optimizer step's loss is the mean over every labelled token of its
             global batch (all micro-batches, all data-parallel ranks), the same for any layout;
-            "micro_batch": Megatron's mean over each micro-batch's tokens, averaged over micro-batches and ranks.
+            "micro_batch": Megatron's mean over each micro-batch's tokens, averaged over the micro-batches (of
+            all ranks) that hold a labelled token.
         max_new_tokens: greedy tokens per prompt in `predict_step`.
         init_seed: seed of the random initialisation (same weights under any TP/DP layout).
     """
@@ -224,7 +225,8 @@ class MistralLightningModule(L.LightningModule):
             denominator = labelled
         else:
             loss = self._loss(batch, reduction="mean")
-            denominator = torch.ones_like(labelled)
+            # A micro-batch without a labelled token has no mean (its loss is 0): it is left out of the average.
+            denominator = (labelled > 0).to(labelled.dtype)
         totals = torch.stack([loss.detach(), denominator.to(loss.dtype), labelled.to(loss.dtype)])
         self._step_totals = totals if self._step_totals is None else self._step_totals + totals
         return loss
