@@ -1,6 +1,7 @@
 """`mistral-lightning plan` against the real thing: the simulated peak of the tiny model under TP2 against
-the peak the CPU allocator reports for the same config trained by `fit` on two processes, and the
-simulated steady state against a hand count of each rank's shards."""
+the peak the CPU allocator reports for the same config trained by `fit` on two processes, the simulated
+steady state against a hand count of each rank's shards, and on one process (the fused loss, whose memory
+depends on the labels) the plan at least the peak of a run with the labelling that costs the loss most."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.configs import tiny_fit_config
+from helpers.configs import tiny_fit_config, write_config
 from helpers.processes import without_process_group
+from helpers.training import write_instruction_data
 
 from mistral_lightning.cli import main as mistral_lightning
 from mistral_lightning.config import MistralConfig, parameter_shapes
@@ -98,6 +100,43 @@ def test_simulated_peak_is_within_15_percent_of_each_ranks_measured_peak(request
     for rank in measured:
         assert rank["steps"] == 2
         assert predicted == pytest.approx(rank["peak_allocated_bytes"], rel=0.15)
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory) -> tuple[dict, dict]:
+    """The plan of one process on instruction data labelled everywhere but each sample's last position (4 × 128
+    positions: one chunk of logits), and the peak of `fit` on it, both run here. With every position labelled the
+    fused loss works on the hidden states in place; with an unlabelled one it copies the labelled rows and their
+    gradient, which here outweighs the row of logits it saves: the plan without the copies was 85 KB short."""
+    root = tmp_path_factory.mktemp("plan_tiny_sft")
+    micro_batch = 4
+    data = write_instruction_data(str(root / "sft"), [(0, SEQ_LENGTH)] * 2 * micro_batch)
+    allocator_peak = tiny_tp2_config(data, root)["trainer"]["callbacks"]
+    instruction_data = {"data_prefix": data, "seq_length": SEQ_LENGTH, "micro_batch_size": micro_batch}
+    settings = tiny_fit_config(
+        root,
+        data,
+        trainer={"callbacks": allocator_peak, "gradient_clip_val": 1.0},
+        data={
+            "class_path": "mistral_lightning.data.datamodules.InstructionDataModule",
+            "init_args": instruction_data | {"split": "1,0,0", "num_workers": 0},
+        },
+    )
+    config = write_config(settings, root / "fit.yaml")
+    assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
+    assert mistral_lightning(["fit", "--config", str(config)]) == 0
+    measured = json.loads((root / "measured" / "rank0.json").read_text())
+    return json.loads((root / "plan.json").read_text()), measured
+
+
+def test_the_plan_covers_the_loss_at_its_most_expensive_labelling(tiny_sft):
+    plan, measured = tiny_sft
+    assert measured["steps"] == 2
+    assert (
+        measured["peak_allocated_bytes"]
+        <= plan["report"]["peak_bytes"]
+        <= 1.15 * measured["peak_allocated_bytes"]
+    )
 
 
 def shard_elements(config: MistralConfig, tp: int) -> int:

@@ -104,14 +104,26 @@ def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-class _EveryPositionLabelled(TorchDispatchMode):
-    """`nonzero` of a fake tensor has no values to count; the loss asks it which positions carry a label.
-    Answering "all of them" simulates the largest loss (pretraining, or SFT at its most response-heavy)."""
+class _LabelledPositions(TorchDispatchMode):
+    """`nonzero` of a fake tensor has no values to count; the loss asks it which positions carry a label, and this
+    answers all of them, or all but one. Those are the fused loss's worst cases (kernels/cross_entropy.py):
+    with every position labelled it uses the hidden states and their gradient in place; with any unlabelled one
+    it copies the k labelled rows and their gradient and scatters that into a zeroed gradient of all N positions,
+    about 2k hidden rows more, so the largest k short of N costs most, unless all N positions fit one chunk of
+    logits, whose extra row may weigh more (measured in docs/training.md). `largest_mask`: the most positions
+    asked about at once."""
+
+    def __init__(self, all_but_one: bool) -> None:
+        super().__init__()
+        self.all_but_one = all_but_one
+        self.largest_mask = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.nonzero.default:
             (mask,) = args
-            return torch.empty((mask.numel(), mask.dim()), dtype=torch.long, device=mask.device)
+            self.largest_mask = max(self.largest_mask, mask.numel())
+            rows = max(mask.numel() - 1, 0) if self.all_but_one else mask.numel()
+            return torch.empty((rows, mask.dim()), dtype=torch.long, device=mask.device)
         return func(*args, **(kwargs or {}))
 
 
@@ -181,8 +193,33 @@ def simulate_training_step(
         lightning_order: zero the gradients as Lightning's loop does, after the forward pass of an accumulation
         window's first micro-batch (so the last step's gradients are alive during it); False: after the
         optimizer step, as a plain loop does.
+    The loss's labels are its most expensive ones: every position but one labelled, or (when all positions fit
+    one chunk of logits) every position, whichever peaks higher.
     """
     start = time.perf_counter()
+    simulate = partial(
+        _simulate, build, make_optimizer, shape, forward_context, world_size, rank, steps, lightning_order
+    )
+    labelling = _LabelledPositions(all_but_one=True)
+    report = simulate(labelling)
+    if 0 < labelling.largest_mask <= shape.loss_chunk_size:
+        # All positions in one chunk of logits: every one labelled adds a row of logits, which may outweigh the copies.
+        report = max(report, simulate(_LabelledPositions(all_but_one=False)), key=lambda r: r.peak_bytes)
+    return dataclasses.replace(report, seconds=time.perf_counter() - start)
+
+
+def _simulate(
+    build: Callable[[], nn.Module],
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    shape: StepShape,
+    forward_context: Callable[[], contextlib.AbstractContextManager],
+    world_size: int,
+    rank: int,
+    steps: int,
+    lightning_order: bool,
+    labelling: _LabelledPositions,
+) -> MemoryReport:
+    """One simulation of simulate_training_step, the loss's labels answered by `labelling`."""
     propagating = _ShardingPropagationFlag()
     attention_paths: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -191,7 +228,7 @@ def simulate_training_step(
         stack.callback(setattr, ShardingPropagator, "_fake_mode_lock", ShardingPropagator._fake_mode_lock)
         ShardingPropagator._fake_mode_lock = propagating
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        stack.enter_context(_EveryPositionLabelled())
+        stack.enter_context(labelling)
         model.to_empty(device=DEVICE)
         materialize_nf4_(model)
         optimizer = make_optimizer(model)
@@ -240,5 +277,5 @@ def simulate_training_step(
         after_step=_grouped(after_step, held),
         tracker_categories={getattr(key, "value", key): int(value) for key, value in peak.items() if value},
         attention_path=attention_paths[0] if attention_paths else "none",
-        seconds=time.perf_counter() - start,
+        seconds=0.0,
     )
