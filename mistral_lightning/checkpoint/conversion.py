@@ -57,7 +57,7 @@ def companion_source(source: WeightSource, config_folder: Path | None, out_optio
             file=sys.stderr,
         )
     elif isinstance(source, LightningCheckpoint) and config_folder is None:
-        return scratch_tokenizer(source.config, out_option)
+        return scratch_tokenizer(source.config)
     return config_folder
 
 

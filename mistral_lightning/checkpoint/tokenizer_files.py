@@ -44,12 +44,19 @@ def companion_files(folder: Path) -> list[Path]:
 
 
 def write_companion_files(source: Path | None, config: MistralConfig, out_dir: Path) -> list[str]:
-    """Copy `source`'s companion files byte for byte into `out_dir` (`source`: an HF folder, or a
-    sentencepiece file, see `write_sentencepiece`); write a generation_config.json with the config's
-    BOS/EOS ids when the source has none. Returns the names written from the source."""
+    """Copy `source`'s companion files byte for byte into `out_dir` (`source`: an HF folder, or the
+    `scratch_tokenizer` file, written as `write_sentencepiece` does, with a note); write a
+    generation_config.json with the config's BOS/EOS ids when the source has none. Returns the names
+    written from the source."""
     copied = []
     if source is not None and source.is_file():
         copied = write_sentencepiece(source, out_dir)
+        print(
+            "note: these weights were trained from scratch and record no tokenizer; the export gets the "
+            f"Mistral v1 tokenizer ({', '.join(copied)}), which every command assumes for them; if the training "
+            "data was tokenized with another, put that tokenizer's files there instead",
+            file=sys.stderr,
+        )
     elif source is not None:
         for path in companion_files(source):
             shutil.copyfile(path, out_dir / path.name)
@@ -80,18 +87,12 @@ def write_sentencepiece(model_file: Path, out_dir: Path) -> list[str]:
     return [SENTENCEPIECE_FILE, TOKENIZER_CONFIG]
 
 
-def scratch_tokenizer(config: MistralConfig, out_option: str) -> Path | None:
+def scratch_tokenizer(config: MistralConfig) -> Path | None:
     """The tokenizer file for weights trained from scratch, which record none: the one every command assumes
-    for them (Mistral v1), announced in one line; None when its ids do not fit the model's vocabulary."""
+    for them (Mistral v1); None when its ids do not fit the model's vocabulary."""
     default = default_tokenizer_path()
     if Tokenizer(default).vocab_size > config.vocab_size:
         return None  # a toy vocabulary: no shipped tokenizer fits; inference then needs --tokenizer
-    print(
-        f"note: these weights were trained from scratch and record no tokenizer; {out_option} gets the Mistral "
-        f"v1 tokenizer ({SENTENCEPIECE_FILE}), which every command assumes for them; if the training data was "
-        "tokenized with another, put that tokenizer's files there instead",
-        file=sys.stderr,
-    )
     return default
 
 

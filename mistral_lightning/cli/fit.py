@@ -172,9 +172,8 @@ class MistralCLI(LightningCLI):
         target = self._export_target()
         if target is not None and self.trainer.state.status == "finished":
             pretrained = self.model.hparams.get("pretrained")
-            files_from = pretrained
-            if not pretrained and self.trainer.is_global_zero:  # trained from scratch: the assumed tokenizer
-                files_from = scratch_tokenizer(self.model.config, "--export_hf_dir")
+            # Trained from scratch, the run records no tokenizer: the export gets the one every command assumes.
+            files_from = pretrained or scratch_tokenizer(self.model.config)
             # Every rank takes part in gathering the shards; only global rank 0 writes.
             save_hf(
                 trained_weights(self.model.model, self.model.lora_config, pretrained),
