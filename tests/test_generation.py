@@ -16,7 +16,7 @@ import torch
 import transformers
 from helpers.models import random_model
 from helpers.processes import run_on_ranks
-from helpers.tokenizer_references import CONVERSATION, SHIPPED, prompt_ids
+from helpers.tokenizer_references import CONVERSATION, SHIPPED, prompt_ids, reference
 
 from mistral_lightning import Mistral, MistralConfig, cli
 from mistral_lightning.checkpoint.hf import CheckpointError
@@ -26,6 +26,8 @@ from mistral_lightning.generation import GenerationError, RollingKVCache, genera
 from mistral_lightning.generation.decoding import stream_generate
 from mistral_lightning.generation.loading import load_model
 from mistral_lightning.generation.sampling import sample_next_tokens
+from mistral_lightning.generation.text_stream import StopTextStream
+from mistral_lightning.tokenizer import Tokenizer
 
 PROMPTS = [[1, 5, 9, 33, 7], [1, 100, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 42]]
 NEW_TOKENS = 16
@@ -129,6 +131,84 @@ def test_rows_stop_at_eos_or_a_stop_sequence_independently():
     stop = free[1][3:5]
     stopped = generate(model, PROMPTS, NEW_TOKENS, eos_id=None, stop_sequences=[stop])
     assert stopped[1] == free[1][:5]
+
+
+def _generate_capturing_the_cache(model: Mistral, *args, **kwargs) -> tuple[list[list[int]], int]:
+    """`generate`'s output and how many entries per row its KV cache holds."""
+    caches = []
+    hook = model.register_forward_pre_hook(
+        lambda module, inputs, options: caches.append(options["kv_cache"]), with_kwargs=True
+    )
+    try:
+        outputs = generate(model, *args, **kwargs)
+    finally:
+        hook.remove()
+    return outputs, caches[0].keys[0].shape[1]
+
+
+def test_each_row_caches_its_own_prompt_and_new_tokens_and_decodes_as_alone(model_pair):
+    """A long prompt with few new tokens beside a short one with many: the cache holds what the longest
+    row needs (at most the context), not the longest prompt plus the most new tokens for every row."""
+    ours, theirs = model_pair
+    context, window = ours.config.max_seq_length, ours.config.sliding_window
+    prompts = [PROMPTS[1] * 6, PROMPTS[2]]  # 78 and 2 tokens
+    # One limit for both (the 78-token prompt has room for 50 of them), then one limit per row.
+    for limits, lengths, entries in ((120, [50, 120], context), ([4, 120], [4, 120], 2 + 120)):
+        outputs, cached = _generate_capturing_the_cache(ours, prompts, limits, eos_id=None)
+        assert cached == (entries if window is None else window)
+        assert [len(tokens) for tokens in outputs] == lengths
+        for prompt, tokens in zip(prompts, outputs):
+            alone = theirs.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=len(tokens),
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+            assert tokens == alone
+
+
+def test_a_tiny_temperature_samples_the_best_token():
+    model = random_model(window=None)
+    greedy = generate(model, PROMPTS, NEW_TOKENS, eos_id=None)
+    generator = torch.Generator().manual_seed(0)
+    assert (
+        generate(model, PROMPTS, NEW_TOKENS, eos_id=None, temperature=1e-300, generator=generator) == greedy
+    )
+
+
+class RecordingTokenizer:
+    """The real tokenizer, recording how many ids each decode is given."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.decoded_lengths: list[int] = []
+
+    def decode(self, ids: list[int]) -> str:
+        self.decoded_lengths.append(len(ids))
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("name", ["v1", "v3", "tekken"])
+def test_streamed_text_is_the_whole_decoding_at_constant_work_per_token(name):
+    """StopTextStream (generate's printing, the server's streams) decodes a few ids per token, never the
+    whole text again, and its pieces make mistral-common's decoding of all the ids, cut at a stop string.
+    Random ids bring byte tokens, control tokens and split characters."""
+    decoder = reference(name).instruct_tokenizer.tokenizer
+    text = " ".join(message["content"] for message in CONVERSATION) * 30  # Chinese, emoji, newlines
+    random_ids = torch.randint(0, decoder.n_words, (1500,), generator=torch.Generator().manual_seed(0))
+    tokenizer = Tokenizer(SHIPPED[name])
+    for ids in (decoder.encode(text, bos=False, eos=False), random_ids.tolist()):
+        expected = decoder.decode(ids)
+        stop = expected[len(expected) // 2 : len(expected) // 2 + 3]
+        for stops, whole in (([], expected), (["never said", stop], expected[: expected.index(stop)])):
+            recording = RecordingTokenizer(tokenizer)
+            stream = StopTextStream(recording, stops)
+            pieces = [stream.add(token) for token in ids]
+            pieces.append(stream.finish())
+            assert "".join(pieces) == stream.text == whole
+            assert stream.stopped == bool(stops)
+            assert max(recording.decoded_lengths) <= 12
 
 
 def test_bad_prompts_are_rejected_with_the_reason():

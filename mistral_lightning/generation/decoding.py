@@ -7,7 +7,7 @@ generates at most `max_seq_length - len(prompt)` tokens, even if `max_new_tokens
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ def _ends_with_stop(tokens: list[int], eos_id: int | None, stop_sequences: list[
 def stream_generate(
     model: nn.Module,
     prompts: list[list[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -102,41 +102,58 @@ def stream_generate(
     generator: torch.Generator | None = None,
     prefill_chunk_size: int | None = None,
 ) -> Iterator[list[int | None]]:
-    """Yield, per step, each row's new token (None once that row has stopped); see `generate`."""
+    """Yield, per step, each row's new token (None once that row has stopped); see `generate`.
+
+    `send` the indices of prompts whose tokens are no longer wanted (e.g. their text reached a stop string)
+    to stop those rows at once.
+    """
     check_prompts(prompts, model.config.max_seq_length)
     check_sampling_options(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    budgets = [min(max_new_tokens, model.config.max_seq_length - len(prompt)) for prompt in prompts]
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise GenerationError(f"max_new_tokens: {len(limits)} limits given for {len(prompts)} prompts")
+    if min(limits) < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {min(limits)}")
+    budgets = [
+        min(limit, model.config.max_seq_length - len(prompt)) for limit, prompt in zip(limits, prompts)
+    ]
     if max(budgets) == 0:
         return
     ids, pad_lengths = _left_padded(prompts, _model_device(model))
-    cache = _new_cache(model, pad_lengths, ids.shape[1] + max(budgets))
+    # Each row holds its own prompt and new tokens, at most the context, whatever its batch mates need.
+    cache = _new_cache(
+        model, pad_lengths, max(len(prompt) + budget for prompt, budget in zip(prompts, budgets))
+    )
     logits = _prefill(model, cache, ids, prefill_chunk_size or DEFAULT_PREFILL_CHUNK)
     generated: list[list[int]] = [[] for _ in prompts]
     running = [budget > 0 for budget in budgets]
+    rows = list(range(len(prompts)))  # the prompt of each row still in the batch
     while True:
         tokens = sample_next_tokens(logits, temperature, top_k, top_p, generator)
-        step: list[int | None] = []
-        for row, token in enumerate(tokens.tolist()):
-            if not running[row]:
-                step.append(None)
+        step: list[int | None] = [None] * len(prompts)
+        for prompt, token in zip(rows, tokens.tolist()):
+            if not running[prompt]:
                 continue
-            generated[row].append(token)
-            step.append(token)
-            stopped = _ends_with_stop(generated[row], eos_id, stop_sequences or [])
-            running[row] = not stopped and len(generated[row]) < budgets[row]
-        yield step
-        if not any(running):
+            generated[prompt].append(token)
+            step[prompt] = token
+            stopped = _ends_with_stop(generated[prompt], eos_id, stop_sequences or [])
+            running[prompt] = not stopped and len(generated[prompt]) < budgets[prompt]
+        for prompt in (yield step) or ():  # rows the caller no longer needs
+            running[prompt] = False
+        kept = [row for row, prompt in enumerate(rows) if running[prompt]]
+        if not kept:
             return
-        # Stopped rows keep decoding their last token; their output is simply no longer recorded.
+        if len(kept) < len(rows):  # stopped rows leave the batch and its cache
+            cache.keep_rows(kept)
+            tokens = tokens[torch.tensor(kept, device=tokens.device)]
+            rows = [rows[row] for row in kept]
         logits = _last_position(model(tokens[:, None], cache.advance(1), kv_cache=cache))
 
 
 def generate(
     model: nn.Module,
     prompts: list[list[int]],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -152,8 +169,9 @@ def generate(
     top_k / top_p and sampled with `generator` (seed it for reproducible output; it must live on the
     model's device, and under tensor parallelism be seeded alike on every rank). A row stops after
     `eos_id` or after any of `stop_sequences` (both are kept at the end of its output), after
-    `max_new_tokens`, or when it fills the model's context. The model is any module with a
-    MistralConfig `config` whose forward takes `(input_ids, position_ids, kv_cache=...)`.
+    `max_new_tokens` (one number for every row, or one per row), or when it fills the model's context.
+    The model is any module with a MistralConfig `config` whose forward takes `(input_ids, position_ids,
+    kv_cache=...)`.
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in stream_generate(

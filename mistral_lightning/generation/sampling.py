@@ -30,7 +30,9 @@ def sample_next_tokens(
     """logits [B, V] -> token ids [B]. The generator must live on the logits' device."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
+    scores = logits.float()
+    # Scaled from the best score down: a tiny temperature gives -inf below the best, never inf - inf (NaN).
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < scores.shape[-1]:
         kth_best = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth_best, float("-inf"))
