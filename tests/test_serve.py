@@ -1,15 +1,20 @@
 """`mistral-lightning serve` through the `openai` client, against independent references: mistral-common's
 chat prompt ids, transformers' greedy decoding of the same weights, and `mistral-lightning generate`.
 
-One server (a tiny random model with the v3 tokenizer, batching on) runs in its own session for the
-module and is stopped with SIGTERM at the end; the test fails if any of its processes is left behind.
+One server (a tiny random model with the v3 tokenizer, batching on, an API key from the environment) runs
+in its own session for the module and is stopped with SIGTERM at the end; the test fails if any of its
+processes is left behind or its log shows a traceback.
 """
 
 from __future__ import annotations
 
+import http.client
+import itertools
+import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -27,8 +32,13 @@ from helpers.processes import free_port
 from helpers.tokenizer_references import SHIPPED, prompt_ids, reference
 
 from mistral_lightning.cli import generate as generate_cli
+from mistral_lightning.cli.serve import API_KEY_ENV
 
-CONTEXT = 96
+CONTEXT = 4096  # room for a decoding long enough to notice whether a disconnect stops it
+NAME = "tiny-v3"  # the served model name: the folder's
+API_KEY = "sk-test-0123"
+MAX_REQUEST_BYTES = 4_000_000  # a prompt this long takes about a second to tokenize
+MAX_PROMPT_TOKENS = 2048
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "Name three colours."},
@@ -39,9 +49,9 @@ EOS = 2
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """A random Mistral (window 8, context 96) with the v3 tokenizer, as an HF folder."""
+    """A random Mistral (window 8, context 4096) with the v3 tokenizer, as an HF folder."""
     model = random_model(8, vocab_size=32768, max_seq_length=CONTEXT)
-    path = model.save_pretrained(tmp_path_factory.mktemp("served") / "tiny-v3")
+    path = model.save_pretrained(tmp_path_factory.mktemp("served") / NAME)
     shutil.copy(SHIPPED["v3"], path / "tokenizer.model.v3")
     return path
 
@@ -75,11 +85,18 @@ def server(folder, tmp_path_factory):
         "4",
         "--batch-timeout",
         "0.05",
+        "--max-request-bytes",
+        str(MAX_REQUEST_BYTES),
+        "--max-prompt-tokens",
+        str(MAX_PROMPT_TOKENS),
         "--log-level",
         "warning",
     ]
+    environment = {**os.environ, API_KEY_ENV: API_KEY}
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=environment
+        )
     try:
         yield Server(process, port, log)
     finally:
@@ -92,13 +109,14 @@ def server(folder, tmp_path_factory):
                 os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, log.read_text()
     assert not leftovers, "the server left processes behind after SIGTERM"
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 @pytest.fixture(scope="module")
 def client(server):
     _wait_until_healthy(server.process, server.port, server.log)
     return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=60
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key=API_KEY, max_retries=0, timeout=60
     )
 
 
@@ -164,7 +182,7 @@ def test_greedy_chat_is_the_models_chat_format_and_equals_transformers_and_gener
 ):
     ids = prompt_ids("v3", MESSAGES)
     expected, tokens = transformers_greedy(ids, 12)
-    reply = client.chat.completions.create(model="tiny-v3", messages=MESSAGES, temperature=0, max_tokens=12)
+    reply = client.chat.completions.create(model=NAME, messages=MESSAGES, temperature=0, max_tokens=12)
     assert reply.choices[0].message.content == expected
     assert reply.choices[0].finish_reason == _finish_reason(tokens)
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), len(tokens))
@@ -173,7 +191,7 @@ def test_greedy_chat_is_the_models_chat_format_and_equals_transformers_and_gener
     command = _generate_command(
         folder, capsys, "--chat", "--prompt", single[0]["content"], "--max-new-tokens", "9"
     )
-    served = client.chat.completions.create(model="tiny-v3", messages=single, temperature=0, max_tokens=9)
+    served = client.chat.completions.create(model=NAME, messages=single, temperature=0, max_tokens=9)
     assert served.choices[0].message.content == command == transformers_greedy(prompt_ids("v3", single), 9)[0]
 
 
@@ -182,7 +200,7 @@ def test_streamed_chunks_concatenate_to_the_same_text(client, transformers_greed
     ids = prompt_ids("v3", MESSAGES)
     expected, tokens = transformers_greedy(ids, 12)
     *chunks, usage = client.chat.completions.create(
-        model="m",
+        model=NAME,
         messages=MESSAGES,
         temperature=0,
         max_tokens=12,
@@ -206,16 +224,14 @@ def test_completions_equal_transformers_and_generate_streaming_or_not(
 ):
     ids = _encode(PROMPT)
     expected, tokens = transformers_greedy(ids, 10)
-    reply = client.completions.create(model="tiny-v3", prompt=PROMPT, temperature=0, max_tokens=10)
+    reply = client.completions.create(model=NAME, prompt=PROMPT, temperature=0, max_tokens=10)
     assert (
         reply.choices[0].text
         == expected
         == _generate_command(folder, capsys, "--prompt", PROMPT, "--max-new-tokens", "10")
     )
     assert reply.choices[0].finish_reason == _finish_reason(tokens)
-    stream = client.completions.create(
-        model="tiny-v3", prompt=PROMPT, temperature=0, max_tokens=10, stream=True
-    )
+    stream = client.completions.create(model=NAME, prompt=PROMPT, temperature=0, max_tokens=10, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == expected
 
 
@@ -229,11 +245,11 @@ def test_stop_cuts_the_text_as_generate_does(client, folder, transformers_greedy
     assert command == full[: full.index(stop)]
     messages = [MESSAGES[1]]
     reply = client.chat.completions.create(
-        model="m", messages=messages, temperature=0, max_tokens=12, stop=[stop]
+        model=NAME, messages=messages, temperature=0, max_tokens=12, stop=[stop]
     )
     assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (command, "stop")
     stream = client.chat.completions.create(
-        model="m", messages=messages, temperature=0, max_tokens=12, stop=stop, stream=True
+        model=NAME, messages=messages, temperature=0, max_tokens=12, stop=stop, stream=True
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == command
 
@@ -249,13 +265,13 @@ def test_seeded_sampling_equals_generate_with_that_seed_while_greedy_requests_sh
 
     def sample() -> str:
         reply = client.completions.create(
-            model="m", prompt=PROMPT, temperature=0.9, top_p=0.95, seed=7, max_tokens=10
+            model=NAME, prompt=PROMPT, temperature=0.9, top_p=0.95, seed=7, max_tokens=10
         )
         return reply.choices[0].text
 
     def greedy(prompt: str) -> str:
         return (
-            client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=8).choices[0].text
+            client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=8).choices[0].text
         )
 
     with ThreadPoolExecutor(4) as pool:  # arrive together, within the server's batch timeout
@@ -278,7 +294,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.processes
 def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(client, transformers_greedy):
-    request = {"model": "m", "messages": [MESSAGES[1]], "temperature": 0, "max_tokens": 4}
+    request = {"model": NAME, "messages": [MESSAGES[1]], "temperature": 0, "max_tokens": 4}
     for change, message in BAD_REQUESTS:
         for stream in (False, True):  # a streaming request is refused before its stream starts
             with pytest.raises(openai.BadRequestError) as error:
@@ -292,8 +308,139 @@ def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_serving(clien
 @pytest.mark.processes
 def test_a_body_that_does_not_parse_gets_400_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as error:
-        client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature="hot")
+        client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature="hot")
     assert "temperature: Input should be a valid number" in error.value.message
+
+
+def _completion(client: openai.OpenAI, prompt: str, **options) -> tuple[int, str]:
+    """The status and the text (or the server's error message) of a completion."""
+    try:
+        reply = client.completions.create(model=NAME, prompt=prompt, **options)
+    except openai.APIStatusError as error:
+        return error.status_code, error.message.removeprefix(f"Error code: {error.status_code} - ")
+    return 200, reply.choices[0].text
+
+
+def _timed_completion(client: openai.OpenAI) -> float:
+    """Seconds a small greedy completion takes."""
+    start = time.monotonic()
+    client.completions.create(model=NAME, prompt=PROMPT, temperature=0, max_tokens=8)
+    return time.monotonic() - start
+
+
+@pytest.mark.processes
+def test_a_bad_request_arriving_with_others_gets_400_and_they_get_their_text(client, transformers_greedy):
+    """A seed beyond 64 bits used to fail its whole batch with 500; a tiny temperature too."""
+    prompts = ["Once upon a time", "def main():", "1, 2, 3,"]
+    expected = [transformers_greedy(_encode(prompt), 8)[0] for prompt in prompts]
+    with ThreadPoolExecutor(4) as pool:  # arrive together, within the server's batch timeout
+        futures = [
+            pool.submit(_completion, client, PROMPT, temperature=0.9, seed=2**64, max_tokens=8),
+            pool.submit(_completion, client, prompts[0], temperature=1e-300, seed=3, max_tokens=8),
+            pool.submit(_completion, client, prompts[1], temperature=0, max_tokens=8),
+            pool.submit(_completion, client, prompts[2], temperature=0, max_tokens=8),
+        ]
+        results = [future.result() for future in futures]
+    assert results[0] == (400, "seed: must fit in 64 bits (from -2**63 to 2**64 - 1)")
+    assert results[1:] == [(200, text) for text in expected]
+
+
+@pytest.mark.processes
+def test_a_large_prompt_does_not_hold_up_a_small_request(client):
+    """The large prompt is tokenized off the event loop (then refused: over --max-prompt-tokens), which
+    takes about a second here; the small request's time is compared with its own just before, in up to
+    three tries, as other processes on the machine make both vary."""
+    large = "lorem ipsum " * (MAX_REQUEST_BYTES // 12 - 100)
+    delays = []
+    for _ in range(3):
+        alone = statistics.median(_timed_completion(client) for _ in range(3))
+        with ThreadPoolExecutor(1) as pool:
+            refused = pool.submit(_completion, client, large, max_tokens=1)
+            time.sleep(0.2)  # its body is in, its tokenization under way
+            during = _timed_completion(client)
+            status, message = refused.result()
+        delays.append((during - alone) / alone)
+        if delays[-1] <= 2:
+            break
+    assert min(delays) <= 2, delays
+    assert status == 400 and message.endswith(
+        f" tokens, more than this server's --max-prompt-tokens {MAX_PROMPT_TOKENS}; shorten the prompt"
+    )
+    assert _completion(client, large + "x" * 2000, max_tokens=1) == (
+        413,
+        f"request body: larger than this server's --max-request-bytes {MAX_REQUEST_BYTES}; "
+        "send a shorter prompt",
+    )
+
+
+@pytest.mark.processes
+def test_a_client_that_disconnects_stops_its_decoding(client):
+    """Streaming or not: the next request is answered in about its own time, not after the rest of a
+    decoding of 4000 tokens (several seconds here)."""
+    long = {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": CONTEXT - 16}
+    alone = statistics.median(_timed_completion(client) for _ in range(3))
+    stream = client.completions.create(**long, stream=True)
+    for _ in itertools.islice(stream, 20):  # decoding is under way
+        pass
+    stream.close()
+    after_stream = _timed_completion(client)
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.5).completions.create(**long)
+    after_timeout = _timed_completion(client)
+    assert max(after_stream, after_timeout) - alone < 1.0 + 2 * alone, (after_stream, after_timeout, alone)
+
+
+def _get(port: int, path: str, headers: dict) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.processes
+def test_the_api_key_the_model_name_and_the_host_are_checked(server, client):
+    """OpenAI clients send the key as `Authorization: Bearer`; LitServe's own X-API-Key header is not it.
+    Another model name is 404 in OpenAI's error object; a foreign Host (DNS rebinding) is refused."""
+    stranger = client.with_options(api_key="sk-wrong")
+    with pytest.raises(openai.AuthenticationError) as error:
+        stranger.completions.create(model=NAME, prompt=PROMPT, max_tokens=2)
+    assert "--api-key" in error.value.message and error.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    for headers in ({}, {"X-API-Key": API_KEY}):
+        status, body = _get(server.port, "/v1/models", headers)
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert [model.id for model in client.models.list()] == [NAME]
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="gpt-4o", messages=[MESSAGES[1]], max_tokens=2)
+    assert error.value.code == "model_not_found" and f"`{NAME}`" in error.value.message
+    assert _get(server.port, "/health", {"Host": "attacker.example"})[0] == 400
+    assert _get(server.port, "/health", {"Host": f"localhost:{server.port}"})[0] == 200
+
+
+def test_serving_beyond_loopback_without_a_key_warns_in_one_line(tmp_path, capsys, monkeypatch):
+    from mistral_lightning import cli
+
+    missing = tmp_path / "missing"
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert cli.main(["serve", "--checkpoint", str(missing), "--host", "0.0.0.0", "--port", "8123"]) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning == (
+        "mistral-lightning serve: warning: --host 0.0.0.0 without --api-key: anyone who reaches port 8123 "
+        f"can use the model; set {API_KEY_ENV} (or --api-key)"
+    )
+    assert error.startswith(f"mistral-lightning serve: error: {missing}: no such file or folder")
+    monkeypatch.setenv(API_KEY_ENV, API_KEY)
+    assert cli.main(["serve", "--checkpoint", str(missing), "--host", "0.0.0.0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert cli.main(["serve", "--checkpoint", str(missing), "--api-key", " "]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mistral-lightning serve: error: --api-key: is empty; give the key clients must send, or leave the "
+        "option out"
+    )
 
 
 def test_a_wrong_checkpoint_or_device_is_one_line_before_anything_starts(folder, tmp_path, capsys):

@@ -30,6 +30,7 @@ class MistralAPI(ls.LitAPI):
     ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec)
         self.settings = settings
+        self.disconnects = spec.disconnects  # reported by the HTTP process, read here per step
 
     def setup(self, device: str) -> None:
         self.model, self.tokenizer = load_for_inference(self.settings.model)
@@ -40,7 +41,10 @@ class MistralAPI(ls.LitAPI):
     def predict(self, requests: DecodingRequest | list[DecodingRequest], **kwargs) -> Iterator:
         # LitServe hands a list when batching (--max-batch-size > 1), else one request.
         batch = requests if isinstance(requests, list) else [requests]
-        for pieces in decode_requests(self.model, self.tokenizer, batch, self.settings.prefill_chunk_size):
+        decoding = decode_requests(
+            self.model, self.tokenizer, batch, self.settings.prefill_chunk_size, self.disconnects
+        )
+        for pieces in decoding:
             yield pieces if isinstance(requests, list) else pieces[0]
 
     def encode_response(self, outputs: Iterator, **kwargs) -> Iterator:

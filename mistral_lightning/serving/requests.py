@@ -6,7 +6,8 @@ answers it with HTTP 400 before the request reaches the model, so a stream never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -16,6 +17,8 @@ from mistral_lightning.tokenizer import Tokenizer
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 MAX_STOP_STRINGS = 4  # as OpenAI allows
+MAX_STOP_LENGTH = 1000  # characters; the text held back per token is as long as the longest stop string
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -58,6 +61,14 @@ class CompletionRequest(SamplingFields):
 
 
 @dataclass(frozen=True)
+class PromptLimits:
+    """The model's context and the server's prompt limit, in tokens."""
+
+    context_length: int
+    max_prompt_tokens: int | None  # --max-prompt-tokens; None: the context is the only limit
+
+
+@dataclass(frozen=True)
 class DecodingRequest:
     """What the model worker needs: prompt ids and the checked sampling options."""
 
@@ -67,9 +78,10 @@ class DecodingRequest:
     top_p: float
     seed: int | None
     stop: list[str]
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def decode_chat(request: ChatRequest, tokenizer: Tokenizer, context_length: int) -> DecodingRequest:
+def decode_chat(request: ChatRequest, tokenizer: Tokenizer, limits: PromptLimits) -> DecodingRequest:
     """A chat request as the model's own chat format (mistral-common) encodes it, ending on a user turn."""
     _refuse(request.tools, "tools", "function calling is not supported; leave out tools")
     messages = [
@@ -80,11 +92,11 @@ def decode_chat(request: ChatRequest, tokenizer: Tokenizer, context_length: int)
     max_tokens = (
         request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     )
-    return _decoding(request, prompt_ids, max_tokens, context_length)
+    return _decoding(request, prompt_ids, max_tokens, limits)
 
 
 def decode_completion(
-    request: CompletionRequest, tokenizer: Tokenizer, context_length: int
+    request: CompletionRequest, tokenizer: Tokenizer, limits: PromptLimits
 ) -> DecodingRequest:
     """A text prompt, encoded with BOS as `generate --prompt` encodes it."""
     prompt = request.prompt
@@ -100,7 +112,7 @@ def decode_completion(
     )
     _refuse(request.suffix, "suffix", "insertion is not supported; leave out suffix")
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
-    return _decoding(request, tokenizer.encode(prompt, bos=True), max_tokens, context_length)
+    return _decoding(request, tokenizer.encode(prompt, bos=True), max_tokens, limits)
 
 
 def _refuse(value: object, field: str, advice: str) -> None:
@@ -121,14 +133,16 @@ def _text(index: int, message: ChatMessage) -> str:
 
 
 def _decoding(
-    request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, context_length: int
+    request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, limits: PromptLimits
 ) -> DecodingRequest:
     if request.n not in (None, 1):
         raise RequestError(
             f"n: {request.n} choices asked; this server returns one choice per request, send n requests"
         )
-    for field in ("presence_penalty", "frequency_penalty"):
-        _refuse(getattr(request, field), field, "penalties are not supported; leave it out or set it to 0")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        _refuse(
+            getattr(request, penalty), penalty, "penalties are not supported; leave it out or set it to 0"
+        )
     temperature = 1.0 if request.temperature is None else request.temperature
     if not 0.0 <= temperature <= MAX_TEMPERATURE:
         raise RequestError(
@@ -137,6 +151,14 @@ def _decoding(
     top_p = 1.0 if request.top_p is None else request.top_p
     if not 0.0 < top_p <= 1.0:
         raise RequestError(f"top_p: must be in (0, 1] (1 keeps every token), got {top_p:g}")
+    if request.seed is not None and not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
+        raise RequestError("seed: must fit in 64 bits (from -2**63 to 2**64 - 1)")
+    if limits.max_prompt_tokens is not None and len(prompt_ids) > limits.max_prompt_tokens:
+        raise RequestError(
+            f"messages/prompt: {len(prompt_ids)} tokens, more than this server's --max-prompt-tokens "
+            f"{limits.max_prompt_tokens}; shorten the prompt"
+        )
+    context_length = limits.context_length
     room = context_length - len(prompt_ids)
     if room <= 0:
         raise RequestError(
@@ -161,4 +183,6 @@ def _stops(stop: str | list[str] | None) -> list[str]:
         raise RequestError(f"stop: {len(stops)} stop strings given; at most {MAX_STOP_STRINGS} are allowed")
     if "" in stops:
         raise RequestError('stop: "" would stop before the first character; give non-empty stop strings')
+    if max(map(len, stops), default=0) > MAX_STOP_LENGTH:
+        raise RequestError(f"stop: a stop string is longer than {MAX_STOP_LENGTH} characters; shorten it")
     return stops

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 CHAT = "chat"
 COMPLETION = "completion"
 STREAM_END = "data: [DONE]\n\n"
+INVALID_API_KEY = "missing or wrong API key; send the server's --api-key as `Authorization: Bearer <key>`"
 
 
 @dataclass
@@ -77,17 +79,20 @@ class Reply:
         )
 
 
-def error_body(message: str, error_type: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": None}}
+def error_body(message: str, error_type: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
 
-def error_response(status: int, message: str, error_type: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(message, error_type))
+def error_response(
+    status: int, message: str, error_type: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, error_type, code))
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    """A body that does not parse (a missing field, a string for a number) gets OpenAI's 400 error object
-    with one line naming each bad field, instead of FastAPI's 422 list."""
+def add_error_handlers(app: FastAPI, max_request_bytes: int) -> None:
+    """Errors in OpenAI's error object: a body that does not parse (a missing field, a string for a
+    number) gets 400 with one line naming each bad field, instead of FastAPI's 422 list; every other HTTP
+    error (401, 404, 405, 413) keeps its status."""
 
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = []
@@ -96,4 +101,17 @@ def add_error_handlers(app: FastAPI) -> None:
             problems.append(f"{field}: {problem['msg']}")
         return error_response(400, "; ".join(problems))
 
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 413:
+            message = (
+                f"request body: larger than this server's --max-request-bytes {max_request_bytes}; "
+                "send a shorter prompt"
+            )
+            return error_response(413, message)
+        code = "invalid_api_key" if error.status_code == 401 else None
+        response = error_response(error.status_code, str(error.detail), code=code)
+        response.headers.update(error.headers or {})  # e.g. Allow, with 405
+        return response
+
     app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, http_error)

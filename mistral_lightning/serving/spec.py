@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
-from fastapi import Response
+from fastapi import HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from mistral_lightning.errors import UserError
+from mistral_lightning.serving.disconnects import Disconnects
 from mistral_lightning.serving.requests import (
     ChatRequest,
     CompletionRequest,
     DecodingRequest,
+    PromptLimits,
     SamplingFields,
     decode_chat,
     decode_completion,
@@ -33,6 +38,7 @@ from mistral_lightning.serving.requests import (
 from mistral_lightning.serving.responses import (
     CHAT,
     COMPLETION,
+    INVALID_API_KEY,
     STREAM_END,
     Reply,
     error_body,
@@ -53,16 +59,21 @@ class WorkerFailed(Exception):
 class OpenAIEndpoints(LitSpec):
     """Chat completions, completions and the model list of one served model."""
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int, model_name: str) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, limits: PromptLimits, model_name: str, api_key: str | None
+    ) -> None:
         super().__init__()
         self.api_path = CHAT_PATH
         self.tokenizer: Tokenizer | None = tokenizer
-        self.context_length = context_length
+        self.limits = limits
         self.model_name = model_name
+        self.api_key = api_key
+        self.disconnects = Disconnects()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["tokenizer"] = None  # only the HTTP process validates; the worker loads its own tokenizer
+        # Only the HTTP process validates and authorizes; the worker loads its own tokenizer.
+        state.update(tokenizer=None, api_key=None)
         return state
 
     @property
@@ -80,35 +91,58 @@ class OpenAIEndpoints(LitSpec):
     def encode_response(self, output, context_kwargs: dict | None = None):
         yield from output
 
-    async def chat_completions(self, request: ChatRequest) -> Response:
-        return await self._respond(request, CHAT, decode_chat)
+    def _check_api_key(self, connection: Request) -> None:
+        """With --api-key, every /v1 route needs `Authorization: Bearer <key>`, as OpenAI clients send it.
+        (LitServe's `authorize` hook would guard /health too, which load balancers probe without a key.)"""
+        if self.api_key is None:
+            return
+        scheme, _, key = connection.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            key.strip().encode(), self.api_key.encode()
+        ):
+            raise HTTPException(401, INVALID_API_KEY)
 
-    async def completions(self, request: CompletionRequest) -> Response:
-        return await self._respond(request, COMPLETION, decode_completion)
+    async def chat_completions(self, request: ChatRequest, connection: Request) -> Response:
+        return await self._respond(request, connection, CHAT, decode_chat)
 
-    async def models(self) -> dict:
+    async def completions(self, request: CompletionRequest, connection: Request) -> Response:
+        return await self._respond(request, connection, COMPLETION, decode_completion)
+
+    async def models(self, connection: Request) -> dict:
+        self._check_api_key(connection)
         model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "mistral-lightning"}
         return {"object": "list", "data": [model]}
 
-    async def _respond(self, request: SamplingFields, kind: str, decode: Callable) -> Response:
+    async def _respond(
+        self, request: SamplingFields, connection: Request, kind: str, decode: Callable
+    ) -> Response:
+        self._check_api_key(connection)
+        if request.model is not None and request.model != self.model_name:
+            return error_response(
+                404, f"model: this server serves the model `{self.model_name}` only", code="model_not_found"
+            )
         try:
-            decoding = decode(request, self.tokenizer, self.context_length)
+            # Tokenizing a long prompt takes a while: in a thread, other requests are served meanwhile.
+            decoding = await run_in_threadpool(decode, request, self.tokenizer, self.limits)
         except UserError as error:
             return error_response(400, str(error))
         reply = Reply(kind, self.model_name, len(decoding.prompt_ids))
-        pieces = self._pieces(decoding)
         if request.stream:
+            # Starlette cancels a stream whose client disconnects, which ends `_pieces`.
             include_usage = bool((request.stream_options or {}).get("include_usage"))
-            events = self._events(reply, pieces, include_usage)
+            events = self._events(reply, self._pieces(decoding, None), include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
         text: list[str] = []
         try:
-            async for piece in pieces:
-                text.append(piece["text"])
-                if piece["finish_reason"]:
-                    return reply.whole("".join(text), piece["finish_reason"], piece["completion_tokens"])
+            async with aclosing(self._pieces(decoding, connection)) as pieces:
+                async for piece in pieces:
+                    text.append(piece["text"])
+                    if piece["finish_reason"]:
+                        return reply.whole("".join(text), piece["finish_reason"], piece["completion_tokens"])
         except WorkerFailed:
             pass
+        except ClientDisconnect:
+            return Response(status_code=204)  # nobody reads it
         return error_response(500, WORKER_FAILED, "server_error")
 
     async def _events(
@@ -117,34 +151,46 @@ class OpenAIEndpoints(LitSpec):
         if reply.kind == CHAT:
             yield reply.chunk(None, first=True)
         try:
-            async for piece in pieces:
-                if piece["text"]:
-                    yield reply.chunk(piece["text"])
-                if piece["finish_reason"]:
-                    yield reply.chunk(None, piece["finish_reason"])
-                    if include_usage:
-                        yield reply.usage_chunk(piece["completion_tokens"])
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    if piece["text"]:
+                        yield reply.chunk(piece["text"])
+                    if piece["finish_reason"]:
+                        yield reply.chunk(None, piece["finish_reason"])
+                        if include_usage:
+                            yield reply.usage_chunk(piece["completion_tokens"])
         except WorkerFailed:
             yield f"data: {json.dumps(error_body(WORKER_FAILED, 'server_error'))}\n\n"
         yield STREAM_END
 
-    async def _pieces(self, decoding: DecodingRequest) -> AsyncIterator[dict]:
-        """This request's pieces from the worker, up to the one that finishes it."""
-        uid = uuid.uuid4()
+    async def _pieces(self, decoding: DecodingRequest, connection: Request | None) -> AsyncIterator[dict]:
+        """This request's pieces from the worker, up to the one that finishes it; the worker is told to stop
+        if this ends first (its stream was cancelled, or `connection` is given and has disconnected)."""
+        uid = decoding.request_id
         queue, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
+        finished = False  # set before the last piece is handed out, as the consumer may stop right there
         try:
             self.request_queue.put((self.response_queue_id, uid, time.monotonic(), decoding))
             async for data, status in self.data_streamer(queue, event, send_status=True):
                 if status == LitAPIStatus.ERROR:
                     raise WorkerFailed
+                if connection is not None and await connection.is_disconnected():
+                    raise ClientDisconnect
                 piece = json.loads(data) if data else None  # None: a step in which this request had no token
                 if piece is None:
                     continue
+                if "error" in piece:
+                    raise WorkerFailed
+                finished = bool(piece["finish_reason"])
                 yield piece
-                if piece["finish_reason"]:
+                if finished:
                     return
             raise WorkerFailed  # the worker ended the stream without finishing the text
+        except (asyncio.CancelledError, GeneratorExit, ClientDisconnect):
+            if not finished:
+                self.disconnects.report(uid)
+            raise
         finally:
-            # Later pieces of this id (none are expected) are dropped by LitServe once its entry is gone.
+            # Later pieces of this id are dropped by LitServe once its entry is gone.
             self.response_buffer.pop(uid, None)
