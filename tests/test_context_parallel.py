@@ -172,6 +172,13 @@ FIT_RUNS = {
     "tp2_cp2_window5": {"context_parallel": 2, "tensor_parallel": 2, "window": 5},
     "dp2_cp2_window5": {"context_parallel": 2, "data_parallel": 2, "window": 5},
     "cp4_packed_window12": {"context_parallel": 4, "window": 12, "instruction": True},
+    # Megatron's per-micro-batch mean: the shards of one micro-batch hold different numbers of labelled tokens.
+    "cp4_packed_micro_batch": {
+        "context_parallel": 4,
+        "window": 12,
+        "instruction": True,
+        "module": {"loss_normalization": "micro_batch"},
+    },
 }
 
 
@@ -194,7 +201,7 @@ def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) 
             "context_parallel": run["context_parallel"],
             "tensor_parallel": run.get("tensor_parallel", 1),
             "data_parallel": run.get("data_parallel", 1),
-            "module": {"model_config": _tiny(run["window"])},
+            "module": {"model_config": _tiny(run["window"]), **run.get("module", {})},
             "checkpoint_every": run.get("checkpoint_every"),
             "max_steps": FIT_STEPS,
         }
@@ -224,10 +231,11 @@ def four_ranks(toy_data, instruction_data, killed_checkpoint, tmp_path_factory) 
     return results
 
 
-def _one_process(data: str, window: int | None, instruction: bool, root) -> Recorder:
+def _one_process(data: str, window: int | None, instruction: bool, root, **module_kwargs) -> Recorder:
     recorder = Recorder()
     trainer(root, callbacks=[recorder], max_steps=FIT_STEPS).fit(
-        module(model_config=_tiny(window)), datamodule=datamodule(data, instruction=instruction)
+        module(model_config=_tiny(window), **module_kwargs),
+        datamodule=datamodule(data, instruction=instruction),
     )
     return recorder
 
@@ -239,7 +247,9 @@ def test_context_parallel_fit_logs_the_one_process_losses_and_gradient_norms(
 ):
     settings = FIT_RUNS[run]
     data = instruction_data if settings.get("instruction") else toy_data
-    expected = _one_process(data, settings["window"], settings.get("instruction", False), tmp_path)
+    expected = _one_process(
+        data, settings["window"], settings.get("instruction", False), tmp_path, **settings.get("module", {})
+    )
     got = four_ranks[run]
     assert len(got["losses"]) == len(expected.losses) == FIT_STEPS
     assert got["losses"] == pytest.approx(expected.losses, rel=1e-5, abs=1e-6)

@@ -36,6 +36,7 @@ from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig, bu
 from mistral_lightning.training.parallel import (
     ParallelConfig,
     clip_grad_norm_,
+    context_parallel_group,
     init_adapters,
     init_weights,
     mixed_precision_policy,
@@ -217,16 +218,23 @@ class MistralLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # No collective and no host sync here: the step's totals are reduced once, before the optimizer step.
+        # No host sync here: the step's totals are reduced once, before the optimizer step.
         labelled = (batch["labels"] != IGNORE_INDEX).sum()
         if self.hparams.loss_normalization == "token":
             # The sum: the gradients are divided by the global batch's token count in on_before_optimizer_step.
             loss = self._loss(batch, reduction="sum")
             denominator = labelled
         else:
-            loss = self._loss(batch, reduction="mean")
-            # A micro-batch without a labelled token has no mean (its loss is 0): it is left out of the average.
-            denominator = (labelled > 0).to(labelled.dtype)
+            # The micro-batch's mean. Under context parallelism its tokens are spread over the context ranks
+            # (one all-reduce of the count): each divides its shard's sum by the whole micro-batch's count.
+            count, context = labelled, context_parallel_group(self.device_mesh)
+            if context is not None:
+                count = labelled.clone()
+                torch.distributed.all_reduce(count, group=context)
+            loss = self._loss(batch, reduction="sum") / count.clamp(min=1)
+            # A micro-batch without a labelled token has no mean (its loss is 0): it is left out of the average;
+            # its context ranks share the one count it makes.
+            denominator = (count > 0).to(loss.dtype) / (1 if context is None else context.size())
         totals = torch.stack([loss.detach(), denominator.to(loss.dtype), labelled.to(loss.dtype)])
         self._step_totals = totals if self._step_totals is None else self._step_totals + totals
         return loss

@@ -272,6 +272,11 @@ def build_device_mesh(device_type: str, data: int, context: int, tensor: int) ->
     )
 
 
+def context_parallel_group(mesh: DeviceMesh) -> torch.distributed.ProcessGroup | None:
+    """The process group of this rank's context-parallel peers (the shards of its sequences), None without."""
+    return mesh[CONTEXT_PARALLEL].get_group() if CONTEXT_PARALLEL in mesh.mesh_dim_names else None
+
+
 def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The ranks FSDP2 shards over and whose gradients and loss totals are reduced together: data parallelism,
     times context parallelism when the mesh has it (its ranks see different positions of the same samples)."""
