@@ -1,5 +1,7 @@
 """`make demo`'s path end to end, shortened to 120 steps: every command it runs (demo-data, preprocess,
-fit, export, generation, MMLU, the LoRA leg from the halfway checkpoint) and what it reports.
+fit, export, generation, MMLU, the LoRA leg from the halfway checkpoint) and what it reports; that it
+writes only under its own folder, leaving the user's runs of the tiny configs alone, and replaces only a
+folder of its own.
 
 The demo's claim that the full 1200-step run beats chance on synthetic MMLU needs about 900 steps of
 learning, four minutes of CPU: `make demo` checks it itself and exits 1 when it does not hold.
@@ -14,7 +16,8 @@ import pytest
 from helpers.processes import without_process_group
 
 from mistral_lightning.demo import pipeline as demo
-from mistral_lightning.demo.pipeline import DemoScores
+from mistral_lightning.demo.pipeline import DemoPaths, DemoScores
+from mistral_lightning.tokenizer import default_tokenizer_path
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 120
@@ -23,18 +26,35 @@ STEPS = 120
 @pytest.mark.processes
 @pytest.mark.slow
 def test_the_shortened_demo_runs_every_command_and_scores_both_legs(tmp_path, monkeypatch):
-    # The demo reads configs/ and writes demo_output/ and runs/ relative to the working directory.
+    # The demo reads configs/ and writes its folder relative to the working directory.
     (tmp_path / "configs").symlink_to(REPO / "configs")
     monkeypatch.chdir(tmp_path)
+    # The user's own runs of the tiny configs, where those configs read and write.
+    mine = {
+        Path("runs/tiny-finetune/checkpoints/last.ckpt"): b"my checkpoint",
+        Path("runs/tiny-lora/lightning_logs/version_0/metrics.csv"): b"my metrics",
+        Path("demo_output/data/alpaca_packed_input_ids_document.bin"): b"my data",
+        Path("demo_output/raw/alpaca/train.parquet"): b"my rows",
+    }
+    for path, content in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
     # The demo's `fit` runs are child processes, which must not join a process group an earlier test left up.
     for name in set(os.environ) - set(without_process_group(dict(os.environ))):
         monkeypatch.delenv(name)
-    scores = demo.run(max_steps=STEPS, heldout=20)
+    # 40 MMLU questions, not 200: 120 steps do not learn the MMLU format, so the score checks only its range.
+    scores = demo.run(max_steps=STEPS, heldout=20, mmlu_per_subject=10)
     print(scores)  # the figures, in the log of a failing run or with -s
+    # It wrote under its own folder only; the user's files are as they were.
+    outside = {p for p in Path(".").rglob("*") if p.is_file() and not p.is_relative_to(demo.OUT_DIR)}
+    assert outside == set(mine) and all(path.read_bytes() == content for path, content in mine.items())
+    paths = DemoPaths(demo.OUT_DIR)
+    # Trained from scratch, its export carries the tokenizer the demo's data was tokenized with.
+    assert (paths.hf / "tokenizer.model").read_bytes() == default_tokenizer_path().read_bytes()
     # Both fits ran their steps (the LoRA leg from the halfway checkpoint) and logged their summary rows.
-    assert demo.first_checkpoint(demo.RUN_DIR)[1] == STEPS // 2
-    assert demo.run_summary(demo.RUN_DIR)["summary/iterations"] == STEPS
-    assert demo.run_summary(demo.LORA_RUN_DIR)["summary/iterations"] == STEPS // 2
+    assert demo.first_checkpoint(paths.run_dir)[1] == STEPS // 2
+    assert demo.run_summary(paths.run_dir)["summary/iterations"] == STEPS
+    assert demo.run_summary(paths.lora_run_dir)["summary/iterations"] == STEPS // 2
     for result in (scores.full, scores.lora):
         assert result.peak_memory_mib > 0 and result.tokens_per_sec > 0, result
     # 120 steps learn the one-word answers ("How many words are there?") but not the MMLU format.
@@ -58,3 +78,23 @@ def test_the_full_demo_claims_learning_only_above_three_standard_deviations(
     heldout_after, mmlu_after, learned
 ):
     assert DemoScores(0.0, heldout_after, 0.25, mmlu_after).learned() is learned
+
+
+def test_the_demo_replaces_only_a_folder_it_wrote(tmp_path, monkeypatch, capsys):
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert demo.main(["--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine}: holds files the demo did not write" in err and len(err.splitlines()) == 1, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # A folder of an earlier demo (its marker) is emptied and marked again; a missing one is made.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / demo.MARKER).write_text("")
+    (earlier / "runs").mkdir()
+    for folder in (earlier, tmp_path / "new"):
+        demo.fresh_output(folder)
+        assert [p.name for p in folder.iterdir()] == [demo.MARKER]

@@ -6,6 +6,10 @@ synthetic set, for the untrained and the fine-tuned model side by side. Then LoR
 fine-tuning: from the full run's first checkpoint, LoRA adapters train for as many steps as the full run
 went on, on the same data, and both are scored with their trainable parameters, peak memory and
 tokens/s. Everything goes through the same commands and functions a user calls; nothing is downloaded.
+
+Everything it writes goes under its own folder (`--out`, default demo_output/make-demo), never into the
+demo_output/data and runs/ folders the tiny configs use: it runs copies of those configs pointed there.
+The folder carries a marker file, and the next demo replaces only a folder that carries it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import csv
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +31,65 @@ from mistral_lightning.adapters.lora import LoRAConfig, apply_lora
 from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.demo.data import write_demo_data
+from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu
+from mistral_lightning.outputs import user_path
 from mistral_lightning.prompts import alpaca_prompt
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 
-# The tiny config reads demo_output/data and writes runs/tiny-finetune, relative to the repository root.
+# The demo runs copies of these, relative to the repository root, with every path moved under its folder.
 CONFIG = Path("configs/tiny/finetune.yaml")
 LORA_CONFIG = Path("configs/tiny/lora.yaml")
-DATA_DIR = Path("demo_output")
-RUN_DIR = Path("runs/tiny-finetune")
-LORA_RUN_DIR = Path("runs/tiny-lora")
+OUT_DIR = Path("demo_output/make-demo")
+# In the demo's folder: what makes it the demo's own, so that the next demo may replace it.
+MARKER = ".written-by-make-demo"
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where the demo writes, all under `out`."""
+
+    out: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.out / "raw"
+
+    @property
+    def data_prefix(self) -> Path:
+        return self.out / "data" / "alpaca"
+
+    @property
+    def hf(self) -> Path:
+        return self.out / "hf"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "runs" / "tiny-finetune"
+
+    @property
+    def lora_run_dir(self) -> Path:
+        return self.out / "runs" / "tiny-lora"
+
+
+class DemoOutputError(UserError):
+    """The demo's --out folder holds files the demo did not write."""
+
+
+def fresh_output(out: Path) -> None:
+    """Make `out` the demo's empty folder: a previous demo's (it holds MARKER) is removed, a folder with
+    anything else in it is refused before anything is written."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DemoOutputError(f"--out {out}: exists and is not a folder; choose a folder for the demo")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise DemoOutputError(
+                f"--out {out}: holds files the demo did not write (it has no {MARKER}); move them away or "
+                "choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by make demo: the next make demo replaces this folder\n")
 
 
 def heldout_accuracy(model: Mistral, tokenizer: Tokenizer, rows: list[dict]) -> tuple[float, list[tuple]]:
@@ -58,21 +112,24 @@ def untrained_model(seed: int) -> Mistral:
     return model.eval()
 
 
-def _config_for(config: Path, max_steps: int | None) -> Path:
-    """`config` itself, or for a shortened run a copy of it that stops after `max_steps` and validates and
-    checkpoints halfway, as the full run does (the LoRA leg starts from that checkpoint)."""
-    if max_steps is None:
-        return config
+def demo_config(config: Path, paths: DemoPaths, run_dir: Path, max_steps: int | None) -> Path:
+    """A copy of `config` in the demo's folder that reads the demo's data and writes under `run_dir`; for a
+    shortened run it stops after `max_steps` and validates and checkpoints halfway, as the full run does
+    (the LoRA leg starts from that checkpoint)."""
     settings = yaml.safe_load(config.read_text())
     trainer = settings["trainer"]
-    trainer["max_steps"] = max_steps
-    trainer["val_check_interval"] = max(1, max_steps // 2)
-    for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith(".ModelCheckpoint"):
-            callback["init_args"]["every_n_train_steps"] = max(1, max_steps // 2)
-    shortened = DATA_DIR / f"{config.stem}-{max_steps}-steps.yaml"
-    shortened.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return shortened
+    trainer["default_root_dir"] = str(run_dir)
+    trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
+    settings["data"]["init_args"]["data_prefix"] = str(paths.data_prefix)
+    (checkpoints,) = [c for c in trainer["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
+    checkpoints["init_args"]["dirpath"] = str(run_dir / "checkpoints")
+    if max_steps is not None:
+        trainer["max_steps"] = max_steps
+        trainer["val_check_interval"] = max(1, max_steps // 2)
+        checkpoints["init_args"]["every_n_train_steps"] = max(1, max_steps // 2)
+    copy = paths.out / config.name
+    copy.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return copy
 
 
 def _command(argv: list[str]) -> None:
@@ -152,6 +209,7 @@ def scores(model: Mistral, tokenizer: Tokenizer, rows: list[dict], mmlu: Path) -
 
 
 def compare_lora(
+    paths: DemoPaths,
     tokenizer: Tokenizer,
     rows: list[dict],
     mmlu: Path,
@@ -160,31 +218,30 @@ def compare_lora(
     shortened: bool,
 ) -> tuple[RunScores, ...]:
     """From the full run's first checkpoint, LoRA trains for the steps the full run went on; all three scored."""
-    checkpoint, start_step = first_checkpoint(RUN_DIR)
-    full_summary = run_summary(RUN_DIR)
+    checkpoint, start_step = first_checkpoint(paths.run_dir)
+    full_summary = run_summary(paths.run_dir)
     total_steps = int(full_summary["summary/iterations"])
-    start_dir, lora_dir = DATA_DIR / f"hf-step{start_step}", DATA_DIR / "hf-lora"
+    start_dir, lora_dir = paths.out / f"hf-step{start_step}", paths.out / "hf-lora"
+    lora_steps = total_steps - start_step
     _command(["export", "--checkpoint", str(checkpoint), "--out", str(start_dir), "--dtype", "float32"])
-    print(
-        f"== 6b. LoRA from step {start_step} for {total_steps - start_step} steps (fit --config {LORA_CONFIG})"
-    )
+    print(f"== 6b. LoRA from step {start_step} for {lora_steps} steps (fit --config {LORA_CONFIG})")
     _command(
         [
             "fit",
             "--config",
-            str(_config_for(LORA_CONFIG, total_steps - start_step if shortened else None)),
+            str(demo_config(LORA_CONFIG, paths, paths.lora_run_dir, lora_steps if shortened else None)),
             "--model.pretrained",
             str(start_dir),
             "--trainer.max_steps",
-            str(total_steps - start_step),
+            str(lora_steps),
             "--trainer.enable_progress_bar",
             "false",
         ]
     )
     # The LoRA run's last checkpoint holds the adapters only; `export` merges them into the start weights.
-    lora_checkpoint = LORA_RUN_DIR / "checkpoints" / "last.ckpt"
+    lora_checkpoint = paths.lora_run_dir / "checkpoints" / "last.ckpt"
     _command(["export", "--checkpoint", str(lora_checkpoint), "--out", str(lora_dir), "--dtype", "float32"])
-    lora_summary = run_summary(LORA_RUN_DIR)
+    lora_summary = run_summary(paths.lora_run_dir)
     start_model = Mistral.from_pretrained(start_dir).eval()
     lora_model = Mistral.from_pretrained(lora_dir).eval()
 
@@ -199,22 +256,28 @@ def compare_lora(
     )
 
 
-def run(max_steps: int | None = None, heldout: int = 100, lora: bool = True) -> DemoScores:
-    """Every step of the demo, from the current directory (the repository root); returns the scores."""
-    out = DATA_DIR
-    for folder in (DATA_DIR, RUN_DIR, LORA_RUN_DIR):
-        shutil.rmtree(folder, ignore_errors=True)
+def run(
+    max_steps: int | None = None,
+    heldout: int = 100,
+    lora: bool = True,
+    out: Path = OUT_DIR,
+    mmlu_per_subject: int = 50,
+) -> DemoScores:
+    """Every step of the demo, from the current directory (the repository root), writing under `out` only;
+    returns the scores. `mmlu_per_subject`: synthetic MMLU test questions per subject (4 subjects)."""
+    paths = DemoPaths(Path(out))
+    fresh_output(paths.out)
     # Trained from scratch, the model has no tokenizer of its own: it is the one the demo's data is tokenized with.
     tokenizer_path = default_tokenizer_path()
     tokenizer = Tokenizer(tokenizer_path)
 
     print("== 1. synthetic data (mistral-lightning demo-data)")
-    paths = write_demo_data(out / "raw")
+    data = write_demo_data(paths.raw, mmlu_test_per_subject=mmlu_per_subject)
     print("== 2. tokenize into Megatron indexed datasets (mistral-lightning preprocess)")
-    preprocess = ["preprocess", "--input", str(paths.train), "--tokenizer-model", str(tokenizer_path)]
+    preprocess = ["preprocess", "--input", str(data.train), "--tokenizer-model", str(tokenizer_path)]
     preprocess += [
         "--output-prefix",
-        str(out / "data" / "alpaca"),
+        str(paths.data_prefix),
         "--handler-name",
         "GeneralInstructionHandler",
     ]
@@ -224,11 +287,11 @@ def run(max_steps: int | None = None, heldout: int = 100, lora: bool = True) -> 
     fit = [
         "fit",
         "--config",
-        str(_config_for(CONFIG, max_steps)),
+        str(demo_config(CONFIG, paths, paths.run_dir, max_steps)),
         "--trainer.enable_progress_bar",
         "false",
         "--export_hf_dir",
-        str(out / "hf"),
+        str(paths.hf),
         # The 9M-parameter demo model is scored as trained; a 7B export keeps the default bf16.
         "--export_hf_dtype",
         "float32",
@@ -236,24 +299,24 @@ def run(max_steps: int | None = None, heldout: int = 100, lora: bool = True) -> 
     _command(fit)
 
     print("== 4. held-out prompts, greedy, exact match")
-    rows = pq.read_table(paths.heldout).to_pylist()[:heldout]
+    rows = pq.read_table(data.heldout).to_pylist()[:heldout]
     before, _ = heldout_accuracy(untrained_model(seed=1234), tokenizer, rows)
-    trained = Mistral.from_pretrained(out / "hf").eval()
-    tokenizer.check_fits(trained.config.vocab_size, out / "hf")
+    trained = Mistral.from_pretrained(paths.hf).eval()
+    tokenizer.check_fits(trained.config.vocab_size, paths.hf)
     after, examples = heldout_accuracy(trained, tokenizer, rows)
     for instruction, given, expected, got in examples[:6]:
         mark = "ok " if expected == got else "err"
         print(f"  [{mark}] {instruction} {given!r} -> {got!r} (expected {expected!r})")
 
     print("== 5. 5-shot MMLU on the synthetic set (mistral-lightning evaluate)")
-    mmlu_before = evaluate_mmlu(untrained_model(seed=1234), tokenizer, paths.mmlu)["accuracy"]
-    mmlu_after = evaluate_mmlu(trained, tokenizer, paths.mmlu)["accuracy"]
+    mmlu_before = evaluate_mmlu(untrained_model(seed=1234), tokenizer, data.mmlu)["accuracy"]
+    mmlu_after = evaluate_mmlu(trained, tokenizer, data.mmlu)["accuracy"]
     if not lora:
         return DemoScores(before, after, mmlu_before, mmlu_after)
     print("== 6. LoRA next to full fine-tuning, from the full run's first checkpoint")
     full_params = sum(param.numel() for param in trained.parameters())
     start, full, adapted = compare_lora(
-        tokenizer, rows, paths.mmlu, (after, mmlu_after), full_params, shortened=max_steps is not None
+        paths, tokenizer, rows, data.mmlu, (after, mmlu_after), full_params, shortened=max_steps is not None
     )
     return DemoScores(before, after, mmlu_before, mmlu_after, start, full, adapted)
 
@@ -263,10 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
     parser.add_argument("--heldout", type=int, default=100, help="held-out prompts to answer")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA comparison")
+    parser.add_argument(
+        "--out",
+        type=user_path,
+        default=str(OUT_DIR),
+        help=f"the demo's own folder: everything it writes goes there, and a folder without {MARKER} is refused",
+    )
     args = parser.parse_args(argv)
     if not CONFIG.is_file():
         parser.error(f"{CONFIG} not found; run the demo from the repository root (make demo)")
-    scores = run(args.max_steps, args.heldout, lora=not args.no_lora)
+    try:
+        scores = run(args.max_steps, args.heldout, lora=not args.no_lora, out=Path(args.out))
+    except DemoOutputError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
     print("\n| model | held-out exact match | synthetic MMLU (chance 0.25) |")
     print("| --- | --- | --- |")
     print(f"| untrained | {scores.heldout_before:.2f} | {scores.mmlu_before:.2f} |")
