@@ -12,7 +12,7 @@ from helpers.attention import dense_reference, random_qkv
 
 from mistral_lightning.kernels import sliding_window_attention
 from mistral_lightning.kernels.documents import AttentionMetadata
-from mistral_lightning.kernels.flex_attention import flex_halo_attention
+from mistral_lightning.kernels.flex_attention import flex_halo_attention, sliding_window_block_mask
 from mistral_lightning.kernels.halo_attention import halo_attention
 
 SEQ = 48
@@ -61,17 +61,24 @@ def test_flex_halo_attention_equals_the_dense_rows_of_its_shard(window, packed):
 
 @pytest.mark.processes  # inductor runs the C++ compiler
 def test_compiled_flex_attention_skips_only_masked_blocks(monkeypatch):
-    """The compiled kernel reads the block mask's sparsity (the eager path applies the mask densely): blocks of
-    16 positions, window 20 and packed documents leave most blocks empty or partial."""
+    """The compiled kernel reads the block mask's sparsity (the eager path applies the mask densely): over 384
+    positions in FlexAttention's blocks of 128, window 20 leaves each query block's first key block out, and
+    documents (boundaries at 100, 128 and 250 in row 0, 200 in row 1) cut the rest."""
     import torch._inductor.config
 
     import mistral_lightning.kernels.flex_attention as flex
 
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no pool of compile worker processes
     monkeypatch.setattr(flex, "flex_attention", torch.compile(flex.flex_attention, dynamic=False))
-    q, k, v, cast = _inputs(torch.float32)
-    documents = _documents()
-    out = flex_halo_attention(*cast, 20, 0, metadata=AttentionMetadata(documents))
+    q, k, v = (x.detach() for x in random_qkv(384))
+    documents = torch.zeros(2, 384, dtype=torch.long)
+    for boundary in (100, 128, 250):
+        documents[0, boundary:] += 1
+    documents[1, 200:] += 1
+    metadata = AttentionMetadata(documents)
+    with torch._inductor.config.patch(compile_threads=1):  # no pool of compile worker processes
+        out = flex_halo_attention(q.float(), k.float(), v.float(), 20, 0, metadata=metadata)
+    block_mask = sliding_window_block_mask(metadata, 20, 0, q.float(), k.float())  # the one the call built
+    assert block_mask.kv_num_blocks.min() < 3  # some key blocks are skipped
     torch.testing.assert_close(
         out.double(), dense_reference(q, k, v, 20, documents), **TOLERANCES[torch.float32]
     )
