@@ -33,7 +33,7 @@ from mistral_lightning.cli import main as cli_main
 from mistral_lightning.demo.data import write_demo_data
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu
-from mistral_lightning.outputs import user_path
+from mistral_lightning.outputs import NewFile, user_path
 from mistral_lightning.prompts import alpaca_prompt
 from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 
@@ -89,7 +89,8 @@ def fresh_output(out: Path) -> None:
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by make demo: the next make demo replaces this folder\n")
+    with NewFile(out / MARKER, "w") as stream:
+        stream.write("written by make demo: the next make demo replaces this folder\n")
 
 
 def heldout_accuracy(model: Mistral, tokenizer: Tokenizer, rows: list[dict]) -> tuple[float, list[tuple]]:
@@ -128,7 +129,8 @@ def demo_config(config: Path, paths: DemoPaths, run_dir: Path, max_steps: int | 
         trainer["val_check_interval"] = max(1, max_steps // 2)
         checkpoints["init_args"]["every_n_train_steps"] = max(1, max_steps // 2)
     copy = paths.out / config.name
-    copy.write_text(yaml.safe_dump(settings, sort_keys=False))
+    with NewFile(copy, "w") as stream:
+        yaml.safe_dump(settings, stream, sort_keys=False)
     return copy
 
 
