@@ -39,14 +39,13 @@ def victim(tmp_path) -> Path:
     return path
 
 
-def _plant(folder: Path, name: str, victim: Path) -> list[Path]:
+def _plant(folder: Path, name: str, victim: Path) -> None:
     """Links to `victim` at the temporary names of a write of `folder/name`: the one writers used before
     (`<name>.tmp-<pid>`) and today's, with its random part forced."""
     folder.mkdir(parents=True, exist_ok=True)
     links = [folder / f"{name}.tmp-{os.getpid()}", folder / f"{name}.tmp-{os.getpid()}-{FORCED}"]
     for link in links:
         link.symlink_to(victim)
-    return links
 
 
 @pytest.fixture(scope="module")
