@@ -375,8 +375,9 @@ def test_a_large_prompt_does_not_hold_up_a_small_request(client):
 
 @pytest.mark.processes
 def test_a_client_that_disconnects_stops_its_decoding(client):
-    """Streaming or not: the next request is answered in about its own time, not after the rest of a
-    decoding of 4000 tokens (several seconds here)."""
+    """Streaming or not: the next request is answered within a few seconds, not after the rest of a decoding
+    of 4000 tokens (26 s after a closed stream and 41 s after a client timeout before decoding stopped; the
+    bound leaves room for a machine busy with other tests, where one small request took 1.8 s)."""
     long = {"model": NAME, "prompt": PROMPT, "temperature": 0, "max_tokens": CONTEXT - 16}
     alone = statistics.median(_timed_completion(client) for _ in range(3))
     stream = client.completions.create(**long, stream=True)
@@ -387,7 +388,7 @@ def test_a_client_that_disconnects_stops_its_decoding(client):
     with pytest.raises(openai.APITimeoutError):
         client.with_options(timeout=0.5).completions.create(**long)
     after_timeout = _timed_completion(client)
-    assert max(after_stream, after_timeout) - alone < 1.0 + 2 * alone, (after_stream, after_timeout, alone)
+    assert max(after_stream, after_timeout) < 4.0 + 3 * alone, (after_stream, after_timeout, alone)
 
 
 def _get(port: int, path: str, headers: dict) -> tuple[int, bytes]:
