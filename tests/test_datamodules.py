@@ -267,3 +267,12 @@ def test_instruction_packing_keeps_samples_apart(instruction_data):
         assert item["labels"].tolist() == _expected_shifted(item["input_ids"], prompt_lengths)
         seen += list(dict.fromkeys(samples.tolist()))
     assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_a_data_prefix_under_the_home_folder_may_be_written_with_a_tilde(text_prefix, tmp_path, monkeypatch):
+    """In a YAML config the shell never sees `~`; the DataModules expand it as every path option does."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    prefix = "~/corpus_text_document"
+    datamodule = _ready(PretrainDataModule(data_prefixes=[prefix], seq_length=SEQ, micro_batch_size=2))
+    assert datamodule.data_prefixes == [text_prefix[0]]
+    assert len(datamodule.datasets["train"]) > 0

@@ -29,7 +29,7 @@ from mistral_lightning.cli.configs import resolve_config_argv
 from mistral_lightning.cli.options import add_trust_checkpoint
 from mistral_lightning.config import parse_dtype
 from mistral_lightning.errors import UserError
-from mistral_lightning.outputs import OutputTarget, check_output_folder, probe_writable
+from mistral_lightning.outputs import OutputTarget, check_output_folder, probe_writable, user_path
 from mistral_lightning.training.module import MistralLightningModule
 from mistral_lightning.training.npu import check_npu_accelerator
 from mistral_lightning.training.strategy import prepare_checkpoint_loading, use_safe_strategy
@@ -124,6 +124,10 @@ class MistralCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         settings = self.config[self.subcommand]
+        # A `~` the shell left (in a YAML file, or after `=`) means the home folder, as in every other option.
+        for key in ("ckpt_path", "trainer.default_root_dir", "model.pretrained"):
+            if isinstance(settings.get(key), str):
+                settings[key] = user_path(settings[key])
         # Checkpoints are written and read through DeviceModelParallelStrategy, whatever the config names.
         use_safe_strategy(settings)
         check_npu_accelerator(settings.trainer.accelerator)

@@ -36,6 +36,7 @@ from mistral_lightning.data.indexed import IndexedDataset, bin_path, idx_path
 from mistral_lightning.distributed import context_parallel_layout, context_shard, data_parallel_layout
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
+from mistral_lightning.outputs import user_path
 
 INSTRUCTION_SUFFIX = "_packed_{}_document"
 # fit refuses to start when more than this fraction of the first training samples has no labelled token.
@@ -266,7 +267,8 @@ class PretrainDataModule(_ResumableDataModule):
             raise UserError(
                 f"blend_weights needs one non-negative weight per data prefix ({len(data_prefixes)}), got {blend_weights}"
             )
-        self.data_prefixes, self.blend_weights = list(data_prefixes), blend_weights
+        self.data_prefixes = [user_path(prefix) for prefix in data_prefixes]
+        self.blend_weights = blend_weights
         self.cross_document_attention, self.cache_dir = cross_document_attention, cache_dir
 
     def token_datasets(self) -> list[tuple[IndexedDataset, Path]]:
@@ -328,7 +330,7 @@ class InstructionDataModule(_ResumableDataModule):
         super().__init__(seq_length, micro_batch_size, split, seed, num_workers)
         if pad_to_multiple_of < 1:
             raise UserError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
-        self.data_prefix = data_prefix.removesuffix(INSTRUCTION_SUFFIX.format("input_ids"))
+        self.data_prefix = user_path(data_prefix).removesuffix(INSTRUCTION_SUFFIX.format("input_ids"))
         self.pack, self.pad_to_multiple_of, self.cache_dir = pack, pad_to_multiple_of, cache_dir
 
     def _indexed(self) -> tuple[IndexedDataset, IndexedDataset]:
