@@ -49,6 +49,22 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
 
 
+# What torchrun sets per rank. Lightning's launcher sets LOCAL_RANK in this very process during an in-process
+# `fit`; left there, a later test's library (accelerate, inside lm-eval's HFLM) believes it runs under torchrun.
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def rank_variables_do_not_leak():
+    before = {name: os.environ.get(name) for name in RANK_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path() -> str:
     """The real Mistral v1 sentencepiece model shipped in mistral-common (a test dependency)."""
