@@ -49,16 +49,16 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
 
 
-# What torchrun sets per rank. Lightning's launcher sets LOCAL_RANK in this very process during an in-process
-# `fit`; left there, a later test's library (accelerate, inside lm-eval's HFLM) believes it runs under torchrun.
-RANK_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
+# What torchrun sets per rank, as this session started. Lightning's launcher sets LOCAL_RANK in this very
+# process during an in-process `fit` (a session fixture's too); left there, a later test's library
+# (accelerate, inside lm-eval's HFLM) believes it runs under torchrun.
+RANK_VARIABLES = {name: os.environ.get(name) for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
 
 
 @pytest.fixture(autouse=True)
 def rank_variables_do_not_leak():
-    before = {name: os.environ.get(name) for name in RANK_VARIABLES}
     yield
-    for name, value in before.items():
+    for name, value in RANK_VARIABLES.items():
         if value is None:
             os.environ.pop(name, None)
         else:
