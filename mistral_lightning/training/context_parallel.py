@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mistral_lightning.distributed import zigzag_context_shards
+from mistral_lightning.distributed import context_shard_slices, zigzag_context_shards
 from mistral_lightning.kernels.documents import AttentionMetadata
 from mistral_lightning.kernels.halo_attention import halo_attention
 
@@ -270,11 +270,13 @@ class HaloAttention:
         documents = metadata.derived(
             ("context_parallel_zigzag", window), lambda: self._gathered_documents(metadata)
         )
+        parts = context_shard_slices(
+            q.shape[1] * self.size, dist.get_rank(self.group), self.size, zigzag=True
+        )
         outputs = []
-        for index, position in enumerate(self._zigzag_chunks()):
-            start = position * chunk
-            halo = start if window is None else min(window - 1, start)
-            keys = slice(start - halo, start + chunk)
+        for index, part in enumerate(parts):
+            halo = part.start if window is None else min(window - 1, part.start)
+            keys = slice(part.start - halo, part.stop)
             chunk_metadata = documents.derived(
                 ("context_parallel_zigzag_chunk", index, halo),
                 partial(_key_documents, documents, keys),
@@ -284,10 +286,6 @@ class HaloAttention:
                 halo_attention(queries, kv[0][:, keys], kv[1][:, keys], window, halo, metadata=chunk_metadata)
             )
         return torch.cat(outputs, dim=1)
-
-    def _zigzag_chunks(self) -> tuple[int, int]:
-        rank = dist.get_rank(self.group)
-        return rank, 2 * self.size - 1 - rank
 
     def _gathered_documents(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """The whole sequence's document ids, gathered once per batch."""
