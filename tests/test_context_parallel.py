@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from helpers.attention import dense_reference, random_qkv
+from helpers.attention import dense_reference, packed_documents, random_qkv
 from helpers.halo_ranks import cases_on_ranks
 from helpers.processes import run_on_ranks
 from helpers.training import Recorder, datamodule, launch, module, trainer, write_instruction_data
@@ -24,14 +24,6 @@ from mistral_lightning.training.context_parallel import halo_length, hop_sizes
 from mistral_lightning.training.module import MistralLightningModule
 
 SEQ = 48
-
-
-def _documents() -> torch.Tensor:
-    rows = torch.zeros(2, SEQ, dtype=torch.long)
-    for boundary in (12, 24, 30):
-        rows[0, boundary:] += 1
-    rows[1, 20:] += 1
-    return rows
 
 
 # (ranks, window, packed documents): a window inside one shard, spanning several (multi-hop), reaching the whole
@@ -56,7 +48,7 @@ def on_ranks() -> dict:
     for case in CASES:
         ranks, window, packed = case
         q, k, v = random_qkv(SEQ)
-        documents = _documents() if packed else None
+        documents = packed_documents(SEQ) if packed else None
         expected = dense_reference(q, k, v, window, documents)
         grad = torch.randn_like(expected)
         inputs[case] = (

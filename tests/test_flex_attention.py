@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.attention import dense_reference, random_qkv
+from helpers.attention import dense_reference, packed_documents, random_qkv
 
 from mistral_lightning.kernels import sliding_window_attention
 from mistral_lightning.kernels.documents import AttentionMetadata
@@ -18,15 +18,6 @@ from mistral_lightning.kernels.halo_attention import halo_attention
 SEQ = 48
 # torch's fp32 and bf16 tolerances against the float64 reference, as the other kernels' tests use.
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1.3e-6), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-
-
-def _documents() -> torch.Tensor:
-    """Row 0: four documents (boundaries at 12, 24, 30); row 1: two (boundary at 20)."""
-    rows = torch.zeros(2, SEQ, dtype=torch.long)
-    for boundary in (12, 24, 30):
-        rows[0, boundary:] += 1
-    rows[1, 20:] += 1
-    return rows
 
 
 def _inputs(dtype):
@@ -39,7 +30,7 @@ def _inputs(dtype):
 @pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
 def test_flex_attention_equals_dense_attention(dtype, window, packed):
     q, k, v, cast = _inputs(dtype)
-    documents = _documents() if packed else None
+    documents = packed_documents(SEQ) if packed else None
     out = sliding_window_attention(*cast, window, document_ids=documents, backend="flex")
     torch.testing.assert_close(out.double(), dense_reference(q, k, v, window, documents), **TOLERANCES[dtype])
 
@@ -49,7 +40,7 @@ def test_flex_attention_equals_dense_attention(dtype, window, packed):
 def test_flex_halo_attention_equals_the_dense_rows_of_its_shard(window, packed):
     """Shard 2 of 4 (positions 24..35): its queries over the keys its window reaches before it and its own."""
     q, k, v, cast = _inputs(torch.float32)
-    documents = _documents() if packed else None
+    documents = packed_documents(SEQ) if packed else None
     expected = dense_reference(q, k, v, window, documents)[:, 24:36]
     halo = 24 if window is None else min(window - 1, 24)
     keys = slice(24 - halo, 36)

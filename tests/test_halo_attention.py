@@ -7,22 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.attention import dense_reference, random_qkv
+from helpers.attention import dense_reference, packed_documents, random_qkv
 from helpers.fake_torch_npu import install
 
 from mistral_lightning.kernels.documents import AttentionMetadata
 from mistral_lightning.kernels.halo_attention import halo_attention, halo_varlen_layout
 
 SHARDS, SHARD = 4, 12
-
-
-def _documents(seq_len: int) -> torch.Tensor:
-    """Row 0: boundaries at 12 and 24 (shard edges) and 30; row 1: one boundary inside shard 2's halo."""
-    rows = torch.zeros(2, seq_len, dtype=torch.long)
-    for boundary in (12, 24, 30):
-        rows[0, boundary:] += 1
-    rows[1, 20:] += 1
-    return rows
 
 
 def _halo(window: int | None, rank: int) -> int:
@@ -53,7 +44,7 @@ def _shard_outputs(q, k, v, window, documents, backend):
 @pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
 def test_portable_shards_equal_dense_attention_and_its_gradients(window, packed):
     q, k, v = random_qkv(SHARDS * SHARD)
-    documents = _documents(SHARDS * SHARD) if packed else None
+    documents = packed_documents(SHARDS * SHARD) if packed else None
     expected = dense_reference(q, k, v, window, documents)
     got = _shard_outputs(q, k, v, window, documents, "portable")
     torch.testing.assert_close(got, expected)
@@ -80,7 +71,7 @@ def test_a_halo_shifted_by_one_position_is_caught():
 def test_npu_shards_equal_dense_attention(monkeypatch, window, packed):
     fake = install(monkeypatch)
     q, k, v = (x.detach().float() for x in random_qkv(SHARDS * SHARD))
-    documents = _documents(SHARDS * SHARD) if packed else None
+    documents = packed_documents(SHARDS * SHARD) if packed else None
     expected = dense_reference(q, k, v, window, documents)
     got = _shard_outputs(q, k, v, window, documents, "npu")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

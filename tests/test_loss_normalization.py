@@ -189,11 +189,17 @@ class WeightsAfterEachStep(L.Callback):
         self.weights.append({n: p.detach().to_local().clone() for n, p in pl_module.model.named_parameters()})
 
 
-def test_a_global_batch_without_labelled_tokens_is_skipped(single_thread, tmp_path):
+def _next_token_batches(count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` batches of 2 × 16 random tokens, each labelled with the next one."""
     generator = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(3, 2000, (2, 16), generator=generator)} for _ in range(3)]
+    batches = [{"input_ids": torch.randint(3, 2000, (2, 16), generator=generator)} for _ in range(count)]
     for batch in batches:
         batch["labels"] = batch["input_ids"].roll(-1, 1)
+    return batches
+
+
+def test_a_global_batch_without_labelled_tokens_is_skipped(single_thread, tmp_path):
+    batches = _next_token_batches(3)
     batches[1]["labels"] = torch.full_like(batches[1]["labels"], IGNORE_INDEX)
     weights = WeightsAfterEachStep()
     fit_trainer = trainer(
@@ -222,10 +228,7 @@ def test_a_global_batch_without_labelled_tokens_is_skipped(single_thread, tmp_pa
 def test_micro_batch_rule_leaves_a_prompt_only_micro_batch_out_of_its_mean(single_thread, tmp_path):
     """Two accumulated micro-batches, the first without a labelled token: Megatron's mean has no value for it,
     so the step's loss and gradient are the second one's mean, computed by hand with F.cross_entropy."""
-    generator = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(3, 2000, (2, 16), generator=generator)} for _ in range(2)]
-    for batch in batches:
-        batch["labels"] = batch["input_ids"].roll(-1, 1)
+    batches = _next_token_batches(2)
     batches[0]["labels"] = torch.full_like(batches[0]["labels"], IGNORE_INDEX)
     recorder = Recorder()
     fit_trainer = trainer(

@@ -1,4 +1,4 @@
-"""A dense masked attention reference, random q/k/v, and the profiler's peak of allocated bytes."""
+"""A dense masked attention reference, random q/k/v, packed documents, and the profiler's peak of allocated bytes."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def dense_reference(q, k, v, window, document_ids=None):
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def packed_documents(seq_len: int) -> torch.Tensor:
+    """Document ids [2, seq_len]: row 0 with boundaries at 12, 24 (edges of shards of 12) and 30, row 1 with one at
+    20 (inside the halo of the shard from 24)."""
+    rows = torch.zeros(2, seq_len, dtype=torch.long)
+    for boundary in (12, 24, 30):
+        rows[0, boundary:] += 1
+    rows[1, 20:] += 1
+    return rows
 
 
 def random_qkv(seq_len, heads=4, kv_heads=2, head_dim=16, batch=2, seed=0):
