@@ -212,7 +212,7 @@ def test_auto_picks_the_format_by_columns_and_says_which(tmp_path, tokenizer_pat
     with pytest.raises(
         PreprocessError,
         match=r"--handler auto: .*unknown.jsonl has columns answer, question, which match no format: expected "
-        r"ShareGPT \(`conversations`.*; map yours with --columns",
+        r"preference pairs \(`prompt`.*\), ShareGPT \(`conversations`.*; map yours with --columns",
     ):
         _run(tokenizer, unknown, tmp_path / "unknown", "--handler", "auto")
 

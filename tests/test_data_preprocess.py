@@ -346,7 +346,7 @@ def test_demo_data_is_deterministic_correct_and_held_out(tmp_path, tokenizer_pat
     )
     paths = write_demo_data(tmp_path / "b", train_rows=300, heldout_rows=60, mmlu_test_per_subject=10)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 2 + 4 * 2
+    assert len(files) == 2 + 2 + 4 * 2  # alpaca/, preference/ (tests/test_data_preference.py), mmlu/
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
 
     train, heldout = (pq.read_table(p).to_pylist() for p in (paths.train, paths.heldout))

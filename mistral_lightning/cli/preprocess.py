@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         default=argparse.SUPPRESS,
         help="writes <prefix>_<key>_document (pretrain) or <prefix>_packed_{input_ids,"
-        "attention_mask,labels}_document (instruction) .bin/.idx",
+        "attention_mask,labels}_document (instruction) or <prefix>_packed_{chosen,rejected}_{input_ids,labels}"
+        "_document (preference) .bin/.idx",
     )
     parser.add_argument(
         "--json-keys",
@@ -79,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the data format: text (pretraining; --json-keys columns), alpaca (ModelLink's Alpaca template "
         "over instruction/input/output), messages (OpenAI 'messages': list of {role, content}), sharegpt "
         "('conversations': list of {from, value}, from human/gpt/system), prompt-completion (plain text, "
-        "loss on the completion and EOS); chats use the tokenizer's Mistral chat format; auto: chosen by "
-        "the first file's columns (default: text)",
+        "loss on the completion and EOS), preference (DPO pairs: 'prompt' text or messages, or 'messages', with "
+        "'chosen' and 'rejected' text or one assistant message; or 'chosen' and 'rejected' conversations sharing "
+        "all but their answer); chats use the tokenizer's Mistral chat format; auto: chosen by the first file's "
+        "columns (default: text)",
     )
     handler.add_argument(
         "--handler-name",
@@ -112,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlong",
         choices=("skip", "truncate"),
         default="skip",
-        help="skip drops rows longer than --seq-length; truncate keeps their first --seq-length tokens",
+        help="skip drops rows longer than --seq-length; truncate keeps their first --seq-length tokens (a "
+        "preference side keeps its whole prompt and cuts its answer; a prompt alone that long is skipped)",
     )
     parser.add_argument(
         "--workers",

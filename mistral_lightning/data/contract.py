@@ -2,7 +2,8 @@
 
 The module reads the data's `seq_length` (sequence parallelism checks it divides before any weight is
 built); a DataModule reads the model's `vocab_size` (token ids beyond it are refused before the first step) and
-its `sliding_window` (which decides how context parallelism splits a sequence).
+its `sliding_window` (which decides how context parallelism splits a sequence). A preference objective (DPO)
+reads whether the data's rows hold preference pairs (`preference_pairs`).
 Either side may run without the other (a module fitted on plain DataLoaders, a DataModule set up alone).
 """
 
@@ -16,6 +17,19 @@ class SequenceData(Protocol):
     """A DataModule whose batches are at most `seq_length` positions long."""
 
     seq_length: int
+
+
+@runtime_checkable
+class PreferencePairData(Protocol):
+    """A DataModule that says whether its rows hold preference pairs.
+
+    When `preference_pairs` is True, in every row of a batch document 2k (its `document_ids`) is the chosen
+    answer of the row's k-th pair and document 2k + 1 the rejected answer to the same prompt: each side whole
+    (prompt and answer), labelled on the answer only; padding is document -1. So a pair never spans rows,
+    micro-batches or data-parallel ranks (DPO refuses context parallelism, which would cut a row).
+    """
+
+    preference_pairs: bool
 
 
 @runtime_checkable
@@ -38,6 +52,12 @@ def data_seq_length(trainer: Any) -> int | None:
     """The trainer's DataModule's sequence length, or None without one."""
     datamodule = None if trainer is None else trainer.datamodule
     return datamodule.seq_length if isinstance(datamodule, SequenceData) else None
+
+
+def data_holds_preference_pairs(trainer: Any) -> bool | None:
+    """Whether the trainer's DataModule's rows hold preference pairs; None without one that says."""
+    datamodule = None if trainer is None else trainer.datamodule
+    return datamodule.preference_pairs if isinstance(datamodule, PreferencePairData) else None
 
 
 def model_vocab_size(trainer: Any) -> int | None:

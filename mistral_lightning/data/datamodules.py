@@ -1,4 +1,5 @@
-"""LightningDataModules for pretraining (GPT packing) and instruction fine-tuning over Megatron indexed data.
+"""LightningDataModules for pretraining (GPT packing), instruction fine-tuning and preference pairs (DPO) over
+Megatron indexed data.
 
 Batches are dicts of [B, T] int64 tensors: `input_ids`, `labels` (already shifted; -100 = no loss),
 `position_ids`, and `document_ids` (tokens attend only to earlier tokens of the same id; padding is -1).
@@ -17,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mistral_lightning.data.contract import model_sliding_window, model_vocab_size
 from mistral_lightning.data.datasets import (
+    PACKED_SUFFIX,
     SPLIT_NAMES,
     BlendedDataset,
     GPTPackedDataset,
     InstructionDataset,
+    PreferenceDataset,
     ResumableSampler,
     largest_token_id,
     pad_collate,
@@ -33,12 +37,12 @@ from mistral_lightning.data.datasets import (
     split_bounds,
 )
 from mistral_lightning.data.indexed import IndexedDataset, bin_path, idx_path
+from mistral_lightning.data.preprocess.preference import PREFERENCE_KEYS
 from mistral_lightning.distributed import context_parallel_layout, context_shard, data_parallel_layout
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.outputs import user_path
 
-INSTRUCTION_SUFFIX = "_packed_{}_document"
 # fit refuses to start when more than this fraction of the first training samples has no labelled token.
 MAX_UNLABELLED_FRACTION = 0.5
 LABEL_CHECK_SAMPLES = 128
@@ -65,6 +69,8 @@ EVAL_COMMANDS = {"validation": "validate", "test": "test"}
 
 class _ResumableDataModule(L.LightningDataModule, abc.ABC):
     """Shared plumbing: per-split datasets, data-parallel sampling from the strategy, consumed-sample state."""
+
+    preference_pairs = False  # whether rows hold preference pairs (data/contract.py PreferencePairData)
 
     def __init__(
         self, seq_length: int, micro_batch_size: int, split: str, seed: int, num_workers: int
@@ -330,14 +336,13 @@ class InstructionDataModule(_ResumableDataModule):
         super().__init__(seq_length, micro_batch_size, split, seed, num_workers)
         if pad_to_multiple_of < 1:
             raise UserError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
-        self.data_prefix = user_path(data_prefix).removesuffix(INSTRUCTION_SUFFIX.format("input_ids"))
+        self.data_prefix = user_path(data_prefix).removesuffix(PACKED_SUFFIX.format("input_ids"))
         self.pack, self.pad_to_multiple_of, self.cache_dir = pack, pad_to_multiple_of, cache_dir
 
     def _indexed(self) -> tuple[IndexedDataset, IndexedDataset]:
         """The input-id and label datasets of `data_prefix`."""
         return tuple(
-            IndexedDataset(self.data_prefix + INSTRUCTION_SUFFIX.format(key))
-            for key in ("input_ids", "labels")
+            IndexedDataset(self.data_prefix + PACKED_SUFFIX.format(key)) for key in ("input_ids", "labels")
         )
 
     def token_datasets(self) -> list[tuple[IndexedDataset, Path]]:
@@ -358,5 +363,86 @@ class InstructionDataModule(_ResumableDataModule):
         if "train" not in datasets:
             raise UserError(
                 f"{self.data_prefix}: the train split holds no usable sample; check the data and split"
+            )
+        return datasets
+
+
+class PreferenceDataModule(InstructionDataModule):
+    """Preference pairs (DPO) from `<prefix>_packed_{chosen,rejected}_{input_ids,labels}_document`.
+
+    In every row, document 2k is the chosen side of the row's k-th pair and 2k + 1 the rejected side (prompt
+    and answer, labelled on the answer only; data/contract.py PreferencePairData); a pair never spans rows.
+
+    Args:
+        data_prefix: the preprocess `--output-prefix` of a `--handler preference` run (e.g.
+            `finetune_dataset/prefs`); the full `<prefix>_packed_chosen_input_ids_document` is accepted too.
+        seq_length: most positions per row; a pair whose two sides (n tokens give n - 1 positions each) exceed
+            it is refused when the data is set up, never cut (preprocess with --seq-length at most half of it).
+        micro_batch_size: rows per device per step (each row holds one pair, or several with pack).
+        split: train/validation/test proportions over pairs, e.g. "969,30,1".
+        seed: fixes the pair order and the per-epoch shuffles.
+        pack: put several whole pairs in one row (attention and position ids restart per side).
+        pad_to_multiple_of: batches are padded to the longest row rounded up to this, capped at seq_length.
+        cache_dir: where facts computed once from the data (the largest token id) are cached (default:
+            `index-cache/` next to the data).
+    """
+
+    preference_pairs = True
+
+    def __init__(
+        self,
+        data_prefix: str,
+        seq_length: int = 4096,
+        micro_batch_size: int = 1,
+        split: str = "969,30,1",
+        seed: int = 1234,
+        num_workers: int = 2,
+        pack: bool = False,
+        pad_to_multiple_of: int = 8,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            data_prefix,
+            seq_length,
+            micro_batch_size,
+            split,
+            seed,
+            num_workers,
+            pack,
+            pad_to_multiple_of,
+            cache_dir,
+        )
+        self.data_prefix = user_path(data_prefix).removesuffix(PACKED_SUFFIX.format(PREFERENCE_KEYS[0]))
+
+    def _indexed(self) -> tuple[IndexedDataset, ...]:
+        """The chosen input-id and label datasets, then the rejected ones (PREFERENCE_KEYS' order)."""
+        return tuple(IndexedDataset(self.data_prefix + PACKED_SUFFIX.format(key)) for key in PREFERENCE_KEYS)
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        indexed = self._indexed()
+        pairs = [len(dataset) for dataset in indexed]
+        if len(set(pairs)) > 1:
+            counts = ", ".join(f"{key} {count}" for key, count in zip(PREFERENCE_KEYS, pairs))
+            raise UserError(
+                f"{self.data_prefix}: the preference datasets hold different numbers of pairs ({counts}); they "
+                "come from different preprocess runs, re-run preprocess --handler preference"
+            )
+        for side, (input_ids, labels) in (("chosen", indexed[:2]), ("rejected", indexed[2:])):
+            if (input_ids.sequence_lengths != labels.sequence_lengths).any():
+                row = int(np.flatnonzero(input_ids.sequence_lengths != labels.sequence_lengths)[0])
+                raise UserError(
+                    f"{self.data_prefix}: the {side} input ids and labels disagree on the length of pair {row}; "
+                    "they come from different preprocess runs, re-run preprocess --handler preference"
+                )
+        datasets = {}
+        for name, pairs_of_split in _split_ranges(pairs[0], self.split_weights).items():
+            dataset = PreferenceDataset(
+                indexed[:2], indexed[2:], pairs_of_split, self.seq_length, self.seed, self.pack
+            )
+            if len(dataset):
+                datasets[name] = dataset
+        if "train" not in datasets:
+            raise UserError(
+                f"{self.data_prefix}: the train split holds no usable pair; check the data and split"
             )
         return datasets

@@ -25,6 +25,8 @@ from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.outputs import NewFile
 
 SPLIT_NAMES = ("train", "validation", "test")
+# After a preprocess --output-prefix, the name of each instruction or preference dataset (`{}`: its key).
+PACKED_SUFFIX = "_packed_{}_document"
 PAD_VALUES = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}
 
 
@@ -232,18 +234,29 @@ class InstructionDataset(Dataset):
 
     def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         length = min(int(self.input_ids.sequence_lengths[index]), self.seq_length + 1)
-        ids = torch.from_numpy(self.input_ids.get(index, 0, length).astype(np.int64))
-        labels = torch.from_numpy(self.labels.get(index, 0, length).astype(np.int64))
-        return ids[:-1], labels[1:]
+        return _shifted(self.input_ids, self.labels, index, length)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        pieces = [self._sample(int(sample)) for sample in self.groups[index]]
-        return {
-            "input_ids": torch.cat([ids for ids, _ in pieces]),
-            "labels": torch.cat([labels for _, labels in pieces]),
-            "position_ids": torch.cat([torch.arange(len(ids)) for ids, _ in pieces]),
-            "document_ids": torch.cat([torch.full((len(ids),), k) for k, (ids, _) in enumerate(pieces)]),
-        }
+        return _packed_item([self._sample(int(sample)) for sample in self.groups[index]])
+
+
+def _shifted(
+    input_ids: IndexedDataset, labels: IndexedDataset, index: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` tokens of sample `index`, shifted for next-token loss: (ids[:-1], labels[1:])."""
+    ids = torch.from_numpy(input_ids.get(index, 0, length).astype(np.int64))
+    targets = torch.from_numpy(labels.get(index, 0, length).astype(np.int64))
+    return ids[:-1], targets[1:]
+
+
+def _packed_item(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Shifted (ids, labels) pieces side by side: document k is piece k, its positions counted from 0."""
+    return {
+        "input_ids": torch.cat([ids for ids, _ in pieces]),
+        "labels": torch.cat([labels for _, labels in pieces]),
+        "position_ids": torch.cat([torch.arange(len(ids)) for ids, _ in pieces]),
+        "document_ids": torch.cat([torch.full((len(ids),), k) for k, (ids, _) in enumerate(pieces)]),
+    }
 
 
 def _pack_greedily(samples: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
@@ -257,6 +270,70 @@ def _pack_greedily(samples: np.ndarray, lengths: np.ndarray, capacity: int) -> l
     if start < len(samples):
         groups.append(samples[start:])
     return groups
+
+
+# ---------------------------------------------------------------- preference pairs (DPO)
+
+
+class PreferenceDataset(Dataset):
+    """Preference pairs from `<prefix>_packed_{chosen,rejected}_{input_ids,labels}_document`, aligned by row.
+
+    An item holds one pair, or with `pack` consecutive pairs of the seeded order while they fit in seq_length
+    positions. Document 2k of an item is the chosen side of its k-th pair and 2k + 1 the rejected side, each
+    whole (a side of n tokens gives n - 1 shifted positions, its position ids counted from 0), so a pair never
+    spans items (data/contract.py PreferencePairData). A pair longer than seq_length is refused when the dataset
+    is built, never cut.
+    """
+
+    def __init__(
+        self,
+        chosen: tuple[IndexedDataset, IndexedDataset],
+        rejected: tuple[IndexedDataset, IndexedDataset],
+        pairs: np.ndarray | range,
+        seq_length: int,
+        seed: int,
+        pack: bool = False,
+    ) -> None:
+        self.chosen, self.rejected, self.seq_length = chosen, rejected, seq_length
+        pairs = np.asarray(pairs, dtype=np.int64)
+        sides = [side[0].sequence_lengths[pairs].astype(np.int64) for side in (chosen, rejected)]
+        # A one-token side has nothing to predict.
+        usable = (sides[0] >= 2) & (sides[1] >= 2)
+        pairs, sides = pairs[usable], [lengths[usable] for lengths in sides]
+        positions = sides[0] - 1 + sides[1] - 1
+        self._check_fits(pairs, sides, positions)
+        order = np.random.default_rng(seed).permutation(len(pairs))
+        pairs, positions = pairs[order], positions[order]
+        self.groups = (
+            _pack_greedily(pairs, positions, seq_length)
+            if pack
+            else [pairs[i : i + 1] for i in range(len(pairs))]
+        )
+
+    def _check_fits(self, pairs: np.ndarray, sides: list[np.ndarray], positions: np.ndarray) -> None:
+        too_long = np.flatnonzero(positions > self.seq_length)
+        if not len(too_long):
+            return
+        first = too_long[np.argmin(pairs[too_long])]  # the lowest row, whatever the split's order
+        chosen, rejected, need = (int(lengths[first]) for lengths in (*sides, positions))
+        prefix = self.chosen[0].prefix.removesuffix(PACKED_SUFFIX.format("chosen_input_ids"))
+        raise UserError(
+            f"{prefix}: {len(too_long)} preference pair(s) do not fit data.init_args.seq_length {self.seq_length}, "
+            f"e.g. pair {int(pairs[first])}: its chosen side has {chosen} tokens and its rejected side {rejected}, "
+            f"{need} positions together ({chosen} - 1 + {rejected} - 1); a pair is never cut or split, so raise "
+            f"data.init_args.seq_length to at least {int(positions[too_long].max())}, or preprocess with "
+            f"--seq-length at most {self.seq_length // 2} (half of data.init_args.seq_length)"
+        )
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pieces = []
+        for pair in self.groups[index].tolist():
+            for input_ids, labels in (self.chosen, self.rejected):
+                pieces.append(_shifted(input_ids, labels, pair, int(input_ids.sequence_lengths[pair])))
+        return _packed_item(pieces)
 
 
 # ---------------------------------------------------------------- batching

@@ -7,6 +7,11 @@ own format ("...\nD. <choice>\nAnswer: B"): the fine-tuning loss then covers the
 "Answer:", the position MMLU scores. (Rows that pose the question in Alpaca's "### Response:" layout did not
 carry over to the 5-shot prompt: a 9M model scored 0.22 against chance 0.25.) Held-out rows and MMLU test
 questions use inputs that never occur in the training split.
+
+For preference fine-tuning (DPO) it also writes `prompt`, `chosen`, `rejected` parquet (train and held-out) on the
+same tasks: the prompt is the user turn the Alpaca rows become under `preprocess --handler messages`
+("<instruction>\n<words>"), chosen the right answer and rejected a near miss that is never right (the words as
+given, reversed, the first one in capitals, or a count one too high).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ WORDS = (
 )
 MC_INSTRUCTION = "Write a multiple choice question about {}, with its answer."
 ALPACA_HEADER = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request."
+PREFERENCE_STREAM = 1  # the preference rows' random stream: np.random.default_rng([seed, PREFERENCE_STREAM])
 HELD_OUT_PERCENT = 15  # share of all possible inputs reserved for the held-out split and the MMLU test set
 
 
@@ -67,6 +73,8 @@ class DemoDataPaths:
     train: Path  # Alpaca-schema parquet
     heldout: Path  # Alpaca-schema parquet, inputs disjoint from train
     mmlu: Path  # folder with dev/ and test/ CSVs
+    preference_train: Path  # prompt/chosen/rejected parquet
+    preference_heldout: Path  # prompt/chosen/rejected parquet, inputs disjoint from train
 
 
 def _held_out(task: Task, words: list[str]) -> bool:
@@ -94,12 +102,17 @@ def _alpaca_text(instruction: str, input_text: str, output: str) -> str:
     return f"{ALPACA_HEADER.format('')}\n\n### Instruction:\n{instruction}\n\n### Response:\n{output}"
 
 
+def _near_misses(words: list[str]) -> list[str]:
+    """Answers that look right for some task on `words`: the words as given, reversed, the first one in capitals,
+    and a count one too high (which no task's right answer ever equals, so one is always wrong)."""
+    return [" ".join(words), " ".join(words[::-1]), words[0].upper(), str(len(words) + 1)]
+
+
 def _choices(rng: np.random.Generator, task: Task, words: list[str]) -> tuple[list[str], int]:
     """The right answer and three distinct wrong ones (near misses first), in a random order."""
     correct = task.answer(words)
-    near_misses = [" ".join(words), " ".join(words[::-1]), words[0].upper(), str(len(words) + 1)]
     wrong: list[str] = []
-    for candidate in [*near_misses, *(task.answer(_sample_words(rng, task)) for _ in range(100))]:
+    for candidate in [*_near_misses(words), *(task.answer(_sample_words(rng, task)) for _ in range(100))]:
         if candidate != correct and candidate not in wrong and len(wrong) < 3:
             wrong.append(candidate)
     position = int(rng.integers(0, 4))
@@ -133,13 +146,28 @@ def _alpaca_rows(rng: np.random.Generator, count: int, held_out: bool) -> list[d
     return rows
 
 
+def _preference_rows(rng: np.random.Generator, count: int, held_out: bool) -> list[dict[str, str]]:
+    """Word-task prompts with the right answer chosen and a near miss rejected."""
+    rows = []
+    for index in range(count):
+        task = TASKS[index % len(TASKS)]
+        words = _sample(rng, task, held_out)
+        correct = task.answer(words)
+        wrong = [candidate for candidate in dict.fromkeys(_near_misses(words)) if candidate != correct]
+        rejected = wrong[int(rng.integers(0, len(wrong)))]
+        # The user turn MistralHandler makes of the Alpaca row with this instruction and input.
+        rows.append(
+            {"prompt": f"{task.instruction}\n{' '.join(words)}", "chosen": correct, "rejected": rejected}
+        )
+    return rows
+
+
 def _write_parquet(rows: list[dict[str, str]], path: Path) -> None:
+    """The rows as a parquet table, their columns in the first row's order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table(
-        {column: [row[column] for row in rows] for column in ("instruction", "input", "output", "text")}
-    )
+    table = pa.table({column: [row[column] for row in rows] for column in rows[0]})
     with NewFile(path) as stream:
         pq.write_table(table, stream)
 
@@ -159,15 +187,29 @@ def write_demo_data(
     heldout_rows: int = 400,
     mmlu_test_per_subject: int = 50,
     seed: int = 0,
+    preference_rows: int = 1000,
+    preference_heldout_rows: int = 200,
 ) -> DemoDataPaths:
     """Write the demo data under `out_dir` (same arguments, same bytes) and return where it went."""
-    if min(train_rows, heldout_rows, mmlu_test_per_subject) < 1:
+    if min(train_rows, heldout_rows, mmlu_test_per_subject, preference_rows, preference_heldout_rows) < 1:
         raise UserError(
-            "demo-data: --train-rows, --heldout-rows and --mmlu-test-per-subject must be positive"
+            "demo-data: --train-rows, --heldout-rows, --mmlu-test-per-subject, --preference-rows and "
+            "--preference-heldout-rows must be positive"
         )
     out = Path(out_dir)
-    paths = DemoDataPaths(out / "alpaca" / "train.parquet", out / "alpaca" / "heldout.parquet", out / "mmlu")
-    for folder in (paths.train.parent, paths.mmlu / "dev", paths.mmlu / "test"):
+    paths = DemoDataPaths(
+        out / "alpaca" / "train.parquet",
+        out / "alpaca" / "heldout.parquet",
+        out / "mmlu",
+        out / "preference" / "train.parquet",
+        out / "preference" / "heldout.parquet",
+    )
+    for folder in (
+        paths.train.parent,
+        paths.preference_train.parent,
+        paths.mmlu / "dev",
+        paths.mmlu / "test",
+    ):
         folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     _write_parquet(_alpaca_rows(rng, train_rows, held_out=False), paths.train)
@@ -178,4 +220,10 @@ def write_demo_data(
         _write_mmlu_csv(
             rng, task, mmlu_test_per_subject, True, paths.mmlu / "test" / f"{task.subject}_test.csv"
         )
+    # A random stream of its own: the rows above stay as they were, and these do not depend on their counts.
+    preference = np.random.default_rng([seed, PREFERENCE_STREAM])
+    _write_parquet(_preference_rows(preference, preference_rows, held_out=False), paths.preference_train)
+    _write_parquet(
+        _preference_rows(preference, preference_heldout_rows, held_out=True), paths.preference_heldout
+    )
     return paths

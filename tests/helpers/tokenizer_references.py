@@ -72,6 +72,14 @@ def answer_labels(name: str, ids: list[int], ignore_index: int = -100) -> list[i
     return labels
 
 
+def last_answer_labels(name: str, ids: list[int], ignore_index: int = -100) -> list[int]:
+    """`answer_labels` of a conversation ending with an answer, keeping only that last answer: what a side of a
+    preference pair is labelled on."""
+    labels = answer_labels(name, ids, ignore_index)
+    start = max(position for position, label in enumerate(labels) if label == ignore_index) + 1
+    return [ignore_index] * start + labels[start:]
+
+
 def write_tokenizer_json_only(folder: Path) -> Path:
     """An HF folder holding only tokenizer.json, converted from the v1 sentencepiece model by transformers."""
     from transformers import LlamaTokenizer

@@ -11,6 +11,13 @@ from mistral_lightning.data.indexed import LABEL_DTYPE, token_dtype
 from mistral_lightning.data.preprocess.chunks import EncodedChunk, RowChunk, RowSkip
 from mistral_lightning.data.preprocess.columns import ColumnMapping
 from mistral_lightning.data.preprocess.config import PreprocessConfig, PreprocessError
+from mistral_lightning.data.preprocess.preference import (
+    PREFERENCE_KEYS,
+    SIDES,
+    encode_pair,
+    fit_pair_length,
+    read_pair,
+)
 from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.prompts import TemplateError, encode_alpaca, encode_mistral_chat
 from mistral_lightning.tokenizer import ChatFormatError, Tokenizer, TokenizerError
@@ -267,6 +274,39 @@ class ShareGPTHandler(MistralHandler):
         return self.encode_chat(messages)
 
 
+class PreferenceHandler(MistralHandler):
+    """Preference pairs for DPO (preference.py reads the row's forms): each side is the prompt conversation and
+    one answer in the tokenizer's chat format, labelled on that answer only; four datasets aligned by row."""
+
+    name, label = "preference", "preference pairs"
+    layout = (
+        "`{prompt}` (text or messages) or `{messages}`, with `{chosen}` and `{rejected}` (text or one assistant "
+        "message); or `{chosen}` and `{rejected}` conversations sharing all but their last message"
+    )
+    columns = ("prompt", "messages", *SIDES)
+    signature = frozenset(SIDES)
+    output_keys = PREFERENCE_KEYS
+    token_keys = tuple(f"{side}_input_ids" for side in SIDES)
+
+    def __init__(self, tokenizer: Tokenizer, config: PreprocessConfig) -> None:
+        super().__init__(tokenizer, config)
+        ids, labels = token_dtype(tokenizer.vocab_size), LABEL_DTYPE
+        self.dtypes = {key: labels if key.endswith("_labels") else ids for key in self.output_keys}
+
+    def required_columns(self, columns: set[str]) -> list[str]:
+        return [name for name in SIDES if name not in columns]
+
+    def encode_row(self, row: dict) -> dict[str, list[int]]:
+        return encode_pair(self.tokenizer, read_pair(row))
+
+    def _fit_length(self, sample: dict[str, list[int]], encoded: EncodedChunk) -> dict[str, list[int]]:
+        if self.config.seq_length is None:
+            return sample
+        sample, truncated = fit_pair_length(sample, self.config.seq_length, self.config.overlong)
+        encoded.truncated += truncated
+        return sample
+
+
 # Keyed by the --handler-name values ModelLink recipes use; --handler takes each class's short name.
 HANDLER_CLASSES: dict[str, type[Handler]] = {
     "GeneralPretrainHandler": PretrainHandler,
@@ -274,10 +314,18 @@ HANDLER_CLASSES: dict[str, type[Handler]] = {
     "MistralInstructionHandler": MistralHandler,
     "SharegptStyleInstructionHandler": ShareGPTHandler,
     "PromptCompletionHandler": PromptCompletionHandler,
+    "PreferencePairwiseHandler": PreferenceHandler,
 }
 FORMATS: dict[str, str] = {cls.name: handler_name for handler_name, cls in HANDLER_CLASSES.items()}
 # --handler auto tries these in order: the first whose signature columns a file has.
-DETECTION_ORDER = (ShareGPTHandler, MistralHandler, PromptCompletionHandler, AlpacaHandler, PretrainHandler)
+DETECTION_ORDER = (
+    PreferenceHandler,
+    ShareGPTHandler,
+    MistralHandler,
+    PromptCompletionHandler,
+    AlpacaHandler,
+    PretrainHandler,
+)
 
 
 def create_handler(config: PreprocessConfig) -> Handler:
