@@ -129,6 +129,42 @@ def _chunk_loss_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.
     )
 
 
+def _chunk_log_probs(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor
+):
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_probs = -F.cross_entropy(logits, labels, reduction="none")
+    # Under loss_parallel the per-position values are a DTensor over the tensor-parallel ranks.
+    return log_probs.full_tensor() if isinstance(log_probs, DTensor) else log_probs
+
+
+def chunked_token_log_probs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """log softmax(head(hidden))[label] at every labelled position, 0 where the label is -100: [B, T] in at
+    least fp32, differentiable. Only labelled positions reach the head, `chunk_size` at a time, each chunk's
+    logits recomputed in the backward pass instead of kept (a preference loss weighs every sequence by its own
+    factor, so the gradient cannot be formed in the forward pass as the fused loss does)."""
+    flat_hidden, flat_labels = hidden.flatten(0, -2), labels.flatten()
+    kept_rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    kept_hidden, kept_labels = flat_hidden.index_select(0, kept_rows), flat_labels.index_select(0, kept_rows)
+    pieces = []
+    for start in range(0, len(kept_rows), chunk_size):
+        chunk, target = kept_hidden[start : start + chunk_size], kept_labels[start : start + chunk_size]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            pieces.append(checkpoint(_chunk_log_probs, head, chunk, target, use_reentrant=False))
+        else:
+            pieces.append(_chunk_log_probs(head, chunk, target))
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    values = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=acc_dtype)
+    out = flat_hidden.new_zeros(flat_labels.shape, dtype=values.dtype).index_copy(0, kept_rows, values)
+    return out.view(labels.shape)
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],

@@ -18,6 +18,7 @@ from mistral_lightning.config import MistralConfig
 from mistral_lightning.kernels import (
     apply_rotary,
     chunked_cross_entropy,
+    chunked_token_log_probs,
     masked_attention,
     rms_norm,
     rope_cos_sin,
@@ -189,6 +190,20 @@ class Mistral(nn.Module):
         """
         hidden = self.hidden_states(input_ids, position_ids, document_ids=document_ids)
         return chunked_cross_entropy(hidden, self.lm_head, labels, chunk_size, compiled, reduction)
+
+    def token_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        document_ids: torch.Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> torch.Tensor:
+        """log p(label) at each position with an already-shifted label, 0 where it is -100: [B, T] in fp32,
+        without whole-sequence logits (what a preference loss sums per answer)."""
+        hidden = self.hidden_states(input_ids, position_ids, document_ids=document_ids)
+        return chunked_token_log_probs(hidden, self.lm_head, labels, chunk_size)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -7,6 +7,7 @@ computes `W x + (alpha / rank) * B A dropout(x)`, as Hugging Face PEFT's `LoraMo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,9 +73,12 @@ class LoRALinear(nn.Linear):
 
     lora_A: nn.Linear
     lora_B: nn.Linear
+    enabled = True  # False (adapters_disabled): the base layer alone, e.g. as a preference loss's reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return result
         adapter_input = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         return result + self.lora_B(self.lora_A(adapter_input)).to(result.dtype) * self.scaling
 
@@ -130,6 +134,19 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The model computes its base function inside the block: no second copy of the weights is needed for it."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def is_adapter_parameter(name: str) -> bool:

@@ -1,8 +1,8 @@
 """`mistral-lightning fit|validate|test|predict`: LightningCLI over MistralLightningModule and the DataModules.
 
 The model section takes MistralLightningModule's arguments; `data` names a DataModule by
-`class_path` or short name (PretrainDataModule or InstructionDataModule); `trainer` is Lightning's Trainer,
-with ModelParallelStrategy (or the NPU variant) for the (data_parallel, tensor_parallel) mesh.
+`class_path` or short name (PretrainDataModule, InstructionDataModule or PreferenceDataModule); `trainer` is
+Lightning's Trainer, with ModelParallelStrategy (or the NPU variant) for the (data_parallel, tensor_parallel) mesh.
 `fit --export_hf_dir DIR` also writes the final weights as an HF folder, through the writer `export` uses.
 The optimizer is AdamW and its schedule is built once the model exists (`model.optimizer.*`,
 `model.schedule.*`), so LightningCLI's own `--optimizer`/`--lr_scheduler` are left out of the parser.

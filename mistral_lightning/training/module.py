@@ -21,11 +21,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torchmetrics.aggregation import MeanMetric
 
-from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters
+from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters, adapters_disabled
 from mistral_lightning.adapters.nf4 import check_quantize_base, materialize_nf4_
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config, window_choice_note
-from mistral_lightning.data.contract import data_seq_length
+from mistral_lightning.data.contract import data_holds_preference_pairs, data_seq_length
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.cross_entropy import Reduction
 from mistral_lightning.labels import IGNORE_INDEX
@@ -42,6 +42,15 @@ from mistral_lightning.training.parallel import (
     mixed_precision_policy,
     parallelize,
     sharding_mesh,
+)
+from mistral_lightning.training.preference import (
+    PAIR_STATISTICS,
+    ObjectiveConfig,
+    PairSums,
+    PreferenceTerms,
+    pair_statistic_sums,
+    pair_sums,
+    preference_losses,
 )
 
 LossNormalization = Literal["token", "micro_batch"]
@@ -78,7 +87,9 @@ class MistralLightningModule(L.LightningModule):
         loss_normalization: "token": an optimizer step's loss is the mean over every labelled token of its
             global batch (all micro-batches, all data-parallel ranks), the same for any layout;
             "micro_batch": Megatron's mean over each micro-batch's tokens, averaged over the micro-batches (of
-            all ranks) that hold a labelled token.
+            all ranks) that hold a labelled token. Under DPO the same two rules count pairs instead of tokens.
+        objective: "sft" (next-token cross-entropy) or "dpo" over preference pairs, with its beta,
+            label_smoothing and loss (training/preference.py); DPO needs a preference DataModule.
         max_new_tokens: greedy tokens per prompt in `predict_step`.
         init_seed: seed of the random initialisation (same weights under any TP/DP layout).
     """
@@ -94,6 +105,7 @@ class MistralLightningModule(L.LightningModule):
         lora: LoRAConfig | None = None,
         loss_chunk_size: int = 1024,
         loss_normalization: LossNormalization = "token",
+        objective: ObjectiveConfig = ObjectiveConfig(),  # noqa: B008
         max_new_tokens: int = 64,
         init_seed: int = 42,
     ) -> None:
@@ -108,15 +120,23 @@ class MistralLightningModule(L.LightningModule):
                 f"model.pretrained={pretrained} is not a folder: LoRA adapters, and their checkpoints, hold no "
                 "base weights; restore the base model there or set model.pretrained to a copy of it"
             )
+        # A checkpoint's hyper-parameters come back as dicts (load_from_checkpoint).
+        self.lora_config = None if lora is None else _settings(LoRAConfig, lora)
+        self.objective = _settings(ObjectiveConfig, objective)
+        if self.objective.is_preference and self.lora_config is not None and self.lora_config.adapter:
+            raise UserError(
+                f"model.lora.adapter={self.lora_config.adapter} with model.objective.kind: dpo: the reference would "
+                "be the base without that adapter; merge it into the base (export merges a LoRA checkpoint by "
+                "default) and give that folder as model.pretrained, so that DPO starts from and compares against "
+                "the same model"
+            )
         self.config = resolve_model_config(model_config, pretrained)
         note = window_choice_note(self.config, pretrained) if model_config is not None else None
         if note:
             rank_zero_info(note)
-        # A checkpoint's hyper-parameters come back as dicts (load_from_checkpoint).
         self.optimizer_config = _settings(OptimizerConfig, optimizer)
         self.schedule_config = _settings(ScheduleConfig, schedule)
         self.parallel_config = _settings(ParallelConfig, parallel)
-        self.lora_config = None if lora is None else _settings(LoRAConfig, lora)
         # Checkpoint metadata must stay plain data: Lightning reloads it with torch.load(weights_only=True).
         if isinstance(model_config, MistralConfig):
             self.hparams["model_config"] = dataclasses.asdict(model_config)
@@ -125,9 +145,16 @@ class MistralLightningModule(L.LightningModule):
         self.hparams["parallel"] = dataclasses.asdict(self.parallel_config)
         # What an adapter checkpoint needs besides itself: this LoRA config and the base, `pretrained`.
         self.hparams["lora"] = None if lora is None else dataclasses.asdict(self.lora_config)
+        self.hparams["objective"] = dataclasses.asdict(self.objective)
         self.model: Mistral | None = None
+        # DPO's reference for full fine-tuning: a frozen copy, kept out of the module's children so that it is
+        # neither trained nor saved in checkpoints (it is rebuilt from model.pretrained).
+        self._reference: list[Mistral] = []
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # DPO's evaluation: the share of pairs whose chosen answer gets the larger reward.
+        self.val_accuracy = MeanMetric()
+        self.test_accuracy = MeanMetric()
         # This rank's [loss numerator, its denominator, labelled tokens] over the micro-batches of the
         # optimizer step under way; reduced once per step in on_before_optimizer_step.
         self._step_totals: torch.Tensor | None = None
@@ -154,24 +181,17 @@ class MistralLightningModule(L.LightningModule):
                 "lightning.pytorch.strategies.ModelParallelStrategy or mistral_lightning.training.strategy.DeviceModelParallelStrategy"
             )
         check_quantize_base(self.lora_config, self.device_mesh["tensor_parallel"].size())
-        with torch.device("meta"):
-            model = Mistral(self.config)
-        parallelize(
-            model,
-            self.device_mesh,
-            sequence_parallel=self.parallel_config.sequence_parallel,
-            activation_checkpointing=self.parallel_config.activation_checkpointing,
-            compile=self.parallel_config.compile,
-            mp_policy=mixed_precision_policy(self.trainer.precision),
-            seq_length=data_seq_length(self.trainer),
-            lora=self.lora_config,
-        )
-        model.to_empty(device=self.trainer.strategy.root_device)
-        materialize_nf4_(model)  # QLoRA's NF4 weights get device storage, for the loaders to quantise into
-        if self.hparams.pretrained:
-            load_hf_weights(WithoutAdapters(model), self.hparams.pretrained)
-        else:
-            init_weights(model, self.hparams.init_seed)
+        if self.objective.is_preference and context_parallel_group(self.device_mesh) is not None:
+            raise UserError(
+                "model.objective.kind: dpo does not run under context parallelism yet; set "
+                "trainer.strategy.init_args.context_parallel_size: 1 (a pair's two answers each fit one rank's "
+                "sequence)"
+            )
+        model = self._build_model(self.lora_config, self.parallel_config.activation_checkpointing)
+        if self.objective.is_preference and self.lora_config is None:
+            reference = self._build_model(None, "none")
+            reference.requires_grad_(False)
+            self._reference = [reference.eval()]
         if self.lora_config is not None:
             init_adapters(model, self.hparams.init_seed)
             if self.lora_config.adapter:
@@ -179,6 +199,42 @@ class MistralLightningModule(L.LightningModule):
 
                 load_peft_adapter(model, self.lora_config.adapter)
         self.model = model
+
+    def _build_model(self, lora: LoRAConfig | None, activation_checkpointing: str) -> Mistral:
+        """The model on the meta device, parallelized, then filled with model.pretrained's or random weights."""
+        with torch.device("meta"):
+            model = Mistral(self.config)
+        parallelize(
+            model,
+            self.device_mesh,
+            sequence_parallel=self.parallel_config.sequence_parallel,
+            activation_checkpointing=activation_checkpointing,
+            compile=self.parallel_config.compile,
+            mp_policy=mixed_precision_policy(self.trainer.precision),
+            seq_length=data_seq_length(self.trainer),
+            lora=lora,
+        )
+        model.to_empty(device=self.trainer.strategy.root_device)
+        materialize_nf4_(model)  # QLoRA's NF4 weights get device storage, for the loaders to quantise into
+        if self.hparams.pretrained:
+            load_hf_weights(WithoutAdapters(model), self.hparams.pretrained)
+        else:
+            init_weights(model, self.hparams.init_seed)
+        return model
+
+    def setup(self, stage: str) -> None:
+        pairs = data_holds_preference_pairs(self.trainer)
+        if pairs is None or pairs == self.objective.is_preference:
+            return
+        if pairs:
+            raise UserError(
+                "the data holds preference pairs (PreferenceDataModule) but model.objective.kind is sft, which would "
+                "train on the rejected answers too; set --model.objective.kind dpo, or use an InstructionDataModule"
+            )
+        raise UserError(
+            "model.objective.kind: dpo needs preference pairs: use --data PreferenceDataModule over data "
+            "preprocessed with --handler preference"
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -216,8 +272,31 @@ class MistralLightningModule(L.LightningModule):
             )
         return _plain(loss)
 
+    def _preference_terms(self, batch: dict[str, torch.Tensor]) -> tuple[PreferenceTerms, PairSums]:
+        """DPO's per-pair terms of a batch of pair rows, and the policy's answer log-probabilities."""
+        document_ids = batch["document_ids"]
+        inputs = (batch["input_ids"], batch["labels"], batch.get("position_ids"))
+        options = {"document_ids": document_ids, "chunk_size": self.hparams.loss_chunk_size}
+        with loss_parallel():
+            # The reference first: its activations are freed before the policy's graph is built.
+            with torch.no_grad():
+                if self._reference:
+                    reference_tokens = self._reference[0].token_log_probs(*inputs, **options)
+                else:
+                    with adapters_disabled(self.model):
+                        reference_tokens = self.model.token_log_probs(*inputs, **options)
+            policy_tokens = self.model.token_log_probs(*inputs, **options)
+        policy = pair_sums(policy_tokens, document_ids)
+        answer_tokens = pair_sums((batch["labels"] != IGNORE_INDEX).to(policy_tokens.dtype), document_ids)
+        terms = preference_losses(
+            self.objective, policy, pair_sums(reference_tokens, document_ids), answer_tokens
+        )
+        return terms, policy
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.objective.is_preference:
+            return self._preference_step(batch)
         # No host sync here: the step's totals are reduced once, before the optimizer step.
         labelled = (batch["labels"] != IGNORE_INDEX).sum()
         if self.hparams.loss_normalization == "token":
@@ -235,9 +314,27 @@ class MistralLightningModule(L.LightningModule):
             # A micro-batch without a labelled token has no mean (its loss is 0): it is left out of the average;
             # its context ranks share the one count it makes.
             denominator = (count > 0).to(loss.dtype) / (1 if context is None else context.size())
-        totals = torch.stack([loss.detach(), denominator.to(loss.dtype), labelled.to(loss.dtype)])
-        self._step_totals = totals if self._step_totals is None else self._step_totals + totals
+        self._add_to_step_totals(
+            torch.stack([loss.detach(), denominator.to(loss.dtype), labelled.to(loss.dtype)])
+        )
         return loss
+
+    def _preference_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DPO: the sum of the micro-batch's pair losses (token rule: divided by the global batch's pair count
+        before the optimizer step) or their mean (micro_batch rule)."""
+        terms, policy = self._preference_terms(batch)
+        pairs = terms.present.sum().to(terms.losses.dtype)
+        loss = terms.losses.sum()
+        if self.hparams.loss_normalization == "token":
+            denominator = pairs
+        else:
+            loss, denominator = loss / pairs.clamp(min=1), (pairs > 0).to(loss.dtype)
+        statistics = pair_statistic_sums(terms, policy)
+        self._add_to_step_totals(torch.cat([torch.stack([loss.detach(), denominator, pairs]), statistics]))
+        return loss
+
+    def _add_to_step_totals(self, totals: torch.Tensor) -> None:
+        self._step_totals = totals if self._step_totals is None else self._step_totals + totals
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step, after the last micro-batch's backward and before clipping: one reduction of
@@ -248,7 +345,8 @@ class MistralLightningModule(L.LightningModule):
             # Tensor-parallel peers hold the same batch but sit in different data-parallel groups: none is counted
             # twice. Context-parallel ranks hold different positions of it: their totals add up.
             torch.distributed.all_reduce(totals, group=dp_mesh.get_group())
-        loss_total, denominator, labelled = totals.tolist()  # the step's one device-to-host copy
+        # The step's one device-to-host copy; DPO adds its pair statistics after the three.
+        loss_total, denominator, labelled, *pair_statistics = totals.tolist()
         self._step_skipped = labelled == 0
         if self._step_skipped:
             self._skip_empty_step()
@@ -266,6 +364,9 @@ class MistralLightningModule(L.LightningModule):
         scale_gradients_(self.model.parameters(), scale)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        for name, value in zip(PAIR_STATISTICS, pair_statistics):
+            # Means over the global batch's pairs (`labelled` counts pairs under DPO).
+            self.log(f"train/{name}", value / labelled, prog_bar=name == "rewards/accuracies")
 
     def _skip_empty_step(self) -> None:
         """No labelled token in the whole global batch: no loss to report, and AdamW leaves parameters
@@ -279,32 +380,40 @@ class MistralLightningModule(L.LightningModule):
         )
         self.log("train/skipped_steps", float(self.skipped_steps))
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], metric: MeanMetric, accuracy: MeanMetric) -> None:
+        if self.objective.is_preference:
+            # Pair-weighted means over all pairs of all ranks.
+            terms, _ = self._preference_terms(batch)
+            weight = terms.present.to(terms.losses.dtype)
+            metric.update(terms.losses.detach(), weight=weight)
+            accuracy.update((terms.chosen_rewards > terms.rejected_rewards).to(weight.dtype), weight=weight)
+            return
         loss = self._loss(batch)
         # Token-weighted, so the epoch value is the mean over all tokens of all ranks.
         metric.update(loss.detach(), weight=(batch["labels"] != IGNORE_INDEX).sum())
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_loss)
+        self._eval_step(batch, self.val_loss, self.val_accuracy)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_loss)
+        self._eval_step(batch, self.test_loss, self.test_accuracy)
 
-    def _log_eval(self, stage: str, metric: MeanMetric) -> None:
+    def _log_eval(self, stage: str, metric: MeanMetric, accuracy: MeanMetric) -> None:
         loss = metric.compute()
         metric.reset()
-        # The metric has already reduced over all ranks; sync_dist only tells Lightning the values agree.
-        self.log_dict(
-            {f"{stage}/loss": loss, f"{stage}/perplexity": loss.exp()},
-            prog_bar=stage == "val",
-            sync_dist=True,
-        )
+        if self.objective.is_preference:
+            values = {f"{stage}/loss": loss, f"{stage}/rewards/accuracies": accuracy.compute()}
+            accuracy.reset()
+        else:
+            values = {f"{stage}/loss": loss, f"{stage}/perplexity": loss.exp()}
+        # The metrics have already reduced over all ranks; sync_dist only tells Lightning the values agree.
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val", self.val_loss)
+        self._log_eval("val", self.val_loss, self.val_accuracy)
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test", self.test_loss)
+        self._log_eval("test", self.test_loss, self.test_accuracy)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[list[int]]:
         """Greedy continuations (new token ids) of the prompts in `batch["input_ids"]`.

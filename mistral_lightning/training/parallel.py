@@ -196,8 +196,10 @@ def apply_fsdp(
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, ignored_params=ignored)
     # The root keeps embedding, final norm and LM head; gathering them once per step is cheapest.
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False, ignored_params=ignored)
-    # Training calls `model.loss(...)`, not `model(...)`: FSDP must gather parameters around it too.
+    # Training calls `model.loss(...)` or `model.token_log_probs(...)`, not `model(...)`: FSDP must gather
+    # parameters around them too.
     register_fsdp_forward_method(model, "loss")
+    register_fsdp_forward_method(model, "token_log_probs")
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:

@@ -91,6 +91,7 @@ def run(scenario: dict, root: Path) -> dict:
         global_batch=scenario.get("global_batch", GLOBAL_BATCH),
         accumulate=accumulate,
         instruction=scenario.get("instruction", False),
+        preference=scenario.get("preference", False),
     )
     try:
         fit_trainer.fit(

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from helpers.processes import start_ranks
-from mistral_lightning.data.datamodules import InstructionDataModule, PretrainDataModule
+from mistral_lightning.data.datamodules import InstructionDataModule, PreferenceDataModule, PretrainDataModule
 from mistral_lightning.data.indexed import IndexedDatasetWriter
 from mistral_lightning.training.module import MistralLightningModule
 from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig
@@ -64,10 +64,21 @@ def datamodule(
     global_batch: int = GLOBAL_BATCH,
     accumulate: int = 1,
     instruction: bool = False,
-) -> PretrainDataModule | InstructionDataModule:
-    """Pretraining data (every label valid), or `instruction` data written by `write_instruction_data`;
-    `global_batch` samples per optimizer step, split over the data-parallel ranks and accumulated micro-batches."""
+    preference: bool = False,
+) -> PretrainDataModule | InstructionDataModule | PreferenceDataModule:
+    """Pretraining data (every label valid), `instruction` data written by `write_instruction_data`, or
+    `preference` pairs written by `write_preference_data` (packed into rows); `global_batch` samples (rows) per
+    optimizer step, split over the data-parallel ranks and accumulated micro-batches."""
     micro_batch_size = global_batch // (data_parallel * accumulate)
+    if preference:
+        return PreferenceDataModule(
+            prefix,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            split="1,0,0",
+            num_workers=0,
+            pack=True,
+        )
     if instruction:
         return InstructionDataModule(
             prefix, seq_length=seq_length, micro_batch_size=micro_batch_size, split="1,0,0", num_workers=0
@@ -94,6 +105,26 @@ def write_instruction_data(prefix: str, samples: list[tuple[int, int]], seed: in
         labels_writer.add_document(np.where(np.arange(len(ids)) < prompt, -100, ids))
     ids_writer.finalize()
     labels_writer.finalize()
+    return prefix
+
+
+def write_preference_data(prefix: str, pairs: list[tuple[int, int, int]], seed: int = 0) -> str:
+    """Random `(prompt, chosen, rejected)` token counts as `<prefix>_packed_{chosen,rejected}_{input_ids,labels}
+    _document`, one shared prompt per pair, labels -100 on it, as `preprocess --handler preference` writes them."""
+    rng = np.random.default_rng(seed)
+    writers = {
+        (side, key): IndexedDatasetWriter(f"{prefix}_packed_{side}_{key}_document", np.int32)
+        for side in ("chosen", "rejected")
+        for key in ("input_ids", "labels")
+    }
+    for prompt, *answers in pairs:
+        prompt_ids = np.concatenate([[1], rng.integers(3, 2000, size=prompt - 1)])
+        for side, length in zip(("chosen", "rejected"), answers):
+            ids = np.concatenate([prompt_ids, rng.integers(3, 2000, size=length)])
+            writers[side, "input_ids"].add_document(ids)
+            writers[side, "labels"].add_document(np.where(np.arange(len(ids)) < prompt, -100, ids))
+    for writer in writers.values():
+        writer.finalize()
     return prefix
 
 
