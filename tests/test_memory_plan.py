@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers.configs import tiny_fit_config, write_config
 from helpers.processes import without_process_group
-from helpers.training import write_instruction_data
+from helpers.training import write_instruction_data, write_preference_data
 
 from mistral_lightning.cli import main as mistral_lightning
 from mistral_lightning.config import MistralConfig, parameter_shapes
@@ -136,6 +136,48 @@ def tiny_sft(tmp_path_factory) -> tuple[dict, dict]:
 
 def test_the_plan_covers_the_loss_at_its_most_expensive_labelling(tiny_sft):
     plan, measured = tiny_sft
+    assert measured["steps"] == 2
+    assert (
+        measured["peak_allocated_bytes"]
+        <= plan["report"]["peak_bytes"]
+        <= 1.15 * measured["peak_allocated_bytes"]
+    )
+
+
+@pytest.fixture(scope="module", params=["full", "lora"])
+def tiny_dpo(request, tmp_path_factory) -> tuple[dict, dict]:
+    """The plan of one DPO process and the peak of `fit` on it: rows of one pair whose answers fill them (a
+    2-token prompt, two answers of 63), full fine-tuning against a frozen copy, or LoRA against its adapters off."""
+    root = tmp_path_factory.mktemp(f"plan_tiny_dpo_{request.param}")
+    micro_batch = 4
+    data = write_preference_data(str(root / "pairs"), [(2, 63, 63)] * 2 * micro_batch)
+    allocator_peak = tiny_tp2_config(data, root)["trainer"]["callbacks"]
+    lora = {"lora": {"rank": 8, "alpha": 16, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}}
+    settings = tiny_fit_config(
+        root,
+        data,
+        trainer={"callbacks": allocator_peak, "gradient_clip_val": 1.0},
+        model={"objective": {"kind": "dpo"}, **(lora if request.param == "lora" else {})},
+        data={
+            "class_path": "mistral_lightning.data.datamodules.PreferenceDataModule",
+            "init_args": {"data_prefix": data, "seq_length": SEQ_LENGTH, "micro_batch_size": micro_batch}
+            | {"split": "1,0,0", "num_workers": 0},
+        },
+    )
+    config = write_config(settings, root / "fit.yaml")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
+    # In its own process, as a user runs it: the allocator counts every live tensor of the process, and an earlier
+    # in-process fit of this worker leaves some alive (FSDP2's module state).
+    run(["fit", "--config", str(config)], root)
+    measured = json.loads((root / "measured" / "rank0.json").read_text())
+    return json.loads((root / "plan.json").read_text()), measured
+
+
+@pytest.mark.processes
+def test_the_plan_covers_a_dpo_step_with_its_reference(tiny_dpo):
+    plan, measured = tiny_dpo
     assert measured["steps"] == 2
     assert (
         measured["peak_allocated_bytes"]

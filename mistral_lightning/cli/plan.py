@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -39,6 +40,7 @@ from mistral_lightning.training.parallel import (
     mixed_precision_policy,
     parallelize,
 )
+from mistral_lightning.training.preference import ObjectiveConfig
 
 USAGE = (
     "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--plan_output FILE.json "
@@ -74,6 +76,7 @@ class TrainingLayout:
     step: StepShape
     lora: LoRAConfig | None = None
     context_parallel: int = 1
+    objective: ObjectiveConfig = ObjectiveConfig()
 
     @property
     def world_size(self) -> int:
@@ -109,7 +112,7 @@ def plan(layout: TrainingLayout) -> MemoryReport:
     # largest halo and sends its own (the next-to-last context rank; the last one with CP2): the most memory.
     step = dataclasses.replace(layout.step, seq_length=layout.step.seq_length // context)
 
-    def build() -> Mistral:
+    def build(lora: LoRAConfig | None, activation_checkpointing: str) -> Mistral:
         mesh = build_device_mesh("cpu", layout.data_parallel, context, layout.tensor_parallel)
         with plugin.module_init_context(), torch.device("meta"):
             model = Mistral(layout.model)
@@ -118,19 +121,25 @@ def plan(layout: TrainingLayout) -> MemoryReport:
             model,
             mesh,
             sequence_parallel=layout.parallel.sequence_parallel,
-            activation_checkpointing=layout.parallel.activation_checkpointing,
+            activation_checkpointing=activation_checkpointing,
             mp_policy=mixed_precision_policy(layout.precision),
             seq_length=step.seq_length,
-            lora=layout.lora,
+            lora=lora,
         )
 
+    def build_reference() -> Mistral:
+        # As MistralLightningModule.configure_model builds DPO's frozen copy for full fine-tuning.
+        return build(None, "none").requires_grad_(False)
+
+    preference = layout.objective.is_preference
     return simulate_training_step(
-        build,
+        partial(build, layout.lora, layout.parallel.activation_checkpointing),
         lambda model: build_optimizer(model, layout.optimizer),
-        step,
+        dataclasses.replace(step, preference=preference),
         forward_context=plugin.forward_context,
         world_size=layout.world_size,
         rank=simulated_rank(layout),
+        build_reference=build_reference if preference and layout.lora is None else None,
     )
 
 
@@ -247,6 +256,7 @@ def layout_from_config(config) -> TrainingLayout:
         optimizer=OptimizerConfig(**_as_dict(model_args.get("optimizer"))),
         # model.lora as fit reads it: the settings, as written, to LoRAConfig's own parsing ("all-linear" too).
         lora=None if model_args.get("lora") is None else LoRAConfig(**_as_dict(model_args.get("lora"))),
+        objective=ObjectiveConfig(**_as_dict(model_args.get("objective"))),
         step=StepShape(
             micro_batch_size=int(data_args["micro_batch_size"]),
             seq_length=int(data_args["seq_length"]),
@@ -281,11 +291,19 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
 
 
-def _describe_lora(lora: LoRAConfig | None) -> str:
+def _describe_training(lora: LoRAConfig | None, objective: ObjectiveConfig) -> str:
     if lora is None:
-        return "full fine-tuning: every weight trained"
-    base = "4-bit NF4 (torchao)" if lora.quantize_base == "nf4" else "dense, frozen"
-    return f"LoRA rank {lora.rank} on {', '.join(lora.targets)}; base weights {base}; AdamW over the adapters only"
+        what = "full fine-tuning: every weight trained"
+    else:
+        base = "4-bit NF4 (torchao)" if lora.quantize_base == "nf4" else "dense, frozen"
+        what = f"LoRA rank {lora.rank} on {', '.join(lora.targets)}; base weights {base}; AdamW over the adapters only"
+    if not objective.is_preference:
+        return what
+    reference = "a frozen copy of the model" if lora is None else "the model with its adapters off"
+    return (
+        f"{what}; DPO: each row one pair (chosen, then rejected), the reference ({reference}) run without a graph "
+        "before the policy"
+    )
 
 
 def format_report(
@@ -307,7 +325,7 @@ def format_report(
         + ", micro-batch "
         f"{step.micro_batch_size} x {step.micro_batches} accumulated, {layout.precision}, activation checkpointing "
         f"{layout.parallel.activation_checkpointing}, sequence parallel {layout.parallel.sequence_parallel}",
-        f"{_describe_lora(layout.lora)}",
+        _describe_training(layout.lora, layout.objective),
         f"simulated in {report.seconds:.0f} s under FakeTensorMode on a fake process group; attention path "
         f"{report.attention_path}; blocks eager (compiled ones peak lower); every position labelled",
         "",

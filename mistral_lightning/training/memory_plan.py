@@ -35,10 +35,13 @@ from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from mistral_lightning.adapters.lora import adapters_disabled
 from mistral_lightning.adapters.nf4 import materialize_nf4_
 from mistral_lightning.kernels.attention_dispatch import attention_path
+from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
 from mistral_lightning.training.parallel import clip_grad_norm_
+from mistral_lightning.training.preference import ObjectiveConfig, pair_sums, preference_losses
 
 # The fake tensors live on the CPU: fake CUDA tensors need a CUDA build (FSDP2 asks the device for streams).
 DEVICE = torch.device("cpu")
@@ -54,13 +57,16 @@ CATEGORIES = {
 @dataclasses.dataclass(frozen=True)
 class StepShape:
     """What one optimizer step of the training loop does: micro-batches of [micro_batch_size, seq_length]
-    tokens, `micro_batches` of them accumulated, then gradient clipping (if any) and the AdamW step."""
+    tokens, `micro_batches` of them accumulated, then gradient clipping (if any) and the AdamW step.
+    `preference`: rows of DPO pairs (each half a side), the reference's forward without a graph before the
+    policy's."""
 
     micro_batch_size: int
     seq_length: int
     micro_batches: int = 1
     gradient_clip_val: float | None = None
     loss_chunk_size: int = 1024
+    preference: bool = False
 
 
 @dataclasses.dataclass
@@ -87,6 +93,8 @@ def _grouped(snapshot: dict[Any, int], outside_fsdp: int = 0) -> dict[str, int]:
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes of a tensor's storage, or of a wrapper subclass's inner tensors (an NF4 weight's codes and scalers)."""
+    if isinstance(tensor, DTensor):  # a frozen reference's shard
+        return _tensor_bytes(tensor.to_local())
     if is_traceable_wrapper_subclass(tensor):
         return sum(_tensor_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
     return tensor.untyped_storage().nbytes()
@@ -161,13 +169,37 @@ def _tracker(model: nn.Module, optimizer: torch.optim.Optimizer, propagating: _S
 
 
 def _batch(shape: StepShape) -> dict[str, torch.Tensor]:
-    """A batch as the DataModules deliver it (one document per sample)."""
+    """A batch as the DataModules deliver it: one document per sample, or for DPO one pair per row, its chosen
+    side (document 0) in the first half and its rejected side (document 1) in the second."""
     size = (shape.micro_batch_size, shape.seq_length)
-    return {
+    batch = {
         "input_ids": torch.zeros(size, dtype=torch.long, device=DEVICE),
         "labels": torch.zeros(size, dtype=torch.long, device=DEVICE),
         "position_ids": torch.arange(shape.seq_length, device=DEVICE).expand(size),
     }
+    if shape.preference:
+        half = torch.arange(shape.seq_length, device=DEVICE) >= shape.seq_length // 2
+        batch["document_ids"] = half.long().expand(size)
+    return batch
+
+
+def _preference_loss(
+    policy: Callable[..., torch.Tensor],
+    reference: Callable[..., torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    chunk_size: int,
+) -> torch.Tensor:
+    """The DPO step's loss as the module computes it: the reference's log-probabilities without a graph, then
+    the policy's, summed per side and combined per pair."""
+    documents = batch["document_ids"]
+    with torch.no_grad():
+        reference_sums = pair_sums(_plain(reference(**batch, chunk_size=chunk_size)), documents)
+    tokens = _plain(policy(**batch, chunk_size=chunk_size))
+    counts = pair_sums((batch["labels"] != IGNORE_INDEX).to(tokens.dtype), documents)
+    terms = preference_losses(
+        ObjectiveConfig(kind="dpo"), pair_sums(tokens, documents), reference_sums, counts
+    )
+    return terms.losses.sum()
 
 
 def _plain(loss: torch.Tensor) -> torch.Tensor:
@@ -184,6 +216,7 @@ def simulate_training_step(
     rank: int = 0,
     steps: int = 2,
     lightning_order: bool = True,
+    build_reference: Callable[[], nn.Module] | None = None,
 ) -> MemoryReport:
     """The peak memory of `steps` optimizer steps of `build()`'s model, simulated on one rank of `world_size`.
 
@@ -193,12 +226,23 @@ def simulate_training_step(
         lightning_order: zero the gradients as Lightning's loop does, after the forward pass of an accumulation
         window's first micro-batch (so the last step's gradients are alive during it); False: after the
         optimizer step, as a plain loop does.
+        build_reference: for a DPO step (`shape.preference`) of full fine-tuning, returns the frozen reference
+            as `build` does the model; None: the reference is the model with its adapters switched off.
     The loss's labels are its most expensive ones: every position but one labelled, or (when all positions fit
     one chunk of logits) every position, whichever peaks higher.
     """
     start = time.perf_counter()
     simulate = partial(
-        _simulate, build, make_optimizer, shape, forward_context, world_size, rank, steps, lightning_order
+        _simulate,
+        build,
+        make_optimizer,
+        shape,
+        forward_context,
+        world_size,
+        rank,
+        steps,
+        lightning_order,
+        build_reference,
     )
     labelling = _LabelledPositions(all_but_one=True)
     report = simulate(labelling)
@@ -217,6 +261,7 @@ def _simulate(
     rank: int,
     steps: int,
     lightning_order: bool,
+    build_reference: Callable[[], nn.Module] | None,
     labelling: _LabelledPositions,
 ) -> MemoryReport:
     """One simulation of simulate_training_step, the loss's labels answered by `labelling`."""
@@ -225,12 +270,15 @@ def _simulate(
     with contextlib.ExitStack() as stack:
         stack.enter_context(fake_process_group(world_size, rank))
         model = build()
+        reference = None if build_reference is None or not shape.preference else build_reference()
         stack.callback(setattr, ShardingPropagator, "_fake_mode_lock", ShardingPropagator._fake_mode_lock)
         ShardingPropagator._fake_mode_lock = propagating
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(labelling)
         model.to_empty(device=DEVICE)
         materialize_nf4_(model)
+        if reference is not None:
+            reference.to_empty(device=DEVICE)
         optimizer = make_optimizer(model)
         batch = _batch(shape)
         attn = model.layers[0].attn
@@ -240,23 +288,42 @@ def _simulate(
             )
         )
         fsdp = isinstance(model, FSDPModule)
+        step_method = Mistral.token_log_probs if shape.preference else Mistral.loss
         if fsdp:
             # FSDPMemTracker follows FSDP's forward hooks, which only `model(...)` runs: make the loss the forward.
-            model.forward = partial(Mistral.loss, model)
+            model.forward = partial(step_method, model)
         tracker = _tracker(model, optimizer, propagating)
         outside_fsdp = [p for p in model.parameters() if not isinstance(p, DTensor)] if fsdp else []
+        # The frozen reference is alive throughout, outside the model and the optimizer the tracker follows.
+        frozen = [] if reference is None else [*reference.parameters(), *reference.buffers()]
         if fsdp:
             # FSDPMemTracker tracks only what FSDP2 manages, and inputs: the parameters it leaves out go as those.
-            tracker.track_inputs((*batch.values(), *outside_fsdp))
+            tracker.track_inputs((*batch.values(), *outside_fsdp, *frozen))
         else:
-            tracker.track_external(*batch.values())
-        loss_fn = model if fsdp else model.loss
+            tracker.track_external(*batch.values(), *frozen)
+        loss_fn = model if fsdp else partial(step_method, model)
+        if shape.preference:
+            policy_fn = loss_fn
+            if reference is not None:
+                reference_fn = reference.token_log_probs
+            else:
+
+                def reference_fn(**inputs):
+                    # The method, not `model(...)`: FSDPMemTracker counts one forward pass per backward.
+                    with adapters_disabled(model):
+                        return model.token_log_probs(**inputs)
+
+            loss_fn = partial(_preference_loss, policy_fn, reference_fn)
         with tracker:
             for _ in range(steps):
                 for micro_batch in range(min(shape.micro_batches, 2)):
                     with loss_parallel():
                         with forward_context():
-                            loss = _plain(loss_fn(**batch, chunk_size=shape.loss_chunk_size))
+                            loss = (
+                                loss_fn(batch, shape.loss_chunk_size)
+                                if shape.preference
+                                else _plain(loss_fn(**batch, chunk_size=shape.loss_chunk_size))
+                            )
                         if lightning_order and micro_batch == 0:
                             optimizer.zero_grad(set_to_none=True)
                         loss.backward()
@@ -270,7 +337,7 @@ def _simulate(
                     optimizer.zero_grad(set_to_none=True)
             after_step = tracker.get_tracker_snapshot("current").get(DEVICE, {})
         peak = tracker.get_tracker_snapshot("peak").get(DEVICE, {})
-    held = sum(_tensor_bytes(p) for p in outside_fsdp)
+    held = sum(_tensor_bytes(p) for p in (*outside_fsdp, *frozen))
     return MemoryReport(
         peak_bytes=int(peak.get("Total", 0)),
         at_peak=_grouped(peak, held),
