@@ -161,8 +161,10 @@ def chunked_token_log_probs(
             pieces.append(_chunk_log_probs(head, chunk, target))
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     values = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=acc_dtype)
-    out = flat_hidden.new_zeros(flat_labels.shape, dtype=values.dtype).index_copy(0, kept_rows, values)
-    return out.view(labels.shape)
+    # Written into a [B, T] tensor of its own, not returned as a view: FSDP2 warns of a forward method's views.
+    width = labels.shape[-1]
+    out = flat_hidden.new_zeros(labels.shape, dtype=values.dtype)
+    return out.index_put_((kept_rows // width, kept_rows % width), values)
 
 
 def chunked_cross_entropy(

@@ -1,5 +1,6 @@
 """`make demo`'s path end to end, shortened to 120 steps: every command it runs (demo-data, preprocess,
-fit, export, generation, MMLU, the LoRA leg from the halfway checkpoint) and what it reports; that it
+fit, export, generation, MMLU, the LoRA leg from the halfway checkpoint, 40 DPO steps over the fine-tuned
+model) and what it reports; that it
 writes only under its own folder, leaving the user's runs of the tiny configs alone, and replaces only a
 folder of its own.
 
@@ -17,10 +18,12 @@ from helpers.processes import without_process_group
 
 from mistral_lightning.demo import pipeline as demo
 from mistral_lightning.demo.pipeline import DemoPaths, DemoScores
+from mistral_lightning.demo.preference import PairRanking
 from mistral_lightning.tokenizer import default_tokenizer_path
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 120
+DPO_STEPS = 40
 
 
 @pytest.mark.processes
@@ -33,6 +36,8 @@ def test_the_shortened_demo_runs_every_command_and_scores_both_legs(tmp_path, mo
     mine = {
         Path("runs/tiny-finetune/checkpoints/last.ckpt"): b"my checkpoint",
         Path("runs/tiny-lora/lightning_logs/version_0/metrics.csv"): b"my metrics",
+        Path("runs/tiny-dpo/checkpoints/last.ckpt"): b"my DPO checkpoint",
+        Path("demo_output/data/preference_packed_chosen_input_ids_document.bin"): b"my pairs",
         Path("demo_output/data/alpaca_packed_input_ids_document.bin"): b"my data",
         Path("demo_output/raw/alpaca/train.parquet"): b"my rows",
     }
@@ -43,7 +48,7 @@ def test_the_shortened_demo_runs_every_command_and_scores_both_legs(tmp_path, mo
     for name in set(os.environ) - set(without_process_group(dict(os.environ))):
         monkeypatch.delenv(name)
     # 40 MMLU questions, not 200: 120 steps do not learn the MMLU format, so the score checks only its range.
-    scores = demo.run(max_steps=STEPS, heldout=20, mmlu_per_subject=10)
+    scores = demo.run(max_steps=STEPS, heldout=20, mmlu_per_subject=10, dpo_steps=DPO_STEPS)
     print(scores)  # the figures, in the log of a failing run or with -s
     # It wrote under its own folder only; the user's files are as they were.
     outside = {p for p in Path(".").rglob("*") if p.is_file() and not p.is_relative_to(demo.OUT_DIR)}
@@ -69,6 +74,12 @@ def test_the_shortened_demo_runs_every_command_and_scores_both_legs(tmp_path, mo
     # Full fine-tuning trains everything: embedding and head, and per block q, k, v, o, gate, up, down, 2 norms.
     block = hidden * 4 * 32 + 2 * hidden * kv + 4 * 32 * hidden + 3 * hidden * intermediate + 2 * hidden
     assert scores.full.trainable_params == 2 * vocab * hidden + 4 * block + hidden, scores.full
+    # DPO ran its steps over the fine-tuned model's export, and held-out pairs rank the right answer first more
+    # often, by a wider log-probability margin, than before it.
+    assert demo.run_summary(paths.dpo_run_dir)["summary/iterations"] == DPO_STEPS
+    before, after = scores.before_dpo, scores.after_dpo
+    assert after.chosen_first > before.chosen_first, scores
+    assert after.chosen_log_prob - after.rejected_log_prob > before.chosen_log_prob - before.rejected_log_prob
 
 
 @pytest.mark.parametrize(
@@ -78,6 +89,13 @@ def test_the_full_demo_claims_learning_only_above_three_standard_deviations(
     heldout_after, mmlu_after, learned
 ):
     assert DemoScores(0.0, heldout_after, 0.25, mmlu_after).learned() is learned
+
+
+@pytest.mark.parametrize("after, learned", [(0.6, True), (0.5, False)])
+def test_the_full_demo_claims_dpo_learned_only_when_more_pairs_rank_right(after, learned):
+    before_dpo, after_dpo = PairRanking(0.5, -20.0, -20.0), PairRanking(after, -18.0, -25.0)
+    scores = DemoScores(0.0, 0.5, 0.25, 0.4, before_dpo=before_dpo, after_dpo=after_dpo)
+    assert scores.learned() is learned
 
 
 def test_the_demo_replaces_only_a_folder_it_wrote(tmp_path, monkeypatch, capsys):

@@ -73,6 +73,7 @@ def two_ranks(pairs_data, tmp_path_factory) -> dict:
         {"name": "tp2", "tensor_parallel": 2, "module": dpo, **common},
         {"name": "dp2_accumulated", "data_parallel": 2, "accumulate": 2, "module": dpo, **common},
         {"name": "lora_tp2", "tensor_parallel": 2, "module": {**dpo, "lora": LORA}, **common},
+        {"name": "cp2", "context_parallel": 2, "module": dpo, "expect_error": True, **common},
     ]
     codes, results, output = launch(scenarios, tmp_path_factory.mktemp("two_ranks"), nprocs=2)
     assert codes == [0, 0] and results is not None, output
@@ -153,6 +154,12 @@ def test_lora_under_tensor_parallelism_logs_the_one_process_losses(lora_whole_ba
     _assert_same_steps(two_ranks["lora_tp2"]["losses"], two_ranks["lora_tp2"]["grad_norms"], recorder)
 
 
+@pytest.mark.processes
+def test_context_parallelism_is_refused_before_the_first_step(two_ranks):
+    assert two_ranks["cp2"]["steps_started"] == 0
+    assert "does not run under context parallelism" in two_ranks["cp2"]["error"]
+
+
 def test_resume_continues_bit_for_bit(pairs_data, single_thread, tmp_path):
     data = datamodule(pairs_data, seq_length=SEQ_LENGTH, global_batch=GLOBAL_BATCH, preference=True)
     straight = Recorder()
@@ -228,3 +235,11 @@ def test_objective_and_data_must_agree(pairs_data, tmp_path, settings, preferenc
 def test_dpo_refuses_a_starting_adapter_it_would_not_compare_against(tmp_path):
     with pytest.raises(UserError, match="merge it into the base"):
         module(objective=DPO, lora={**LORA, "adapter": str(tmp_path)}, pretrained=str(tmp_path))
+
+
+@pytest.mark.parametrize("config", ["configs/tiny/dpo.yaml", "configs/mistral-7b-32k/dpo_lora_1dev.yaml"])
+def test_dpo_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "  objective:\n    kind: dpo\n" in capsys.readouterr().out

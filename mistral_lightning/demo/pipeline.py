@@ -5,7 +5,9 @@ throughput/memory row) -> HF export -> greedy answers to held-out prompts and 5-
 synthetic set, for the untrained and the fine-tuned model side by side. Then LoRA next to full
 fine-tuning: from the full run's first checkpoint, LoRA adapters train for as many steps as the full run
 went on, on the same data, and both are scored with their trainable parameters, peak memory and
-tokens/s. Everything goes through the same commands and functions a user calls; nothing is downloaded.
+tokens/s. Last, DPO over the fine-tuned model on synthetic preference pairs (a right and a near-miss answer):
+how often held-out pairs rank the right answer first, and how likely each side is, before and after.
+Everything goes through the same commands and functions a user calls; nothing is downloaded.
 
 Everything it writes goes under its own folder (`--out`, default demo_output/make-demo), never into the
 demo_output/data and runs/ folders the tiny configs use: it runs copies of those configs pointed there.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -31,6 +34,7 @@ from mistral_lightning.adapters.lora import LoRAConfig, apply_lora
 from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.demo.data import write_demo_data
+from mistral_lightning.demo.preference import PairRanking, rank_pairs
 from mistral_lightning.errors import UserError
 from mistral_lightning.evaluation.mmlu import evaluate_mmlu
 from mistral_lightning.outputs import NewFile, user_path
@@ -40,6 +44,7 @@ from mistral_lightning.tokenizer import Tokenizer, default_tokenizer_path
 # The demo runs copies of these, relative to the repository root, with every path moved under its folder.
 CONFIG = Path("configs/tiny/finetune.yaml")
 LORA_CONFIG = Path("configs/tiny/lora.yaml")
+DPO_CONFIG = Path("configs/tiny/dpo.yaml")
 OUT_DIR = Path("demo_output/make-demo")
 # In the demo's folder: what makes it the demo's own, so that the next demo may replace it.
 MARKER = ".written-by-make-demo"
@@ -70,6 +75,22 @@ class DemoPaths:
     @property
     def lora_run_dir(self) -> Path:
         return self.out / "runs" / "tiny-lora"
+
+    @property
+    def preference_prefix(self) -> Path:
+        return self.out / "data" / "preference"
+
+    @property
+    def preference_heldout_prefix(self) -> Path:
+        return self.out / "data" / "preference-heldout"
+
+    @property
+    def dpo_run_dir(self) -> Path:
+        return self.out / "runs" / "tiny-dpo"
+
+    @property
+    def dpo_hf(self) -> Path:
+        return self.out / "hf-dpo"
 
 
 class DemoOutputError(UserError):
@@ -113,15 +134,17 @@ def untrained_model(seed: int) -> Mistral:
     return model.eval()
 
 
-def demo_config(config: Path, paths: DemoPaths, run_dir: Path, max_steps: int | None) -> Path:
-    """A copy of `config` in the demo's folder that reads the demo's data and writes under `run_dir`; for a
-    shortened run it stops after `max_steps` and validates and checkpoints halfway, as the full run does
-    (the LoRA leg starts from that checkpoint)."""
+def demo_config(
+    config: Path, paths: DemoPaths, run_dir: Path, max_steps: int | None, data_prefix: Path | None = None
+) -> Path:
+    """A copy of `config` in the demo's folder that reads the demo's data (`data_prefix`, by default the
+    instruction data) and writes under `run_dir`; for a shortened run it stops after `max_steps` and validates
+    and checkpoints halfway, as the full run does (the LoRA leg starts from that checkpoint)."""
     settings = yaml.safe_load(config.read_text())
     trainer = settings["trainer"]
     trainer["default_root_dir"] = str(run_dir)
     trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
-    settings["data"]["init_args"]["data_prefix"] = str(paths.data_prefix)
+    settings["data"]["init_args"]["data_prefix"] = str(data_prefix or paths.data_prefix)
     (checkpoints,) = [c for c in trainer["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
     checkpoints["init_args"]["dirpath"] = str(run_dir / "checkpoints")
     if max_steps is not None:
@@ -168,11 +191,16 @@ class DemoScores:
     start: RunScores | None = None
     full: RunScores | None = None
     lora: RunScores | None = None
+    # Held-out preference pairs as the fine-tuned model ranks them, and after DPO over it.
+    before_dpo: PairRanking | None = None
+    after_dpo: PairRanking | None = None
 
     def learned(self) -> bool:
         """The demo's claim for a full-length run: the fine-tuned model beats the untrained one on held-out
-        prompts, and chance on 200 synthetic MMLU questions by over three standard deviations (0.25 +- 0.03)."""
-        return self.heldout_after > self.heldout_before and self.mmlu_after > 0.35
+        prompts, and chance on 200 synthetic MMLU questions by over three standard deviations (0.25 +- 0.03);
+        after DPO, more held-out pairs rank the right answer first than before it."""
+        dpo_learned = self.after_dpo is None or self.after_dpo.chosen_first > self.before_dpo.chosen_first
+        return self.heldout_after > self.heldout_before and self.mmlu_after > 0.35 and dpo_learned
 
 
 def run_summary(run_dir: Path) -> dict[str, float]:
@@ -258,15 +286,57 @@ def compare_lora(
     )
 
 
+def dpo_leg(paths: DemoPaths, data, tokenizer_path: Path, max_steps: int | None) -> tuple[PairRanking, ...]:
+    """DPO over the fine-tuned model (its HF export) on the preference pairs; held-out pairs ranked by both."""
+    for rows, prefix in (
+        (data.preference_train, paths.preference_prefix),
+        (data.preference_heldout, paths.preference_heldout_prefix),
+    ):
+        _command(
+            [
+                "preprocess",
+                "--input",
+                str(rows),
+                "--tokenizer-model",
+                str(tokenizer_path),
+                "--output-prefix",
+                str(prefix),
+            ]
+            + ["--handler", "preference", "--log-interval", "100000"]
+        )
+    print(f"== 7b. DPO over the fine-tuned model (mistral-lightning fit --config {DPO_CONFIG})")
+    config = demo_config(DPO_CONFIG, paths, paths.dpo_run_dir, max_steps, data_prefix=paths.preference_prefix)
+    _command(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--model.pretrained",
+            str(paths.hf),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+        + ["--export_hf_dir", str(paths.dpo_hf), "--export_hf_dtype", "float32"]
+    )
+    seq_length = yaml.safe_load(DPO_CONFIG.read_text())["data"]["init_args"]["seq_length"]
+    return tuple(
+        rank_pairs(Mistral.from_pretrained(folder).eval(), paths.preference_heldout_prefix, seq_length)
+        for folder in (paths.hf, paths.dpo_hf)
+    )
+
+
 def run(
     max_steps: int | None = None,
     heldout: int = 100,
     lora: bool = True,
     out: Path = OUT_DIR,
     mmlu_per_subject: int = 50,
+    dpo: bool = True,
+    dpo_steps: int | None = None,
 ) -> DemoScores:
     """Every step of the demo, from the current directory (the repository root), writing under `out` only;
-    returns the scores. `mmlu_per_subject`: synthetic MMLU test questions per subject (4 subjects)."""
+    returns the scores. `mmlu_per_subject`: synthetic MMLU test questions per subject (4 subjects); `dpo_steps`:
+    the DPO leg's steps (default: its config's)."""
     paths = DemoPaths(Path(out))
     fresh_output(paths.out)
     # Trained from scratch, the model has no tokenizer of its own: it is the one the demo's data is tokenized with.
@@ -313,14 +383,25 @@ def run(
     print("== 5. 5-shot MMLU on the synthetic set (mistral-lightning evaluate)")
     mmlu_before = evaluate_mmlu(untrained_model(seed=1234), tokenizer, data.mmlu)["accuracy"]
     mmlu_after = evaluate_mmlu(trained, tokenizer, data.mmlu)["accuracy"]
-    if not lora:
-        return DemoScores(before, after, mmlu_before, mmlu_after)
-    print("== 6. LoRA next to full fine-tuning, from the full run's first checkpoint")
-    full_params = sum(param.numel() for param in trained.parameters())
-    start, full, adapted = compare_lora(
-        paths, tokenizer, rows, data.mmlu, (after, mmlu_after), full_params, shortened=max_steps is not None
-    )
-    return DemoScores(before, after, mmlu_before, mmlu_after, start, full, adapted)
+    scores = DemoScores(before, after, mmlu_before, mmlu_after)
+    if lora:
+        print("== 6. LoRA next to full fine-tuning, from the full run's first checkpoint")
+        full_params = sum(param.numel() for param in trained.parameters())
+        start, full, adapted = compare_lora(
+            paths,
+            tokenizer,
+            rows,
+            data.mmlu,
+            (after, mmlu_after),
+            full_params,
+            shortened=max_steps is not None,
+        )
+        scores = dataclasses.replace(scores, start=start, full=full, lora=adapted)
+    if dpo:
+        print("== 7. DPO over the fine-tuned model on preference pairs (preprocess --handler preference)")
+        before_dpo, after_dpo = dpo_leg(paths, data, tokenizer_path, dpo_steps)
+        scores = dataclasses.replace(scores, before_dpo=before_dpo, after_dpo=after_dpo)
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's trainer.max_steps")
     parser.add_argument("--heldout", type=int, default=100, help="held-out prompts to answer")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA comparison")
+    parser.add_argument("--no-dpo", action="store_true", help="skip the DPO leg")
     parser.add_argument(
         "--out",
         type=user_path,
@@ -338,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     if not CONFIG.is_file():
         parser.error(f"{CONFIG} not found; run the demo from the repository root (make demo)")
     try:
-        scores = run(args.max_steps, args.heldout, lora=not args.no_lora, out=Path(args.out))
+        scores = run(
+            args.max_steps, args.heldout, lora=not args.no_lora, out=Path(args.out), dpo=not args.no_dpo
+        )
     except DemoOutputError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
@@ -359,7 +443,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {name} | {result.heldout:.2f} | {result.mmlu:.2f} | {result.trainable_params:,} "
                 f"| {result.peak_memory_mib:.0f} | {result.tokens_per_sec:.0f} |"
             )
+    if scores.after_dpo is not None:
+        print(
+            "\n| held-out preference pairs | right answer ranked first | log p(right answer) | log p(near miss) |"
+        )
+        print("| --- | --- | --- | --- |")
+        for name, ranking in (("fine-tuned", scores.before_dpo), ("+ DPO", scores.after_dpo)):
+            print(
+                f"| {name} | {ranking.chosen_first:.2f} | {ranking.chosen_log_prob:.2f} "
+                f"| {ranking.rejected_log_prob:.2f} |"
+            )
     if args.max_steps is None and not scores.learned():
-        print("demo: the fine-tuned model did not beat the untrained one and chance (0.35) on synthetic MMLU")
+        print(
+            "demo: the fine-tuned model did not beat the untrained one and chance (0.35) on synthetic MMLU, or DPO "
+            "did not rank more held-out pairs right"
+        )
         return 1
     return 0

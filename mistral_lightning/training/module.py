@@ -155,8 +155,8 @@ class MistralLightningModule(L.LightningModule):
         # DPO's evaluation: the share of pairs whose chosen answer gets the larger reward.
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
-        # This rank's [loss numerator, its denominator, labelled tokens] over the micro-batches of the
-        # optimizer step under way; reduced once per step in on_before_optimizer_step.
+        # This rank's [loss numerator, its denominator, labelled tokens (DPO: pairs), DPO's PAIR_STATISTICS] over
+        # the micro-batches of the optimizer step under way; reduced once per step in on_before_optimizer_step.
         self._step_totals: torch.Tensor | None = None
         self._step_skipped = False
         self.skipped_steps = 0
@@ -183,9 +183,8 @@ class MistralLightningModule(L.LightningModule):
         check_quantize_base(self.lora_config, self.device_mesh["tensor_parallel"].size())
         if self.objective.is_preference and context_parallel_group(self.device_mesh) is not None:
             raise UserError(
-                "model.objective.kind: dpo does not run under context parallelism yet; set "
-                "trainer.strategy.init_args.context_parallel_size: 1 (a pair's two answers each fit one rank's "
-                "sequence)"
+                "model.objective.kind: dpo does not run under context parallelism yet (it would cut a row of pairs "
+                "over ranks); set trainer.strategy.init_args.context_parallel_size: 1"
             )
         model = self._build_model(self.lora_config, self.parallel_config.activation_checkpointing)
         if self.objective.is_preference and self.lora_config is None:
