@@ -8,7 +8,7 @@ from mistral_lightning.demo.data import write_demo_data
 from mistral_lightning.outputs import user_path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-lightning demo-data",
         description="Write deterministic synthetic Alpaca-schema parquet (train + held-out), preference pairs "
@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         "--preference-heldout-rows", type=int, default=200, help="rows of preference/heldout.parquet"
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes every row and question")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     paths = write_demo_data(
         args.out,
         args.train_rows,
