@@ -11,8 +11,10 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
 from mistral_lightning.child_processes import python_module_command, safe_path_env
@@ -113,3 +115,22 @@ def save_json(name: str, payload: dict, directory: Path = RESULTS_DIR) -> Path:
     path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+class StepTimes(L.Callback):
+    """Each rank writes `times{N}.json`: the wall-clock seconds of every optimizer step."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"times{trainer.global_rank}.json").write_text(json.dumps(self.times))

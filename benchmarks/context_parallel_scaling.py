@@ -18,10 +18,7 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
-
-import lightning as L
 
 from mistral_lightning.benchmarks.common import (
     BENCH_CONFIG,
@@ -31,25 +28,6 @@ from mistral_lightning.benchmarks.common import (
     write_random_tokens,
 )
 from mistral_lightning.child_processes import python_module_command, safe_path_env
-
-
-class StepTimes(L.Callback):
-    """Each rank writes `times{N}.json`: the wall-clock seconds of every optimizer step."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = Path(out_dir)
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, *args) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"times{trainer.global_rank}.json").write_text(json.dumps(self.times))
 
 
 def fit_config(data_prefix: str, root: Path, ranks: int, seq: int, steps: int) -> dict:
@@ -80,7 +58,7 @@ def fit_config(data_prefix: str, root: Path, ranks: int, seq: int, steps: int) -
                     "init_args": {"out_dir": str(root / "measured")},
                 },
                 {
-                    "class_path": "mistral_lightning.benchmarks.context_parallel_scaling.StepTimes",
+                    "class_path": "mistral_lightning.benchmarks.common.StepTimes",
                     "init_args": {"out_dir": str(root / "measured")},
                 },
             ],
@@ -103,7 +81,8 @@ def fit_config(data_prefix: str, root: Path, ranks: int, seq: int, steps: int) -
     }
 
 
-def _run(arguments: list[str], root: Path, threads: int) -> None:
+def run_command(arguments: list[str], root: Path, threads: int) -> None:
+    """`mistral-lightning ARGUMENTS` in a fresh process in `root`, with `threads` intra-op threads per rank."""
     environment = {**safe_path_env(), "OMP_NUM_THREADS": str(threads)}
     subprocess.run(
         python_module_command("mistral_lightning", *arguments), cwd=root, env=environment, check=True
@@ -114,9 +93,9 @@ def measure(data_prefix: str, root: Path, ranks: int, seq: int, steps: int) -> d
     root.mkdir(parents=True)
     config = root / "fit.yaml"
     config.write_text(json.dumps(fit_config(data_prefix, root, ranks, seq, steps)))
-    _run(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")], root, 1)
+    run_command(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")], root, 1)
     threads = max(1, (os.cpu_count() or 1) // ranks)
-    _run(["fit", "--config", str(config)], root, threads)
+    run_command(["fit", "--config", str(config)], root, threads)
     peaks = [json.loads((root / "measured" / f"rank{rank}.json").read_text()) for rank in range(ranks)]
     times = [json.loads((root / "measured" / f"times{rank}.json").read_text()) for rank in range(ranks)]
     step_seconds = max(sum(rank_times[1:]) / len(rank_times[1:]) for rank_times in times)

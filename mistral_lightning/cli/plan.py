@@ -9,6 +9,7 @@ gradients, optimizer state, activations and the peak, against the device's memor
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -30,7 +32,8 @@ from mistral_lightning.cli.fit import MistralCLI
 from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
 from mistral_lightning.model import Mistral
-from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, write_output_file
+from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, user_path, write_output_file
+from mistral_lightning.training.device_rates import calibrate_table, load_table, rates_for
 from mistral_lightning.training.memory_plan import MemoryReport, StepShape, simulate_training_step
 from mistral_lightning.training.module import MistralLightningModule
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
@@ -41,13 +44,21 @@ from mistral_lightning.training.parallel import (
     parallelize,
 )
 from mistral_lightning.training.preference import ObjectiveConfig
+from mistral_lightning.training.step_time import DeviceRates
 
 USAGE = (
-    "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--plan_output FILE.json "
-    "[--plan_overwrite true]] [any fit override, e.g. --trainer.strategy.init_args.tensor_parallel_size 4]"
+    "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--device_rates TABLE] "
+    "[--plan_output FILE.json [--plan_overwrite true]] [any fit override, e.g. "
+    "--trainer.strategy.init_args.tensor_parallel_size 4]\n"
+    "       mistral-lightning plan calibrate [--out TABLE.yaml]"
 )
+# The calibration table each accelerator usually means, when --device_rates is not given (training/device_tables).
+DEFAULT_DEVICE_RATES = {"cpu": "cpu-2core", "cuda": "h100", "gpu": "h100"}
 # An earlier --plan_output starts as written below; --plan_overwrite replaces only such a file.
 PLAN_JSON = FileKind("memory plan written by plan", lambda head: head.startswith(b'{\n  "layout": '))
+DEVICE_TABLE = FileKind(
+    "calibration table written by plan calibrate", lambda head: head.startswith(b"name: ")
+)
 # Memory of the card each accelerator usually means, when --device_memory_gb is not given (decimal GB).
 DEFAULT_DEVICE_MEMORY_GB = {"npu": ("Ascend 910B", 64.0), "cuda": ("H100", 80.0), "gpu": ("H100", 80.0)}
 # Lightning's spellings of trainer.precision, as its accelerator connector unifies them.
@@ -156,6 +167,15 @@ class _PlanCLI(MistralCLI):
             help="memory of one device in GB, to compare the peak with (default: by trainer.accelerator: "
             + ", ".join(f"{acc} {name} {gb:g}" for acc, (name, gb) in DEFAULT_DEVICE_MEMORY_GB.items())
             + ", cpu this machine's RAM)",
+        )
+        parser.add_argument(
+            "--device_rates",
+            type=str | None,
+            default=None,
+            help="calibration table for the predicted step time: a file `plan calibrate` wrote, or a shipped one "
+            "(default: by trainer.accelerator: "
+            + ", ".join(f"{acc} {name}" for acc, name in DEFAULT_DEVICE_RATES.items())
+            + "; none for npu)",
         )
         parser.add_argument(
             "--plan_output", type=str | None, default=None, help="also write the plan as JSON here"
@@ -307,7 +327,11 @@ def _describe_training(lora: LoRAConfig | None, objective: ObjectiveConfig) -> s
 
 
 def format_report(
-    layout: TrainingLayout, report: MemoryReport, device: tuple[str, float | None], source: str
+    layout: TrainingLayout,
+    report: MemoryReport,
+    device: tuple[str, float | None],
+    source: str,
+    prediction: StepTimePrediction | None = None,
 ) -> str:
     model, step = layout.model, layout.step
     count = model.num_params
@@ -345,6 +369,16 @@ def format_report(
             f"{name}, {capacity_gb:.1f} GB | | {verdict}: {headroom:+.2f} GB left for the runtime and the "
             "allocator's cache"
         )
+    if prediction is None:
+        lines.append("predicted step time: no calibration table for this accelerator (--device_rates TABLE)")
+    else:
+        cost = report.step_cost
+        lines.append(
+            f"predicted step time {prediction.seconds:.3g} s, {prediction.tokens_per_second_per_device:,.0f} tokens/s "
+            f"per device ({cost.matmul_flops / 1e12:.3g} TFLOP of matmuls, {cost.operators:,.0f} operators, "
+            f"{cost.collectives:,.0f} collectives per step; rates: {prediction.rates.name}, "
+            f"{prediction.rates.source})"
+        )
     return "\n".join(lines)
 
 
@@ -363,10 +397,61 @@ def parse_config(argv: list[str]):
     return cli.config
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTimePrediction:
+    """The predicted time of one optimizer step, and the tokens per second each device then trains."""
+
+    seconds: float
+    tokens_per_second_per_device: float
+    rates: DeviceRates
+
+
+def predict_step_time(
+    layout: TrainingLayout, report: MemoryReport, table: dict[int, DeviceRates]
+) -> StepTimePrediction:
+    """The simulated step's operators at the rates of `table`'s row for this many processes (on a CPU they share
+    the machine; a GPU or NPU table has one row, one process per device)."""
+    rates = rates_for(table, layout.world_size)
+    seconds = rates.seconds(report.step_cost)
+    step = layout.step
+    tokens = step.micro_batch_size * step.seq_length * step.micro_batches * layout.data_parallel
+    return StepTimePrediction(seconds, tokens / layout.world_size / seconds, rates)
+
+
+def _device_rates(accelerator: str, given: str | None) -> dict[int, DeviceRates] | None:
+    name = given or DEFAULT_DEVICE_RATES.get(str(accelerator or "cpu"))
+    return None if name is None else load_table(name)
+
+
+def calibrate(argv: list[str]) -> int:
+    """`plan calibrate`: this machine's calibration table, printed and (--out) written."""
+    parser = argparse.ArgumentParser(
+        prog="mistral-lightning plan calibrate", description=calibrate_table.__doc__
+    )
+    parser.add_argument("--out", type=user_path, default=None, help="also write the table here (YAML)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an --out file that holds an earlier calibration table"
+    )
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1, 2, 4], help="CPU: measure with each many processes at once"
+    )
+    args = parser.parse_args(argv)
+    target = None if args.out is None else OutputTarget(Path(args.out), option="--out", overwrite=args.overwrite)
+    if target is not None:
+        check_output_file(target, DEVICE_TABLE)  # before the minute of measuring
+    text = yaml.safe_dump(calibrate_table(tuple(args.processes)), sort_keys=False)
+    print(text, end="")
+    if target is not None:
+        write_output_file(target, DEVICE_TABLE, text)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(USAGE, file=sys.stderr)
         return 2
+    if argv[0] == "calibrate":
+        return calibrate(argv[1:])
     config = parse_config(argv)
     layout = layout_from_config(config)
     device = _device_memory(config.trainer.accelerator, config.get("device_memory_gb"))
@@ -379,14 +464,17 @@ def main(argv: list[str]) -> int:
             overwrite_option="--plan_overwrite true",
         )
         check_output_file(output, PLAN_JSON)  # before the simulation, so its minutes are not lost
+    table = _device_rates(config.trainer.accelerator, config.get("device_rates"))
     report = plan(layout)
+    prediction = None if table is None else predict_step_time(layout, report, table)
     source = ", ".join(str(c) for c in config.get("config") or []) or "the given settings"
-    print(format_report(layout, report, device, source))
+    print(format_report(layout, report, device, source, prediction))
     if output is not None:
         plan_json = {
             "layout": dataclasses.asdict(layout),
             "device": {"name": device[0], "memory_gb": device[1]},
             "report": dataclasses.asdict(report),
+            "prediction": None if prediction is None else dataclasses.asdict(prediction),
         }
         write_output_file(output, PLAN_JSON, json.dumps(plan_json, indent=2, default=str) + "\n")
     return 0

@@ -42,6 +42,7 @@ from mistral_lightning.labels import IGNORE_INDEX
 from mistral_lightning.model import Mistral
 from mistral_lightning.training.parallel import clip_grad_norm_
 from mistral_lightning.training.preference import ObjectiveConfig, pair_sums, preference_losses
+from mistral_lightning.training.step_time import OperatorCosts, StepCost
 
 # The fake tensors live on the CPU: fake CUDA tensors need a CUDA build (FSDP2 asks the device for streams).
 DEVICE = torch.device("cpu")
@@ -79,6 +80,8 @@ class MemoryReport:
     tracker_categories: dict[str, int]  # the tracker's own categories at the peak
     attention_path: str
     seconds: float
+    # One optimizer step's operators: every micro-batch (scaled from the simulated ones), then the update.
+    step_cost: StepCost = dataclasses.field(default_factory=StepCost)
 
 
 def _grouped(snapshot: dict[Any, int], outside_fsdp: int = 0) -> dict[str, int]:
@@ -267,6 +270,7 @@ def _simulate(
     """One simulation of simulate_training_step, the loss's labels answered by `labelling`."""
     propagating = _ShardingPropagationFlag()
     attention_paths: list[str] = []
+    simulated_micro_batches = min(shape.micro_batches, 2)
     with contextlib.ExitStack() as stack:
         stack.enter_context(fake_process_group(world_size, rank))
         model = build()
@@ -301,6 +305,8 @@ def _simulate(
             tracker.track_inputs((*batch.values(), *outside_fsdp, *frozen))
         else:
             tracker.track_external(*batch.values(), *frozen)
+        # Counted apart: the micro-batches' forward and backward passes, and the optimizer step's clipping and update.
+        costs, optimizer_cost = OperatorCosts(skip=lambda: propagating.depth > 0), StepCost()
         loss_fn = model if fsdp else partial(step_method, model)
         if shape.preference:
             policy_fn = loss_fn
@@ -314,9 +320,9 @@ def _simulate(
                         return model.token_log_probs(**inputs)
 
             loss_fn = partial(_preference_loss, policy_fn, reference_fn)
-        with tracker:
+        with tracker, costs, costs.functional_collectives():
             for _ in range(steps):
-                for micro_batch in range(min(shape.micro_batches, 2)):
+                for micro_batch in range(simulated_micro_batches):
                     with loss_parallel():
                         with forward_context():
                             loss = (
@@ -330,11 +336,13 @@ def _simulate(
                     del loss
                     # The trackers keep per-module statistics for one pass; only the global peak is read here.
                     tracker.reset_mod_stats()
+                micro_batch_cost, costs.cost = costs.cost, optimizer_cost
                 if shape.gradient_clip_val:
                     clip_grad_norm_(model.parameters(), shape.gradient_clip_val)
                 optimizer.step()
                 if not lightning_order:
                     optimizer.zero_grad(set_to_none=True)
+                optimizer_cost, costs.cost = costs.cost, micro_batch_cost
             after_step = tracker.get_tracker_snapshot("current").get(DEVICE, {})
         peak = tracker.get_tracker_snapshot("peak").get(DEVICE, {})
     held = sum(_tensor_bytes(p) for p in (*outside_fsdp, *frozen))
@@ -345,4 +353,6 @@ def _simulate(
         tracker_categories={getattr(key, "value", key): int(value) for key, value in peak.items() if value},
         attention_path=attention_paths[0] if attention_paths else "none",
         seconds=0.0,
+        step_cost=costs.cost.scaled(shape.micro_batches / (steps * simulated_micro_batches))
+        + optimizer_cost.scaled(1 / steps),
     )

@@ -42,7 +42,11 @@ from mistral_lightning.errors import UserError
 from mistral_lightning.model import Mistral
 from mistral_lightning.training.context_parallel import apply_context_parallel
 
-ActivationCheckpointing = Literal["none", "full", "selective"]
+CheckpointPolicyName = Literal["none", "full", "selective"]
+POLICIES: tuple[str, ...] = ("none", "full", "selective")
+# One policy for every block, a list of one per block (a mix), or "auto" (fit takes the plan's fastest mix that
+# fits its device, training/auto_checkpointing.py).
+ActivationCheckpointing = CheckpointPolicyName | Literal["auto"] | list[CheckpointPolicyName]
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,34 @@ class ParallelConfig:
     """`model.parallel`: the plan's options; the mesh sizes are the strategy's (trainer.strategy.init_args).
 
     sequence_parallel: shard the norms and the residual stream on the sequence under TP.
-    activation_checkpointing: "none", "full" (recompute each block) or "selective" (keep matmul outputs).
+    activation_checkpointing: "none", "full" (recompute each block) or "selective" (keep matmul outputs) for
+        every block; a list of one of those per block (e.g. `[none, none, full, full]`); or "auto": the fastest
+        mix of "full" with "none" or "selective" blocks that the memory plan says fits the device.
     compile: `torch.compile` each block (and the loss's softmax/gradient step).
     """
 
     sequence_parallel: bool = True
     activation_checkpointing: ActivationCheckpointing = "none"
     compile: bool = False
+
+
+def layer_policies(mode: ActivationCheckpointing, num_layers: int) -> list[str]:
+    """Each block's checkpointing policy, from a config's `activation_checkpointing` ("auto" resolved before)."""
+    policies = [mode] * num_layers if isinstance(mode, str) else list(mode)
+    wrong = sorted({policy for policy in policies if policy not in POLICIES})
+    if wrong or len(policies) != num_layers:
+        given = mode if isinstance(mode, str) else f"a list of {len(policies)}"
+        raise UserError(
+            f"model.parallel.activation_checkpointing={given!r}: give one of 'none', 'full', 'selective', 'auto', or "
+            f"a list of one of the first three per block ({num_layers} blocks)"
+        )
+    return policies
+
+
+def describe_policies(policies: list[str]) -> str:
+    """A per-block list as a reader wants it: "full", or "2 none + 30 full"."""
+    counts = {policy: policies.count(policy) for policy in POLICIES if policy in policies}
+    return next(iter(counts)) if len(counts) == 1 else " + ".join(f"{n} {p}" for p, n in counts.items())
 
 
 # Selective checkpointing keeps the outputs of the expensive operators and recomputes the cheap,
@@ -160,18 +185,11 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def apply_activation_checkpointing(model: Mistral, mode: ActivationCheckpointing) -> None:
-    if mode == "none":
-        return
-    if mode not in ("full", "selective"):
-        raise UserError(
-            f"model.parallel.activation_checkpointing={mode!r} is not one of 'none', 'full', 'selective'"
-        )
-    context_fn = (
-        partial(create_selective_checkpoint_contexts, _selective_policy) if mode == "selective" else None
-    )
-    for block in model.layers:
-        # The composable API registers hooks instead of wrapping, so parameter names stay the same.
-        checkpoint(block, context_fn=context_fn)
+    selective = partial(create_selective_checkpoint_contexts, _selective_policy)
+    for block, policy in zip(model.layers, layer_policies(mode, len(model.layers)), strict=True):
+        if policy != "none":
+            # The composable API registers hooks instead of wrapping, so parameter names stay the same.
+            checkpoint(block, context_fn=selective if policy == "selective" else None)
 
 
 def apply_compile(model: Mistral) -> None:
