@@ -127,7 +127,9 @@ def _assert_same_loss_and_grads(transformed: Mistral, original: Mistral, batch: 
         torch.testing.assert_close(grad_transformed, grad)
 
 
-@pytest.mark.parametrize("mode", ["full", "selective", ["selective", "full"]], ids=["full", "selective", "mixed"])
+@pytest.mark.parametrize(
+    "mode", ["full", "selective", ["selective", "full"]], ids=["full", "selective", "mixed"]
+)
 def test_activation_checkpointing_keeps_loss_and_gradients(mode):
     config = MistralConfig.from_name("tiny")
     plain, checkpointed = _original_and_copy(config)

@@ -430,13 +430,21 @@ def calibrate(argv: list[str]) -> int:
     )
     parser.add_argument("--out", type=user_path, default=None, help="also write the table here (YAML)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an --out file that holds an earlier calibration table"
+        "--overwrite",
+        action="store_true",
+        help="replace an --out file that holds an earlier calibration table",
     )
     parser.add_argument(
-        "--processes", type=int, nargs="+", default=[1, 2, 4], help="CPU: measure with each many processes at once"
+        "--processes",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        help="CPU: measure with each many processes at once",
     )
     args = parser.parse_args(argv)
-    target = None if args.out is None else OutputTarget(Path(args.out), option="--out", overwrite=args.overwrite)
+    target = (
+        None if args.out is None else OutputTarget(Path(args.out), option="--out", overwrite=args.overwrite)
+    )
     if target is not None:
         check_output_file(target, DEVICE_TABLE)  # before the minute of measuring
     text = yaml.safe_dump(calibrate_table(tuple(args.processes)), sort_keys=False)
