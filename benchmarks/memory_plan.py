@@ -38,10 +38,11 @@ from mistral_lightning.benchmarks.common import (
 from mistral_lightning.benchmarks.train_throughput import fit_config
 from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.cli import plan as plan_cli
-from mistral_lightning.cli.plan import layout_from_config, parse_config, plan
+from mistral_lightning.cli.plan import layout_from_config, parse_config
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.kernels import attention_dispatch
 from mistral_lightning.model import Mistral
+from mistral_lightning.training.layouts import simulate_layout
 from mistral_lightning.training.memory_plan import StepShape, simulate_training_step
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
 from mistral_lightning.training.parallel import apply_activation_checkpointing
@@ -191,7 +192,7 @@ def predict_recipe(layouts: list[tuple[int, int, str]] = RECIPE_LAYOUTS) -> list
             parallel=dataclasses.replace(base.parallel, activation_checkpointing=checkpointing),
         )
         with _fsdp_input_cast_off(checkpointing == "selective"):
-            report = plan(layout)
+            report = simulate_layout(layout)
         row = {
             "data_parallel": data_parallel,
             "tensor_parallel": tensor_parallel,

@@ -6,6 +6,7 @@ calls, so each helper picks the module by the device's type instead of branching
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from types import ModuleType
@@ -46,6 +47,14 @@ def peak_memory(device: torch.device) -> dict[str, int]:
         "peak_allocated": backend.max_memory_allocated(device),
         "peak_reserved": backend.max_memory_reserved(device),
     }
+
+
+def total_memory(device: torch.device, processes_on_machine: int = 1) -> int:
+    """Bytes of memory one process may plan for: the accelerator's, or on CPU the machine's RAM shared between
+    the processes on it."""
+    if device.type == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(processes_on_machine, 1)
+    return accelerator_module(device).get_device_properties(device).total_memory
 
 
 class DeviceUnavailableError(UserError):

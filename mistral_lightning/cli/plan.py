@@ -16,32 +16,42 @@ import json
 import os
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
 import yaml
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mistral_lightning.adapters.lora import LoRAConfig
-from mistral_lightning.adapters.nf4 import check_quantize_base
 from mistral_lightning.cli.configs import resolve_config_argv
 from mistral_lightning.cli.fit import MistralCLI
+from mistral_lightning.cli.plan_search import (
+    check_config_target,
+    chosen_config,
+    format_search,
+    nothing_fits,
+    write_chosen_config,
+)
 from mistral_lightning.config import MistralConfig, resolve_model_config
 from mistral_lightning.errors import UserError
-from mistral_lightning.model import Mistral
 from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, user_path, write_output_file
-from mistral_lightning.training.device_rates import calibrate_table, load_table, rates_for
-from mistral_lightning.training.memory_plan import MemoryReport, StepShape, simulate_training_step
+from mistral_lightning.training.auto_checkpointing import choose as choose_checkpointing
+from mistral_lightning.training.device_rates import DEFAULT_TABLES, calibrate_table, load_table
+from mistral_lightning.training.layouts import (
+    StepTimePrediction,
+    TrainingLayout,
+    predict_step_time,
+    search_layouts,
+    simulate_layout,
+    simulated_context_rank,
+)
+from mistral_lightning.training.memory_plan import MemoryReport, StepShape
 from mistral_lightning.training.module import MistralLightningModule
-from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
+from mistral_lightning.training.optim import OptimizerConfig
 from mistral_lightning.training.parallel import (
     ParallelConfig,
-    build_device_mesh,
-    mixed_precision_policy,
-    parallelize,
+    describe_policies,
+    layer_policies,
 )
 from mistral_lightning.training.preference import ObjectiveConfig
 from mistral_lightning.training.step_time import DeviceRates
@@ -52,8 +62,6 @@ USAGE = (
     "--trainer.strategy.init_args.tensor_parallel_size 4]\n"
     "       mistral-lightning plan calibrate [--out TABLE.yaml]"
 )
-# The calibration table each accelerator usually means, when --device_rates is not given (training/device_tables).
-DEFAULT_DEVICE_RATES = {"cpu": "cpu-2core", "cuda": "h100", "gpu": "h100"}
 # An earlier --plan_output starts as written below; --plan_overwrite replaces only such a file.
 PLAN_JSON = FileKind("memory plan written by plan", lambda head: head.startswith(b'{\n  "layout": '))
 DEVICE_TABLE = FileKind(
@@ -72,86 +80,6 @@ PRECISIONS = {
     "16-mixed": "16-mixed",
     "16-true": "16-true",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingLayout:
-    """What the plan simulates, read from a `fit` config."""
-
-    model: MistralConfig
-    data_parallel: int
-    tensor_parallel: int
-    precision: str
-    parallel: ParallelConfig
-    optimizer: OptimizerConfig
-    step: StepShape
-    lora: LoRAConfig | None = None
-    context_parallel: int = 1
-    objective: ObjectiveConfig = ObjectiveConfig()
-
-    @property
-    def world_size(self) -> int:
-        return self.data_parallel * self.context_parallel * self.tensor_parallel
-
-
-def precision_plugin(precision: str) -> Precision:
-    """The plugin Lightning's Trainer uses for `precision`, with autocast on the CPU the simulation runs on."""
-    if precision in ("bf16-mixed", "16-mixed"):
-        return MixedPrecision(precision, device="cpu")
-    if precision in ("bf16-true", "16-true"):
-        return HalfPrecision(precision)
-    return Precision()
-
-
-def simulated_context_rank(context_parallel: int) -> int:
-    """The context index the plan simulates: one that receives the largest halo and, with CP > 2, sends one."""
-    return 0 if context_parallel == 1 else max(1, context_parallel - 2)
-
-
-def simulated_rank(layout: TrainingLayout) -> int:
-    """That context index's first global rank, in the mesh order (data, context, tensor)."""
-    return simulated_context_rank(layout.context_parallel) * layout.tensor_parallel
-
-
-def plan(layout: TrainingLayout) -> MemoryReport:
-    """Simulate one rank of `layout`: the model built as `MistralLightningModule.configure_model` builds it."""
-    plugin = precision_plugin(layout.precision)
-    check_quantize_base(layout.lora, layout.tensor_parallel)
-
-    context = layout.context_parallel
-    # Under context parallelism a rank runs its shard of each sequence. The rank simulated both receives the
-    # largest halo and sends its own (the next-to-last context rank; the last one with CP2): the most memory.
-    step = dataclasses.replace(layout.step, seq_length=layout.step.seq_length // context)
-
-    def build(lora: LoRAConfig | None, activation_checkpointing: str) -> Mistral:
-        mesh = build_device_mesh("cpu", layout.data_parallel, context, layout.tensor_parallel)
-        with plugin.module_init_context(), torch.device("meta"):
-            model = Mistral(layout.model)
-        # Eager: compiled blocks need a compiler run per shape, which a fake tensor cannot drive.
-        return parallelize(
-            model,
-            mesh,
-            sequence_parallel=layout.parallel.sequence_parallel,
-            activation_checkpointing=activation_checkpointing,
-            mp_policy=mixed_precision_policy(layout.precision),
-            seq_length=step.seq_length,
-            lora=lora,
-        )
-
-    def build_reference() -> Mistral:
-        # As MistralLightningModule.configure_model builds DPO's frozen copy for full fine-tuning.
-        return build(None, "none").requires_grad_(False)
-
-    preference = layout.objective.is_preference
-    return simulate_training_step(
-        partial(build, layout.lora, layout.parallel.activation_checkpointing),
-        lambda model: build_optimizer(model, layout.optimizer),
-        dataclasses.replace(step, preference=preference),
-        forward_context=plugin.forward_context,
-        world_size=layout.world_size,
-        rank=simulated_rank(layout),
-        build_reference=build_reference if preference and layout.lora is None else None,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -174,11 +102,27 @@ class _PlanCLI(MistralCLI):
             default=None,
             help="calibration table for the predicted step time: a file `plan calibrate` wrote, or a shipped one "
             "(default: by trainer.accelerator: "
-            + ", ".join(f"{acc} {name}" for acc, name in DEFAULT_DEVICE_RATES.items())
+            + ", ".join(f"{acc} {name}" for acc, name in DEFAULT_TABLES.items())
             + "; none for npu)",
         )
         parser.add_argument(
             "--plan_output", type=str | None, default=None, help="also write the plan as JSON here"
+        )
+        parser.add_argument(
+            "--search",
+            type=bool,
+            default=False,
+            help="rank the layouts of these devices (TP x DP sizes, micro-batch sizes that keep the global batch, "
+            "per-block checkpointing mixes) that fit, by predicted tokens/s per device",
+        )
+        parser.add_argument(
+            "--search_headroom", type=float, default=0.1, help="share of device memory --search leaves free"
+        )
+        parser.add_argument(
+            "--write_config",
+            type=str | None,
+            default=None,
+            help="with --search: write the fastest as a fit config",
         )
         parser.add_argument(
             "--plan_overwrite",
@@ -348,7 +292,7 @@ def format_report(
         )
         + ", micro-batch "
         f"{step.micro_batch_size} x {step.micro_batches} accumulated, {layout.precision}, activation checkpointing "
-        f"{layout.parallel.activation_checkpointing}, sequence parallel {layout.parallel.sequence_parallel}",
+        f"{describe_policies(layer_policies(layout.parallel.activation_checkpointing, model.num_layers))}, sequence parallel {layout.parallel.sequence_parallel}",
         _describe_training(layout.lora, layout.objective),
         f"simulated in {report.seconds:.0f} s under FakeTensorMode on a fake process group; attention path "
         f"{report.attention_path}; blocks eager (compiled ones peak lower); every position labelled",
@@ -382,11 +326,10 @@ def format_report(
     return "\n".join(lines)
 
 
-def parse_config(argv: list[str]):
-    """A `fit` command line (--config ... and overrides) parsed by the `fit` parser, as a jsonargparse Namespace."""
+def _parse(argv: list[str]) -> _PlanCLI:
     # The dispatcher hands over its own argv; Lightning would warn that sys.argv differs.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = _PlanCLI(
+    return _PlanCLI(
         MistralLightningModule,
         L.LightningDataModule,
         subclass_mode_data=True,
@@ -394,32 +337,54 @@ def parse_config(argv: list[str]):
         args=resolve_config_argv(argv),  # --config mistral-7b-32k/finetune_tp8: a shipped config
         seed_everything_default=False,
     )
-    return cli.config
 
 
-@dataclasses.dataclass(frozen=True)
-class StepTimePrediction:
-    """The predicted time of one optimizer step, and the tokens per second each device then trains."""
-
-    seconds: float
-    tokens_per_second_per_device: float
-    rates: DeviceRates
+def parse_config(argv: list[str]):
+    """A `fit` command line (--config ... and overrides) parsed by the `fit` parser, as a jsonargparse Namespace."""
+    return _parse(argv).config
 
 
-def predict_step_time(
-    layout: TrainingLayout, report: MemoryReport, table: dict[int, DeviceRates]
-) -> StepTimePrediction:
-    """The simulated step's operators at the rates of `table`'s row for this many processes (on a CPU they share
-    the machine; a GPU or NPU table has one row, one process per device)."""
-    rates = rates_for(table, layout.world_size)
-    seconds = rates.seconds(report.step_cost)
-    step = layout.step
-    tokens = step.micro_batch_size * step.seq_length * step.micro_batches * layout.data_parallel
-    return StepTimePrediction(seconds, tokens / layout.world_size / seconds, rates)
+def search(
+    cli: _PlanCLI, layout: TrainingLayout, device: tuple[str, float | None], table, source: str
+) -> int:
+    """`plan --search`: the fitting layouts, fastest first; `--write_config`: the first as a fit config."""
+    config = cli.config
+    name, capacity_gb = device
+    if capacity_gb is None:
+        raise UserError(f"plan --search needs the memory of a device ({name}): pass --device_memory_gb GB")
+    if table is None:
+        raise UserError(
+            "plan --search needs a calibration table for this accelerator: pass --device_rates TABLE"
+        )
+    headroom = float(config.search_headroom)
+    if config.get("write_config"):
+        check_config_target(config.write_config, bool(config.get("plan_overwrite")))
+    candidates = search_layouts(layout, capacity_gb * 1e9, table, headroom)
+    if not candidates:
+        raise nothing_fits(capacity_gb, headroom)
+    print(format_search(candidates, capacity_gb, headroom))
+    if config.get("write_config"):
+        text = chosen_config(cli.parser.dump(config), candidates[0], source)
+        write_chosen_config(config.write_config, bool(config.get("plan_overwrite")), text)
+        print(f"wrote {config.write_config}: fit --config {config.write_config}")
+    return 0
+
+
+def _resolve_auto(layout: TrainingLayout, device: tuple[str, float | None], accelerator) -> TrainingLayout:
+    """`activation_checkpointing: auto` as fit resolves it, for this device's memory."""
+    name, capacity_gb = device
+    if capacity_gb is None:
+        raise UserError(
+            f"activation_checkpointing: auto needs the memory of a device ({name}): pass --device_memory_gb"
+        )
+    policies, line = choose_checkpointing(layout, capacity_gb * 1e9, str(accelerator or "cpu"))
+    print(line)
+    parallel = dataclasses.replace(layout.parallel, activation_checkpointing=policies)
+    return dataclasses.replace(layout, parallel=parallel)
 
 
 def _device_rates(accelerator: str, given: str | None) -> dict[int, DeviceRates] | None:
-    name = given or DEFAULT_DEVICE_RATES.get(str(accelerator or "cpu"))
+    name = given or DEFAULT_TABLES.get(str(accelerator or "cpu"))
     return None if name is None else load_table(name)
 
 
@@ -460,7 +425,8 @@ def main(argv: list[str]) -> int:
         return 2
     if argv[0] == "calibrate":
         return calibrate(argv[1:])
-    config = parse_config(argv)
+    cli = _parse(argv)
+    config = cli.config
     layout = layout_from_config(config)
     device = _device_memory(config.trainer.accelerator, config.get("device_memory_gb"))
     output = None
@@ -473,9 +439,13 @@ def main(argv: list[str]) -> int:
         )
         check_output_file(output, PLAN_JSON)  # before the simulation, so its minutes are not lost
     table = _device_rates(config.trainer.accelerator, config.get("device_rates"))
-    report = plan(layout)
-    prediction = None if table is None else predict_step_time(layout, report, table)
     source = ", ".join(str(c) for c in config.get("config") or []) or "the given settings"
+    if config.get("search"):
+        return search(cli, layout, device, table, source)
+    if layout.parallel.activation_checkpointing == "auto":
+        layout = _resolve_auto(layout, device, config.trainer.accelerator)
+    report = simulate_layout(layout)
+    prediction = None if table is None else predict_step_time(layout, report, table)
     print(format_report(layout, report, device, source, prediction))
     if output is not None:
         plan_json = {

@@ -1,8 +1,9 @@
 """What the LightningModule and the DataModules read from each other, through the Trainer that holds both.
 
 The module reads the data's `seq_length` (sequence parallelism checks it divides before any weight is
-built); a DataModule reads the model's `vocab_size` (token ids beyond it are refused before the first step) and
-its `sliding_window` (which decides how context parallelism splits a sequence). A preference objective (DPO)
+built) and, for `activation_checkpointing: auto`, its `micro_batch_size`; a DataModule reads the model's
+`vocab_size` (token ids beyond it are refused before the first step) and its `sliding_window` (which decides
+how context parallelism splits a sequence). A preference objective (DPO)
 reads whether the data's rows hold preference pairs (`preference_pairs`).
 Either side may run without the other (a module fitted on plain DataLoaders, a DataModule set up alone).
 """
@@ -16,6 +17,14 @@ from typing import Any, Protocol, runtime_checkable
 class SequenceData(Protocol):
     """A DataModule whose batches are at most `seq_length` positions long."""
 
+    seq_length: int
+
+
+@runtime_checkable
+class BatchShapeData(Protocol):
+    """A DataModule whose batches hold `micro_batch_size` rows of at most `seq_length` positions."""
+
+    micro_batch_size: int
     seq_length: int
 
 
@@ -52,6 +61,14 @@ def data_seq_length(trainer: Any) -> int | None:
     """The trainer's DataModule's sequence length, or None without one."""
     datamodule = None if trainer is None else trainer.datamodule
     return datamodule.seq_length if isinstance(datamodule, SequenceData) else None
+
+
+def data_batch_shape(trainer: Any) -> tuple[int | None, int | None]:
+    """(micro_batch_size, seq_length) of the trainer's DataModule, None where it does not say."""
+    datamodule = None if trainer is None else trainer.datamodule
+    if isinstance(datamodule, BatchShapeData):
+        return datamodule.micro_batch_size, datamodule.seq_length
+    return None, data_seq_length(trainer)
 
 
 def data_holds_preference_pairs(trainer: Any) -> bool | None:

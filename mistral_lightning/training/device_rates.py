@@ -27,6 +27,8 @@ from mistral_lightning.errors import UserError
 from mistral_lightning.training.step_time import DeviceRates
 
 TABLES = Path(__file__).resolve().parent / "device_tables"
+# The table each accelerator usually means when none is named: this repository's CPU machine, the H100.
+DEFAULT_TABLES = {"cpu": "cpu-2core", "cuda": "h100", "gpu": "h100"}
 RATE_FIELDS = tuple(
     field.name for field in dataclasses.fields(DeviceRates) if field.name not in ("name", "source")
 )

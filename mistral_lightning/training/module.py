@@ -25,7 +25,8 @@ from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters, adapter
 from mistral_lightning.adapters.nf4 import check_quantize_base, materialize_nf4_
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config, window_choice_note
-from mistral_lightning.data.contract import data_holds_preference_pairs, data_seq_length
+from mistral_lightning.data.contract import data_batch_shape, data_holds_preference_pairs, data_seq_length
+from mistral_lightning.devices import total_memory
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.cross_entropy import Reduction
 from mistral_lightning.labels import IGNORE_INDEX
@@ -186,7 +187,10 @@ class MistralLightningModule(L.LightningModule):
                 "model.objective.kind: dpo does not run under context parallelism yet (it would cut a row of pairs "
                 "over ranks); set trainer.strategy.init_args.context_parallel_size: 1"
             )
-        model = self._build_model(self.lora_config, self.parallel_config.activation_checkpointing)
+        checkpointing = self.parallel_config.activation_checkpointing
+        if checkpointing == "auto":
+            checkpointing = self._auto_checkpointing()
+        model = self._build_model(self.lora_config, checkpointing)
         if self.objective.is_preference and self.lora_config is None:
             reference = self._build_model(None, "none")
             reference.requires_grad_(False)
@@ -199,7 +203,45 @@ class MistralLightningModule(L.LightningModule):
                 load_peft_adapter(model, self.lora_config.adapter)
         self.model = model
 
-    def _build_model(self, lora: LoRAConfig | None, activation_checkpointing: str) -> Mistral:
+    def _auto_checkpointing(self) -> list[str]:
+        """The fastest per-block mix the memory plan fits on this device (training/auto_checkpointing.py)."""
+        from mistral_lightning.training.auto_checkpointing import broadcast_choice
+        from mistral_lightning.training.layouts import TrainingLayout
+        from mistral_lightning.training.memory_plan import StepShape
+
+        micro_batch_size, seq_length = data_batch_shape(self.trainer)
+        if micro_batch_size is None:
+            raise UserError(
+                "model.parallel.activation_checkpointing: auto needs the batch shape: use one of the DataModules "
+                "(data.init_args.micro_batch_size and seq_length), or choose a policy"
+            )
+        mesh, trainer = self.device_mesh, self.trainer
+        context = context_parallel_group(mesh)
+        layout = TrainingLayout(
+            model=self.config,
+            data_parallel=mesh["data_parallel"].size(),
+            tensor_parallel=self.tensor_parallel_size,
+            context_parallel=1 if context is None else context.size(),
+            precision=str(trainer.precision),
+            parallel=self.parallel_config,
+            optimizer=self.optimizer_config,
+            step=StepShape(
+                micro_batch_size=micro_batch_size,
+                seq_length=seq_length,
+                micro_batches=trainer.accumulate_grad_batches,
+                gradient_clip_val=trainer.gradient_clip_val,
+                loss_chunk_size=self.hparams.loss_chunk_size,
+            ),
+            lora=self.lora_config,
+            objective=self.objective,
+        )
+        device = trainer.strategy.root_device
+        capacity = total_memory(device, trainer.num_devices if device.type == "cpu" else 1)
+        policies, line = broadcast_choice(layout, capacity, device.type)
+        rank_zero_info(line)
+        return policies
+
+    def _build_model(self, lora: LoRAConfig | None, activation_checkpointing: str | list[str]) -> Mistral:
         """The model on the meta device, parallelized, then filled with model.pretrained's or random weights."""
         with torch.device("meta"):
             model = Mistral(self.config)
