@@ -27,7 +27,9 @@ SEQ, MICRO = 64, 2
 def tiny_config(toy_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     # Loss chunks shorter than a batch: the plan then prices one labelling, not two.
-    config = tiny_fit_config(root, toy_data, seq_length=SEQ, micro_batch_size=MICRO, model={"loss_chunk_size": 64})
+    config = tiny_fit_config(
+        root, toy_data, seq_length=SEQ, micro_batch_size=MICRO, model={"loss_chunk_size": 64}
+    )
     return write_config(config, root / "fit.yaml")
 
 
