@@ -8,7 +8,8 @@ checkpointing, under TP and DP. Each layout goes through `mistral-lightning plan
 at the calibration table's rates) and a fresh `mistral-lightning fit` whose ranks record their step times
 (StepTimes; the first step left out). Writes benchmarks/results/plan_step_time.{json,md}: predicted and measured
 seconds per step, their ratio, and whether the plan's order of the layouts (by tokens/s per device) is the
-measured one.
+measured one. Last, `activation_checkpointing: auto` on one process under a device budget between the planned
+peaks of "full" and "none": the plan picks a mix (as fit would), which is then measured against "full".
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ LAYOUTS = (
 )
 
 
-def measure(data_prefix: str, root: Path, layout: tuple, seq: int, steps: int, rates: str) -> dict:
+def measure(
+    data_prefix: str,
+    root: Path,
+    layout: tuple,
+    seq: int,
+    steps: int,
+    rates: str,
+    device_memory_gb: float | None = None,
+) -> dict:
     name, (data_parallel, tensor_parallel), checkpointing = layout
     ranks = data_parallel * tensor_parallel
     root.mkdir(parents=True)
@@ -54,17 +63,24 @@ def measure(data_prefix: str, root: Path, layout: tuple, seq: int, steps: int, r
     config = root / "fit.yaml"
     config.write_text(json.dumps(settings))
     plan_file = root / "plan.json"
-    run_command(
-        ["plan", "--config", str(config), "--device_rates", rates, "--plan_output", str(plan_file)], root, 1
-    )
+    memory = [] if device_memory_gb is None else ["--device_memory_gb", str(device_memory_gb)]
+    plan_command = ["plan", "--config", str(config), "--device_rates", rates, "--plan_output", str(plan_file)]
+    run_command([*plan_command, *memory], root, 1)
+    planned = json.loads(plan_file.read_text())
+    chosen = planned["layout"]["parallel"]["activation_checkpointing"]
+    if checkpointing == "auto":  # fit takes the mix the plan chose, as fit's own auto would
+        settings["model"]["parallel"]["activation_checkpointing"] = chosen
+        config.write_text(json.dumps(settings))
     run_command(["fit", "--config", str(config)], root, max(1, (os.cpu_count() or 1) // ranks))
     times = [json.loads((root / "measured" / f"times{rank}.json").read_text()) for rank in range(ranks)]
     measured = max(sum(rank_times[1:]) / len(rank_times[1:]) for rank_times in times)
-    prediction = json.loads(plan_file.read_text())["prediction"]
+    prediction = planned["prediction"]
     tokens = seq * data_parallel
     return {
         "layout": name,
         "ranks": ranks,
+        "checkpointing": chosen,
+        "planned_peak_bytes": planned["report"]["peak_bytes"],
         "predicted_s_per_step": prediction["seconds"],
         "measured_s_per_step": measured,
         "predicted_tokens_per_sec_per_device": prediction["tokens_per_second_per_device"],
@@ -100,6 +116,36 @@ def markdown(rows: list[dict], where: dict, seq: int, rates: str) -> str:
     return "\n".join(lines)
 
 
+def auto_markdown(auto: dict, rows: list[dict]) -> str:
+    by_name = {row["layout"]: row for row in rows}
+    none, full = by_name["1 process, none"], by_name["1 process, full"]
+    mix = auto["checkpointing"]
+    mix = [mix] if isinstance(mix, str) else mix
+    counts = ", ".join(
+        f"{mix.count(policy)} {policy}" for policy in ("none", "selective", "full") if policy in mix
+    )
+    table = [
+        f"| {name} | {row['planned_peak_bytes'] / 1e6:.0f} MB | {row['predicted_s_per_step']:.2f} | "
+        f"{row['measured_s_per_step']:.2f} |"
+        for name, row in (("none (does not fit)", none), (f"auto: {counts}", auto), ("full", full))
+    ]
+    return "\n".join(
+        [
+            "## `activation_checkpointing: auto` under a device budget",
+            "",
+            f'A device of {auto["device_memory_gb"] * 1e3:.0f} MB, 10% kept free: "none" does not fit, "full" '
+            f"does. The plan chose {counts}.",
+            "",
+            "| checkpointing | planned peak | predicted s/step | measured s/step |",
+            "|---|---|---|---|",
+            *table,
+            "",
+            f"auto ran {full['measured_s_per_step'] / auto['measured_s_per_step']:.2f}x the speed of full.",
+            "",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=1024)
@@ -114,9 +160,17 @@ def main(argv: list[str] | None = None) -> None:
                 measure(data, Path(scratch) / f"layout{index}", layout, args.seq, args.steps, args.rates)
             )
             print(json.dumps(rows[-1]), flush=True)
+        peaks = {row["layout"]: row["planned_peak_bytes"] for row in rows}
+        # A device on which "full" fits (with the 10% headroom) and "none" does not.
+        budget_gb = (peaks["1 process, none"] + peaks["1 process, full"]) / 2 / 0.9 / 1e9
+        auto = ("1 process, auto", (1, 1), "auto")
+        auto_row = measure(data, Path(scratch) / "auto", auto, args.seq, args.steps, args.rates, budget_gb)
+        auto_row["device_memory_gb"] = budget_gb
+        print(json.dumps(auto_row), flush=True)
     where = machine()
-    save_json("plan_step_time", {"machine": where, "seq": args.seq, "rates": args.rates, "runs": rows})
-    text = markdown(rows, where, args.seq, args.rates)
+    results = {"machine": where, "seq": args.seq, "rates": args.rates, "runs": rows, "auto": auto_row}
+    save_json("plan_step_time", results)
+    text = markdown(rows, where, args.seq, args.rates) + auto_markdown(auto_row, rows)
     (RESULTS_DIR / "plan_step_time.md").write_text(text)
     print(text)
 
