@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mistral_lightning.cli import SUBCOMMANDS
-from mistral_lightning.cli.plan import parse_config
+from mistral_lightning.cli.plan import calibrate_parser, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "tests" / "README.md"]
@@ -106,6 +106,9 @@ def test_each_documented_command_line_parses(page, line):
     # `[--option value]` is optional, `a|b` a choice: the line is checked with every option and the first choice.
     words = [word.strip("[]").split("|")[0] for word in shlex.split(line)]
     command, argv = words[1], [word for word in words[2:] if word]
+    if command == "plan" and argv[:1] == ["calibrate"]:
+        calibrate_parser().parse_args(argv[1:])
+        return
     if command in LIGHTNING_COMMANDS:
         parse_config(argv)  # jsonargparse exits (SystemExit) on an unknown key or a value of the wrong type
         return

@@ -388,8 +388,7 @@ def _device_rates(accelerator: str, given: str | None) -> dict[int, DeviceRates]
     return None if name is None else load_table(name)
 
 
-def calibrate(argv: list[str]) -> int:
-    """`plan calibrate`: this machine's calibration table, printed and (--out) written."""
+def calibrate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-lightning plan calibrate", description=calibrate_table.__doc__
     )
@@ -404,8 +403,14 @@ def calibrate(argv: list[str]) -> int:
         type=int,
         nargs="+",
         default=[1, 2, 4],
-        help="CPU: measure with each many processes at once",
+        help="CPU: measure with each of these numbers of processes running at once",
     )
+    return parser
+
+
+def calibrate(argv: list[str]) -> int:
+    """`plan calibrate`: this machine's calibration table, printed and (--out) written."""
+    parser = calibrate_parser()
     args = parser.parse_args(argv)
     target = (
         None if args.out is None else OutputTarget(Path(args.out), option="--out", overwrite=args.overwrite)
