@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers.configs import tiny_fit_config, write_config
-from helpers.processes import without_process_group
+from helpers.processes import end_leftover_process_group, without_process_group
 from helpers.training import write_instruction_data, write_preference_data
 
 from mistral_lightning.cli import main as mistral_lightning
@@ -124,10 +123,7 @@ def tiny_sft(tmp_path_factory) -> tuple[dict, dict]:
         },
     )
     config = write_config(settings, root / "fit.yaml")
-    # An in-process fit of an earlier file in this worker leaves Lightning's process group up; the plan, as
-    # in the fresh process a user runs it in, needs none (its files are done with theirs).
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_leftover_process_group()
     assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
     assert mistral_lightning(["fit", "--config", str(config)]) == 0
     measured = json.loads((root / "measured" / "rank0.json").read_text())
@@ -165,8 +161,7 @@ def tiny_dpo(request, tmp_path_factory) -> tuple[dict, dict]:
         },
     )
     config = write_config(settings, root / "fit.yaml")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_leftover_process_group()
     assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
     # In its own process, as a user runs it: the allocator counts every live tensor of the process, and an earlier
     # in-process fit of this worker leaves some alive (FSDP2's module state).
