@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -86,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ManagerGoneAtShutdown(logging.Filter):
+    """LitServe's monitoring thread polls a shutdown flag held by a multiprocessing manager; when SIGTERM stops
+    the server, the manager can exit before the thread's last poll, which it logs as a crash (an EOFError from
+    the manager's closed connection). That record only says the server is stopping; any other crash is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        gone = record.exc_info is not None and issubclass(record.exc_info[0], (EOFError, ConnectionError))
+        return not (gone and record.getMessage() == "Monitoring worker crashed")
+
+
 def _stop_on_sigterm() -> None:
     """`kill` shuts the server down as Ctrl-C does. LitServe's forked web-server process inherits the handler
     and is stopped with SIGTERM, which uvicorn raises again once it has shut down: that process just exits."""
@@ -95,6 +106,7 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt if os.getpid() == server else SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    logging.getLogger("litserve.server").addFilter(_ManagerGoneAtShutdown())
 
 
 def main(argv: list[str] | None = None) -> int:
