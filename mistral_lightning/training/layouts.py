@@ -201,10 +201,10 @@ def price_mixes(layout: TrainingLayout, table: dict[int, DeviceRates]) -> list[C
     layers = layout.model.num_layers
     candidates = []
     for mix in checkpoint_mixes(layers):
-        lighter = "full" if mix[0] == "full" else mix[0]
-        peak, cost = _interpolated(
-            reports["full"], reports[lighter], mix.count(lighter) / layers if lighter != "full" else 0
-        )
+        # The first block carries the lighter policy of the mix, if it has one; k of L such blocks.
+        lighter = mix[0]
+        fraction = 0.0 if lighter == "full" else mix.count(lighter) / layers
+        peak, cost = _interpolated(reports["full"], reports[lighter], fraction)
         priced = _with_policies(layout, mix)
         report = dataclasses.replace(reports["full"], peak_bytes=int(peak), step_cost=cost)
         candidates.append(Candidate(priced, peak, predict_step_time(priced, report, table)))
