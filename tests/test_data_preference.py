@@ -387,10 +387,14 @@ def test_the_datamodule_batches_pairs_from_preprocessed_data(v1_preprocessed):
 def test_datasets_of_different_runs_are_refused_in_one_line(tmp_path):
     prefix = _write_pairs(tmp_path / "a", [5, 6, 7], [5, 6, 7], [1, 1, 1])
     other = _write_pairs(tmp_path / "b", [5, 6], [5, 9], [1, 1])
-    for extension in (".bin", ".idx"):  # rejected labels of a run with one pair fewer
-        Path(f"{prefix}_packed_rejected_labels_document{extension}").write_bytes(
-            Path(f"{other}_packed_rejected_labels_document{extension}").read_bytes()
-        )
+
+    def take_rejected_labels_of_other(prefix: str) -> None:
+        for extension in (".bin", ".idx"):
+            Path(f"{prefix}_packed_rejected_labels_document{extension}").write_bytes(
+                Path(f"{other}_packed_rejected_labels_document{extension}").read_bytes()
+            )
+
+    take_rejected_labels_of_other(prefix)  # from a run with one pair fewer
     with pytest.raises(
         UserError, match=r"rejected_labels 2\); they come from different preprocess runs"
     ) as error:
@@ -398,10 +402,7 @@ def test_datasets_of_different_runs_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
     prefix = _write_pairs(tmp_path / "c", [5, 6], [5, 6], [1, 1])
-    for extension in (".bin", ".idx"):  # rejected labels of the same size but other lengths
-        Path(f"{prefix}_packed_rejected_labels_document{extension}").write_bytes(
-            Path(f"{other}_packed_rejected_labels_document{extension}").read_bytes()
-        )
+    take_rejected_labels_of_other(prefix)  # as many pairs, other lengths
     with pytest.raises(
         UserError, match=r"the rejected input ids and labels disagree on the length of pair 1;"
     ):

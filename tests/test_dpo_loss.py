@@ -10,9 +10,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import adapted
 
 from mistral_lightning import Mistral, MistralConfig
-from mistral_lightning.adapters.lora import LoRAConfig, adapters_disabled, apply_lora, is_adapter_parameter
+from mistral_lightning.adapters.lora import LoRAConfig, adapters_disabled
 from mistral_lightning.adapters.peft_format import peft_module_name, save_peft_adapter
 from mistral_lightning.checkpoint.hf import to_hf_name
 from mistral_lightning.labels import IGNORE_INDEX
@@ -42,17 +43,6 @@ def perturbed(model: Mistral, seed: int = 1, scale: float = 0.05) -> Mistral:
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * scale)
     return model
-
-
-def with_adapters(model: Mistral, seed: int = 2) -> Mistral:
-    model = copy.deepcopy(model)
-    apply_lora(model, LORA)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if is_adapter_parameter(name):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 def pair_rows(pairs, per_row: int = 1) -> dict[str, torch.Tensor]:
@@ -197,7 +187,7 @@ def test_lora_equals_peft_and_trl_with_adapters_off_as_reference(models, tmp_pat
 
     reference, _, folders = models
     config = ObjectiveConfig(kind="dpo", beta=0.2)
-    ours = with_adapters(reference)
+    ours = adapted(reference, LORA, seed=2)
     save_peft_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(folders["reference"]))
     peft_model = PeftModel.from_pretrained(
         hf_model(folders["reference"]), tmp_path / "adapter", is_trainable=True

@@ -16,7 +16,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.training import Recorder, datamodule, launch, module, trainer, write_preference_data
+from helpers.training import (
+    Recorder,
+    datamodule,
+    launch,
+    module,
+    trainer,
+    write_instruction_data,
+    write_preference_data,
+)
 
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.cli import main as cli_main
@@ -217,8 +225,6 @@ def test_export_loads_in_transformers_with_the_trained_logits(pairs_data, single
     ids=["dpo-on-sft-data", "sft-on-pairs"],
 )
 def test_objective_and_data_must_agree(pairs_data, tmp_path, settings, preference, message):
-    from helpers.training import write_instruction_data
-
     data = (
         datamodule(pairs_data, seq_length=SEQ_LENGTH, global_batch=GLOBAL_BATCH, preference=True)
         if preference

@@ -16,12 +16,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
+from helpers.models import adapted
 from helpers.processes import run_on_ranks
 from helpers.training import write_instruction_data
 from safetensors.torch import load_file, save_file
 
 from mistral_lightning import Mistral, MistralConfig
-from mistral_lightning.adapters.lora import LoRAConfig, apply_lora, is_adapter_parameter
+from mistral_lightning.adapters.lora import LoRAConfig, is_adapter_parameter
 from mistral_lightning.adapters.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -52,18 +53,6 @@ def base(tmp_path_factory):
     """Our tiny model and its HF folder (fp32), the base every adapter here goes onto."""
     model = tiny_model()
     return model, model.save_pretrained(tmp_path_factory.mktemp("base"), dtype=torch.float32)
-
-
-def adapted(model: Mistral, lora: LoRAConfig, seed: int = 1) -> Mistral:
-    """A copy of `model` with LoRA applied and random nonzero A and B, as if trained."""
-    model = copy.deepcopy(model)
-    apply_lora(model, lora)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if is_adapter_parameter(name):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
 
 
 # PEFT and transformers are imported where used: the tensor-parallel workers import this module and need neither.

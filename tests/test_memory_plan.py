@@ -102,6 +102,35 @@ def test_simulated_peak_is_within_15_percent_of_each_ranks_measured_peak(request
         assert predicted == pytest.approx(rank["peak_allocated_bytes"], rel=0.15)
 
 
+ONE_PROCESS_MICRO_BATCH = 4
+
+
+def one_process_plan_and_peak(root: Path, data: str, datamodule: str, model: dict, fit) -> tuple[dict, dict]:
+    """The plan of one process over `data` (rows of SEQ_LENGTH, gradient clipping on) and the peak the allocator
+    measured while `fit(config)` trained the same config."""
+    settings = tiny_fit_config(
+        root,
+        data,
+        trainer={"callbacks": tiny_tp2_config(data, root)["trainer"]["callbacks"], "gradient_clip_val": 1.0},
+        model=model,
+        data={
+            "class_path": f"mistral_lightning.data.datamodules.{datamodule}",
+            "init_args": {
+                "data_prefix": data,
+                "seq_length": SEQ_LENGTH,
+                "micro_batch_size": ONE_PROCESS_MICRO_BATCH,
+            }
+            | {"split": "1,0,0", "num_workers": 0},
+        },
+    )
+    config = write_config(settings, root / "fit.yaml")
+    end_leftover_process_group()
+    assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
+    assert fit(config) == 0
+    measured = json.loads((root / "measured" / "rank0.json").read_text())
+    return json.loads((root / "plan.json").read_text()), measured
+
+
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory) -> tuple[dict, dict]:
     """The plan of one process on instruction data labelled everywhere but each sample's last position (4 × 128
@@ -109,25 +138,9 @@ def tiny_sft(tmp_path_factory) -> tuple[dict, dict]:
     fused loss works on the hidden states in place; with an unlabelled one it copies the labelled rows and their
     gradient, which here outweighs the row of logits it saves: the plan without the copies was 85 KB short."""
     root = tmp_path_factory.mktemp("plan_tiny_sft")
-    micro_batch = 4
-    data = write_instruction_data(str(root / "sft"), [(0, SEQ_LENGTH)] * 2 * micro_batch)
-    allocator_peak = tiny_tp2_config(data, root)["trainer"]["callbacks"]
-    instruction_data = {"data_prefix": data, "seq_length": SEQ_LENGTH, "micro_batch_size": micro_batch}
-    settings = tiny_fit_config(
-        root,
-        data,
-        trainer={"callbacks": allocator_peak, "gradient_clip_val": 1.0},
-        data={
-            "class_path": "mistral_lightning.data.datamodules.InstructionDataModule",
-            "init_args": instruction_data | {"split": "1,0,0", "num_workers": 0},
-        },
-    )
-    config = write_config(settings, root / "fit.yaml")
-    end_leftover_process_group()
-    assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
-    assert mistral_lightning(["fit", "--config", str(config)]) == 0
-    measured = json.loads((root / "measured" / "rank0.json").read_text())
-    return json.loads((root / "plan.json").read_text()), measured
+    data = write_instruction_data(str(root / "sft"), [(0, SEQ_LENGTH)] * 2 * ONE_PROCESS_MICRO_BATCH)
+    fit = lambda config: mistral_lightning(["fit", "--config", str(config)])  # noqa: E731
+    return one_process_plan_and_peak(root, data, "InstructionDataModule", {}, fit)
 
 
 def test_the_plan_covers_the_loss_at_its_most_expensive_labelling(tiny_sft):
@@ -145,29 +158,17 @@ def tiny_dpo(request, tmp_path_factory) -> tuple[dict, dict]:
     """The plan of one DPO process and the peak of `fit` on it: rows of one pair whose answers fill them (a
     2-token prompt, two answers of 63), full fine-tuning against a frozen copy, or LoRA against its adapters off."""
     root = tmp_path_factory.mktemp(f"plan_tiny_dpo_{request.param}")
-    micro_batch = 4
-    data = write_preference_data(str(root / "pairs"), [(2, 63, 63)] * 2 * micro_batch)
-    allocator_peak = tiny_tp2_config(data, root)["trainer"]["callbacks"]
+    data = write_preference_data(str(root / "pairs"), [(2, 63, 63)] * 2 * ONE_PROCESS_MICRO_BATCH)
     lora = {"lora": {"rank": 8, "alpha": 16, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}}
-    settings = tiny_fit_config(
-        root,
-        data,
-        trainer={"callbacks": allocator_peak, "gradient_clip_val": 1.0},
-        model={"objective": {"kind": "dpo"}, **(lora if request.param == "lora" else {})},
-        data={
-            "class_path": "mistral_lightning.data.datamodules.PreferenceDataModule",
-            "init_args": {"data_prefix": data, "seq_length": SEQ_LENGTH, "micro_batch_size": micro_batch}
-            | {"split": "1,0,0", "num_workers": 0},
-        },
-    )
-    config = write_config(settings, root / "fit.yaml")
-    end_leftover_process_group()
-    assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
-    # In its own process, as a user runs it: the allocator counts every live tensor of the process, and an earlier
-    # in-process fit of this worker leaves some alive (FSDP2's module state).
-    run(["fit", "--config", str(config)], root)
-    measured = json.loads((root / "measured" / "rank0.json").read_text())
-    return json.loads((root / "plan.json").read_text()), measured
+    model = {"objective": {"kind": "dpo"}, **(lora if request.param == "lora" else {})}
+
+    def fit(config: Path) -> int:
+        # In its own process, as a user runs it: the allocator counts every live tensor of the process, and an
+        # earlier in-process fit of this worker leaves some alive (FSDP2's module state).
+        run(["fit", "--config", str(config)], root)
+        return 0
+
+    return one_process_plan_and_peak(root, data, "PreferenceDataModule", model, fit)
 
 
 @pytest.mark.processes

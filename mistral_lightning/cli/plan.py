@@ -13,12 +13,12 @@ import argparse
 import dataclasses
 import importlib
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -33,6 +33,7 @@ from mistral_lightning.cli.plan_search import (
     write_chosen_config,
 )
 from mistral_lightning.config import MistralConfig, resolve_model_config
+from mistral_lightning.devices import total_memory
 from mistral_lightning.errors import UserError
 from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, user_path, write_output_file
 from mistral_lightning.training.auto_checkpointing import choose as choose_checkpointing
@@ -238,7 +239,7 @@ def _device_memory(accelerator: str, given_gb: float | None) -> tuple[str, float
     if accelerator in DEFAULT_DEVICE_MEMORY_GB:
         return DEFAULT_DEVICE_MEMORY_GB[accelerator]
     if accelerator == "cpu":
-        return "this machine's RAM", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        return "this machine's RAM", total_memory(torch.device("cpu")) / 1e9
     return accelerator, None
 
 

@@ -321,6 +321,8 @@ class InstructionDataModule(_ResumableDataModule):
             `index-cache/` next to the data).
     """
 
+    first_key = "input_ids"  # the dataset whose full name data_prefix may be given as
+
     def __init__(
         self,
         data_prefix: str,
@@ -336,7 +338,7 @@ class InstructionDataModule(_ResumableDataModule):
         super().__init__(seq_length, micro_batch_size, split, seed, num_workers)
         if pad_to_multiple_of < 1:
             raise UserError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
-        self.data_prefix = user_path(data_prefix).removesuffix(PACKED_SUFFIX.format("input_ids"))
+        self.data_prefix = user_path(data_prefix).removesuffix(PACKED_SUFFIX.format(self.first_key))
         self.pack, self.pad_to_multiple_of, self.cache_dir = pack, pad_to_multiple_of, cache_dir
 
     def _indexed(self) -> tuple[IndexedDataset, IndexedDataset]:
@@ -388,31 +390,7 @@ class PreferenceDataModule(InstructionDataModule):
     """
 
     preference_pairs = True
-
-    def __init__(
-        self,
-        data_prefix: str,
-        seq_length: int = 4096,
-        micro_batch_size: int = 1,
-        split: str = "969,30,1",
-        seed: int = 1234,
-        num_workers: int = 2,
-        pack: bool = False,
-        pad_to_multiple_of: int = 8,
-        cache_dir: str | None = None,
-    ) -> None:
-        super().__init__(
-            data_prefix,
-            seq_length,
-            micro_batch_size,
-            split,
-            seed,
-            num_workers,
-            pack,
-            pad_to_multiple_of,
-            cache_dir,
-        )
-        self.data_prefix = user_path(data_prefix).removesuffix(PACKED_SUFFIX.format(PREFERENCE_KEYS[0]))
+    first_key = PREFERENCE_KEYS[0]
 
     def _indexed(self) -> tuple[IndexedDataset, ...]:
         """The chosen input-id and label datasets, then the rejected ones (PREFERENCE_KEYS' order)."""
