@@ -231,14 +231,18 @@ def instruction_data(tmp_path):
     return _write_instruction_data(tmp_path, lengths, prompt_lengths), lengths, prompt_lengths
 
 
-def test_instruction_batches_are_padded_shifted_and_capped(instruction_data):
+# Samples are up to 29 tokens: SEQ caps them; at 32, padding to 10 gives other widths than to 8, and 32 one width.
+@pytest.mark.parametrize(("seq_length", "multiple"), [(SEQ, 8), (32, 10), (32, 32)])
+def test_instruction_batches_are_padded_shifted_and_capped(instruction_data, seq_length, multiple):
     prefix, lengths, prompt_lengths = instruction_data
     datamodule = _ready(
-        InstructionDataModule(prefix, seq_length=SEQ, micro_batch_size=3, split="1", num_workers=0)
+        InstructionDataModule(
+            prefix, seq_length, micro_batch_size=3, split="1", pad_to_multiple_of=multiple, num_workers=0
+        )
     )
     for batch in datamodule.train_dataloader():
-        real = [min(lengths[int(row[0]) // 1000] - 1, SEQ) for row in batch["input_ids"]]
-        assert batch["input_ids"].shape == (3, min(math.ceil(max(real) / 8) * 8, SEQ))
+        real = [min(lengths[int(row[0]) // 1000] - 1, seq_length) for row in batch["input_ids"]]
+        assert batch["input_ids"].shape == (3, min(math.ceil(max(real) / multiple) * multiple, seq_length))
         for row, size in enumerate(real):
             tokens = batch["input_ids"][row, :size].numpy()
             assert (np.diff(tokens) == 1).all() and tokens[0] % 1000 == 1

@@ -149,14 +149,14 @@ class _ResumableDataModule(L.LightningDataModule, abc.ABC):
     def _dataloader(self, split: str, sampler: ResumableSampler) -> ResumableDataLoader:
         # Under context parallelism a batch's length must split into equal parts (2 per rank when zig-zag).
         size, _ = context_parallel_layout(None if self.trainer is None else self.trainer.strategy)
-        self.pad_to_multiple_of = math.lcm(8, 2 * size)
+        multiple = math.lcm(self.pad_to_multiple_of, 2 * size)
         return ResumableDataLoader(
             self.datasets[split],
             batch_size=self.micro_batch_size,
             sampler=sampler,
             # A partial of a plain function: picklable for worker processes, unlike a bound method of this module.
             collate_fn=functools.partial(
-                pad_collate, seq_length=self.seq_length, pad_to_multiple_of=self.pad_to_multiple_of
+                pad_collate, seq_length=self.seq_length, pad_to_multiple_of=multiple
             ),
             num_workers=self.num_workers,
             pin_memory=torch.accelerator.is_available(),  # CUDA and Ascend alike (torch_npu registers npu)
