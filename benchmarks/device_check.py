@@ -1,11 +1,12 @@
-"""One-GPU device check, about 5 minutes: kernels against references on the device, the 7B-layer benchmark,
-and a few `mistral-lightning fit` steps of the tiny config.
+"""One-GPU device check, about 6 minutes: kernels and model against references on the device, a few
+`mistral-lightning fit` steps of the tiny config, and the 7B at 32K under each checkpointing choice at the depth
+the plan fits (benchmarks/gpu.py), the plan's own choice also compiled.
 
-    python -m mistral_lightning.benchmarks.device_check --out results/       # on a machine with one CUDA GPU or Ascend NPU
-    python -m mistral_lightning.benchmarks.device_check --dry-run            # CPU, to check the script's own logic
+    python -P -m mistral_lightning.benchmarks.device_check             # one CUDA GPU: writes benchmarks/results/<card>/
+    python -P -m mistral_lightning.benchmarks.device_check --dry-run   # CPU, to check the script's own logic
 
-Each section runs on its own and records "ok", its figures, or the error, so one failure does not hide the
-rest; the JSON written to --out is what the README's device section quotes.
+Each section (and each 7B run) runs on its own and records "ok", its figures, or the error, so one failure does
+not hide the rest; the JSON files are rewritten as each part ends, and are what the README's device rows quote.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import tempfile
 import time
@@ -22,13 +24,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mistral_lightning.callbacks import lookup_peak_tflops
 from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.config import MistralConfig
 from mistral_lightning.devices import device_name
 from mistral_lightning.kernels import resolve_backend, sliding_window_attention
 from mistral_lightning.model import Mistral
+from mistral_lightning.training.device_rates import device_table
 
 REPO = Path(__file__).resolve().parent.parent
+# The 7B-shape runs: the plan's choice (eager, then compiled), then each policy for every block.
+LAYER_RUNS = (("auto", False), ("auto", True), ("full", False), ("selective", False), ("none", False))
+HEADROOM = 0.1
 
 
 def dense_attention(q, k, v, window, document_ids=None):
@@ -101,11 +108,26 @@ def model_parity(device: torch.device) -> dict:
     return {"logits_max_error": error, "loss_error": loss_error, "ok": error < 1e-4 and loss_error < 1e-5}
 
 
-def layer_benchmark(dry_run: bool, out: Path) -> dict:
+def layer_benchmarks(device: torch.device, card: str, dry_run: bool, out: Path) -> dict:
+    """The 7B shape at 32K under each checkpointing choice, as deep as the plan fits, and the plan's choice
+    ("auto") also with compiled blocks; each run's report (or its error) is written to gpu_layers.json as it ends."""
     from mistral_lightning.benchmarks import gpu
 
-    argv = ["--dry-run"] if dry_run else ["--steps", "3", "--seq", "32768"]
-    return gpu.main([*argv, "--out", str(out / "gpu_layers.json")])
+    seq, steps = (256, 1) if dry_run else (32768, 3)
+    full = gpu.bench_model(dry_run, seq)
+    capacity = gpu.device_memory(device, gpu.DRY_RUN_MEMORY_GB if dry_run else None)
+    table = device_table(device.type, card)
+    results: dict = {}
+    for policy, compiled in LAYER_RUNS:
+        name = policy + (" compiled" if compiled else "")
+        try:
+            planned = gpu.plan_run(full, seq, policy, None, capacity, HEADROOM, table)
+            report = gpu.measure(full, planned, seq, device, steps, compiled, lookup_peak_tflops(card))
+            results[name] = {"ok": True, **report}
+        except Exception:  # noqa: BLE001 - one policy running out of memory must not hide the others
+            results[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
+        (out / "gpu_layers.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 def tiny_fit(device_type: str, out: Path) -> dict:
@@ -158,31 +180,43 @@ def tiny_fit(device_type: str, out: Path) -> dict:
     }
 
 
+def card_folder(name: str) -> str:
+    """benchmarks/results/' folder name for a device: "NVIDIA H200" -> "h200"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="device_check_results")
+    parser.add_argument(
+        "--out", default=None, help="default: benchmarks/results/<card>/ (a dry run: device_check_dry_run/)"
+    )
     parser.add_argument(
         "--dry-run", action="store_true", help="run every section on the CPU with tiny shapes"
     )
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda", 0)
     else:
         raise SystemExit("no CUDA device; use --dry-run on the CPU")
+    card = "CPU (dry run)" if args.dry_run else device_name(device)
+    default_out = (
+        Path("device_check_dry_run") if args.dry_run else REPO / "benchmarks/results" / card_folder(card)
+    )
+    out = Path(args.out) if args.out else default_out
+    out.mkdir(parents=True, exist_ok=True)
     report = {
-        "device": "CPU (dry run)" if args.dry_run else device_name(device),
+        "device": card,
         "torch": torch.__version__,
         "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
     }
+    # Cheapest first: a device lent for minutes still yields the parity checks if the 7B runs are cut short.
     sections = {
         "attention_parity": lambda: attention_parity(device),
         "model_parity_vs_transformers": lambda: model_parity(device),
-        "layer_benchmark_7b_shape": lambda: layer_benchmark(args.dry_run, out),
         "tiny_fit": lambda: tiny_fit(device.type, out),
+        "layer_benchmark_7b_shape": lambda: layer_benchmarks(device, card, args.dry_run, out),
     }
     for name, run in sections.items():
         started = time.perf_counter()
@@ -192,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             report[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
         report[name + "_seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps({name: report[name]}, indent=1, default=str), flush=True)
-    (out / "device_check.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "device_check.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 

@@ -1,21 +1,26 @@
-"""Single-device benchmark of the 7B layer shape at 32K on one CUDA GPU or Ascend NPU; under 5 minutes.
+"""Single-device benchmark of the 7B at 32K on one CUDA GPU or Ascend NPU, with the depth and checkpointing the plan
+chooses; under 5 minutes.
 
-    python benchmarks/gpu.py                      # as many 7B layers as fit, seq 32768, window 4096
-    python benchmarks/gpu.py --layers 8 --steps 5 --activation-checkpointing selective
-    python benchmarks/gpu.py --dry-run            # CPU, tiny shapes: checks this script's logic only
+    python benchmarks/gpu.py                      # the plan's choice: most layers (up to 32), fastest mix that fits
+    python benchmarks/gpu.py --activation-checkpointing selective   # every block selective, as deep as fits
+    python benchmarks/gpu.py --layers 8 --activation-checkpointing none --steps 5
+    python benchmarks/gpu.py --dry-run            # CPU, tiny shapes, a 0.12 GB "device": checks the logic only
 
-The model is the real `Mistral` with Mistral-7B's layer shape (hidden 4096, FFN 14336, 32/8 heads,
-head_dim 128, window 4096, vocab 32000), bf16 weights and AdamW states, batch 1, activation
-checkpointing from training/parallel.py's plan (default "full"). The number of layers is chosen by measuring the
-peak memory of a 1- and a 2-layer model and filling 90% of the device. Reported, in the recipe's units:
-tokens/s per device, s/step, TFLOPs per device, MFU (model FLOPs as RecipeThroughputMonitor counts them, peak
-from its table or --peak-tflops), peak memory, and the tokens/s/p the whole 32-layer model would reach
-on 8 such devices at the same MFU (an estimate to set beside the recipe's 2806 tokens/s/p on 8 x 910B).
+The model is the real `Mistral` with Mistral-7B's layer shape (hidden 4096, FFN 14336, 32/8 heads, head_dim
+128, window 4096, vocab 32000), bf16 weights and AdamW states, batch 1. The memory plan (training/layouts.py)
+runs first, on the host CPU and fake tensors: the most layers (up to 32) whose planned peak fits the device less
+--headroom, with every block under the given policy, or, with "auto", every block fully checkpointed and then
+the fastest mix of "none"/"selective" blocks that still fits, as `fit`'s `activation_checkpointing: auto`
+chooses it. Reported, in the recipe's units: tokens/s per device, s/step, TFLOPs per device, MFU (model FLOPs as
+RecipeThroughputMonitor counts them, peak from its table or --peak-tflops), peak memory, the plan's peak and
+predicted s/step beside them (its calibration table named), and the tokens/s/p the whole 32-layer model would
+reach at the same MFU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import time
@@ -33,8 +38,28 @@ from mistral_lightning.devices import (
 )
 from mistral_lightning.kernels import resolve_backend
 from mistral_lightning.model import Mistral
+from mistral_lightning.training.device_rates import device_table
+from mistral_lightning.training.layouts import (
+    TrainingLayout,
+    predict_step_time,
+    search_layouts,
+    simulate_layout,
+)
+from mistral_lightning.training.memory_plan import MemoryReport, StepShape
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
-from mistral_lightning.training.parallel import apply_activation_checkpointing
+from mistral_lightning.training.parallel import (
+    ParallelConfig,
+    apply_activation_checkpointing,
+    apply_compile,
+    describe_policies,
+    layer_policies,
+)
+from mistral_lightning.training.step_time import DeviceRates
+
+POLICY_CHOICES = ("auto", "none", "selective", "full")
+# The dry run's "device": the 4-layer tiny preset (bench_model) at seq 256 fits whole only with some blocks
+# checkpointed.
+DRY_RUN_MEMORY_GB = 0.1215
 
 
 def pick_device(dry_run: bool) -> torch.device:
@@ -51,22 +76,113 @@ def pick_device(dry_run: bool) -> torch.device:
     raise SystemExit("no CUDA GPU or Ascend NPU found; use --dry-run to check the script on CPU")
 
 
-def layers_that_fit(one_layer_bytes: int, two_layer_bytes: int, capacity_bytes: int, most: int) -> int:
-    """Layers whose extrapolated peak stays within capacity: peak(L) = peak(1) + (L - 1) * per-layer."""
-    per_layer = max(1, two_layer_bytes - one_layer_bytes)
-    return max(1, min(most, 1 + (capacity_bytes - one_layer_bytes) // per_layer))
+def bench_layout(model: MistralConfig, seq: int, policies: str | list[str]) -> TrainingLayout:
+    """What `train` runs, as the plan reads it: one device, bf16 weights and AdamW states, batch 1."""
+    return TrainingLayout(
+        model=model,
+        data_parallel=1,
+        tensor_parallel=1,
+        precision="bf16-true",
+        parallel=ParallelConfig(activation_checkpointing=policies),
+        optimizer=OptimizerConfig(),
+        step=StepShape(micro_batch_size=1, seq_length=seq),
+    )
 
 
-def train(config: MistralConfig, args: argparse.Namespace, device: torch.device, steps: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    layers: int
+    policies: list[str]
+    planned_peak_bytes: int
+    predicted_s_per_step: float
+    rates: DeviceRates
+
+
+def deepest_that_fits(
+    full: MistralConfig, seq: int, policy: str, budget_bytes: float
+) -> tuple[int, MemoryReport]:
+    """The most layers (up to the model's) whose planned peak with every block under `policy` fits the budget.
+
+    The peak grows with depth, but not in proportion (the loss's logits dominate a shallow model), so a line
+    through the 1- and 2-layer plans only says where to start; plans one layer deeper or shallower then settle it.
+    """
+
+    def plan(layers: int) -> MemoryReport:
+        return simulate_layout(bench_layout(full.replace(num_layers=layers), seq, policy))
+
+    one, two = plan(1), plan(2)
+    if one.peak_bytes > budget_bytes:
+        raise SystemExit(
+            f"even one {policy} layer plans {one.peak_bytes / 1e9:.1f} GB, over the {budget_bytes / 1e9:.1f} GB "
+            "budget: lower --seq"
+        )
+    per_layer = max(1, two.peak_bytes - one.peak_bytes)
+    layers = max(1, min(full.num_layers, 1 + int((budget_bytes - one.peak_bytes) // per_layer)))
+    report = {1: one, 2: two}.get(layers) or plan(layers)
+    while report.peak_bytes > budget_bytes:
+        layers -= 1
+        report = {1: one, 2: two}.get(layers) or plan(layers)
+    while layers < full.num_layers:
+        deeper = plan(layers + 1)
+        if deeper.peak_bytes > budget_bytes:
+            break
+        layers, report = layers + 1, deeper
+    return layers, report
+
+
+def plan_run(
+    full: MistralConfig,
+    seq: int,
+    policy: str,
+    layers: int | None,
+    capacity_bytes: float,
+    headroom: float,
+    table: dict[int, DeviceRates],
+) -> PlannedRun:
+    """The run's depth (unless given) and per-block policies, with the plan's peak and predicted step time."""
+    budget = capacity_bytes * (1 - headroom)
+    lightest = "full" if policy == "auto" else policy
+    if layers is None:
+        layers, report = deepest_that_fits(full, seq, lightest, budget)
+    else:
+        report = simulate_layout(bench_layout(full.replace(num_layers=layers), seq, lightest))
+    layout = bench_layout(full.replace(num_layers=layers), seq, lightest)
+    if policy == "auto":
+        # As fit's auto: the fastest mix of lighter blocks whose peak fits, simulated as it is.
+        chosen = search_layouts(layout, capacity_bytes, table, headroom, layouts=[layout])
+        if chosen:
+            best = chosen[0]
+            return PlannedRun(
+                layers,
+                list(best.layout.parallel.activation_checkpointing),
+                int(best.peak_bytes),
+                best.prediction.seconds,
+                best.prediction.rates,
+            )
+    prediction = predict_step_time(layout, report, table)
+    policies = layer_policies(lightest, layers)
+    return PlannedRun(layers, policies, report.peak_bytes, prediction.seconds, prediction.rates)
+
+
+def train(
+    config: MistralConfig,
+    policies: list[str],
+    seq: int,
+    device: torch.device,
+    steps: int,
+    compile_blocks: bool = False,
+) -> dict:
     """Build, then run `steps` optimizer steps after one warm-up step; timings and peak memory."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Mistral(config).to(torch.bfloat16)
     model.to_empty(device=device)
     model.init_weights()
-    apply_activation_checkpointing(model, args.activation_checkpointing)
+    apply_activation_checkpointing(model, policies)
+    if compile_blocks:
+        apply_compile(model)
     optimizer = build_optimizer(model, OptimizerConfig())
-    tokens = torch.randint(3, config.vocab_size, (1, args.seq + 1), device=device)
+    tokens = torch.randint(3, config.vocab_size, (1, seq + 1), device=device)
     input_ids, labels = tokens[:, :-1], tokens[:, 1:]
     reset_peak_memory(device)
     start = 0.0
@@ -86,55 +202,104 @@ def train(config: MistralConfig, args: argparse.Namespace, device: torch.device,
     return {"s_per_step": seconds, "peak_memory_bytes": peak, "attention_backend": backend}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=32768)
-    parser.add_argument("--layers", type=int, default=None, help="default: as many as fit (up to 32)")
+    parser.add_argument("--layers", type=int, default=None, help="default: the most the plan fits (up to 32)")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps, after one warm-up step")
-    parser.add_argument("--activation-checkpointing", default="full", choices=["none", "full", "selective"])
+    parser.add_argument(
+        "--activation-checkpointing",
+        default="auto",
+        choices=POLICY_CHOICES,
+        help="auto: the plan's fastest mix of full with none/selective blocks that fits; else every block",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile each block, as model.parallel.compile"
+    )
+    parser.add_argument("--memory-gb", type=float, default=None, help="default: the device's memory")
+    parser.add_argument(
+        "--headroom", type=float, default=0.1, help="share of the memory the plan leaves free"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: by device name")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, 2 layers, seq 256")
-    args = parser.parse_args(argv)
-    device = pick_device(args.dry_run)
-    full = MistralConfig.from_name("mistral-7b-32k", max_seq_length=max(32768, args.seq))
-    if args.dry_run:
-        # The tiny preset's widths at the 7B's depth: the full-model estimate still covers 32 layers.
-        full = MistralConfig.from_name("tiny", num_layers=full.num_layers)
-        args.seq, args.layers, args.steps = min(args.seq, 256), args.layers or 2, min(args.steps, 2)
-    layers = args.layers
-    if layers is None:
-        # Probe: one step of a 1- and a 2-layer model gives the fixed and the per-layer memory.
-        probes = [
-            train(full.replace(num_layers=n), args, device, steps=0)["peak_memory_bytes"] for n in (1, 2)
-        ]
-        total = accelerator_module(device).get_device_properties(device).total_memory
-        layers = layers_that_fit(probes[0], probes[1], int(0.9 * total), full.num_layers)
-    config = full.replace(num_layers=layers)
-    result = train(config, args, device, args.steps)
-    name = "CPU (dry run)" if args.dry_run else device_name(device)
-    peak_tflops = args.peak_tflops or lookup_peak_tflops(name)
-    tokens_per_s = args.seq / result["s_per_step"]
-    flops_per_s = tokens_per_s * training_flops_per_token(config, args.seq)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU, 4 tiny layers, seq 256, a 0.12 GB device"
+    )
+    return parser
+
+
+def measure(
+    full: MistralConfig,
+    planned: PlannedRun,
+    seq: int,
+    device: torch.device,
+    steps: int,
+    compile_blocks: bool,
+    peak_tflops: float | None,
+) -> dict:
+    """Train the planned run on the device; the report, in the recipe's units, with the plan beside it."""
+    config = full.replace(num_layers=planned.layers)
+    result = train(config, planned.policies, seq, device, steps, compile_blocks)
+    tokens_per_s = seq / result["s_per_step"]
+    flops_per_s = tokens_per_s * training_flops_per_token(config, seq)
     mfu = flops_per_s / (peak_tflops * 1e12) if peak_tflops else None
-    report = {
-        "device": name,
-        "layers": layers,
-        "seq_length": args.seq,
+    return {
+        "layers": planned.layers,
+        "seq_length": seq,
         "window": config.sliding_window,
-        "activation_checkpointing": args.activation_checkpointing,
+        "activation_checkpointing": describe_policies(planned.policies),
+        "compiled": compile_blocks,
         **result,
+        "planned_peak_memory_bytes": planned.planned_peak_bytes,
+        "predicted_s_per_step": planned.predicted_s_per_step,
+        "predicted_over_measured": planned.predicted_s_per_step / result["s_per_step"],
+        "calibration_table": planned.rates.name,
         "tokens_per_sec_per_device": tokens_per_s,
         "tflops_per_device": flops_per_s / 1e12,
         "peak_tflops": peak_tflops,
         "mfu": mfu,
-        # At equal MFU, tokens/s scale inversely with FLOPs per token; TP8 splits them over 8 devices.
+        # At equal MFU, tokens/s scale inversely with FLOPs per token.
         "full_model_tokens_per_sec_per_device_estimate": mfu
         * peak_tflops
         * 1e12
-        / training_flops_per_token(full, args.seq)
+        / training_flops_per_token(full, seq)
         if mfu
         else None,
+    }
+
+
+def bench_model(dry_run: bool, seq: int) -> MistralConfig:
+    """The 7B's shape; in a dry run, the tiny preset at 4 layers (its plans take about a second each)."""
+    if dry_run:
+        return MistralConfig.from_name("tiny", num_layers=4)
+    return MistralConfig.from_name("mistral-7b-32k", max_seq_length=max(32768, seq))
+
+
+def device_memory(device: torch.device, memory_gb: float | None) -> float:
+    if memory_gb is not None:
+        return memory_gb * 1e9
+    return accelerator_module(device).get_device_properties(device).total_memory
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.dry_run)
+    if args.dry_run:
+        args.seq, args.steps = min(args.seq, 256), min(args.steps, 2)
+        args.memory_gb = args.memory_gb or DRY_RUN_MEMORY_GB
+    full = bench_model(args.dry_run, args.seq)
+    name = "CPU (dry run)" if args.dry_run else device_name(device)
+    capacity = device_memory(device, args.memory_gb)
+    table = device_table(device.type, name)
+    planned = plan_run(
+        full, args.seq, args.activation_checkpointing, args.layers, capacity, args.headroom, table
+    )
+    peak_tflops = args.peak_tflops or lookup_peak_tflops(name)
+    report = {
+        "device": name,
+        "device_memory_bytes": int(capacity),
+        "asked": args.activation_checkpointing,
+        **measure(full, planned, args.seq, device, args.steps, args.compile, peak_tflops),
     }
     print(json.dumps(report, indent=2))
     if args.out:

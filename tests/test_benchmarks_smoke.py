@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mistral_lightning.benchmarks import gpu
 from mistral_lightning.benchmarks.report import check_targets, markdown, plot
 from mistral_lightning.benchmarks.train_throughput import fit_config
+from mistral_lightning.training.device_rates import load_table
+from mistral_lightning.training.layouts import predict_step_time, simulate_layout
+from mistral_lightning.training.memory_plan import MemoryReport
 
 GB = 10**9
 
@@ -70,15 +75,67 @@ def test_fit_config_runs_our_callbacks_on_the_real_data_path():
     assert config["model"]["parallel"]["compile"] is True
 
 
-def test_gpu_layer_count_fills_the_device():
-    # 10 GB fixed + 2 GB per layer on a 40 GB budget: 1 + (40 - 12) // 2 = 15 layers, capped at the model's 32.
-    assert gpu.layers_that_fit(12 * GB, 14 * GB, 40 * GB, most=32) == 15
-    assert gpu.layers_that_fit(1 * GB, 2 * GB, 80 * GB, most=32) == 32
+TINY_DEPTHS = range(1, 5)
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_plans():
+    """gpu.py's dry-run model planned at every depth without checkpointing, and at two layers fully checkpointed."""
+    full = gpu.bench_model(dry_run=True, seq=128)
+
+    def plan(layers: int, policy: str):
+        return simulate_layout(gpu.bench_layout(full.replace(num_layers=layers), 128, policy))
+
+    return full, [plan(layers, "none") for layers in TINY_DEPTHS], plan(2, "full")
+
+
+def test_gpu_depth_is_the_deepest_the_plan_fits(tiny_depth_plans):
+    full, plans, _ = tiny_depth_plans
+    peaks = [plan.peak_bytes for plan in plans]
+    assert peaks == sorted(peaks)
+    for budget, expected in (((peaks[1] + peaks[2]) / 2, 2), (peaks[3] + 1, 4)):
+        layers, report = gpu.deepest_that_fits(full, 128, "none", budget)
+        assert layers == expected and report.peak_bytes == peaks[expected - 1]
+
+
+@pytest.mark.parametrize(
+    "per_layer_after_two, expected",
+    [(3, 4), (1, 10)],  # steeper than the 1-to-2 line (it over-picks 6), then shallower (it under-picks 6)
+)
+def test_gpu_depth_walks_from_the_line_to_the_plan(monkeypatch, per_layer_after_two, expected):
+    # Planned peaks 10, 12, then 12 + k per layer: the line through depths 1 and 2 reaches the budget of 20 at 6.
+    def peak(layers: int) -> int:
+        return 10 if layers == 1 else 12 + per_layer_after_two * (layers - 2)
+
+    monkeypatch.setattr(
+        gpu,
+        "simulate_layout",
+        lambda layout: MemoryReport(peak(layout.model.num_layers), {}, {}, {}, "", 0.0),
+    )
+    full = gpu.bench_model(dry_run=True, seq=128).replace(num_layers=12)
+    assert gpu.deepest_that_fits(full, 128, "none", 20)[0] == expected
+
+
+def test_gpu_auto_mixes_blocks_where_none_does_not_fit(tiny_depth_plans):
+    full, plans, everything_full = tiny_depth_plans
+    # Two layers: room for both fully checkpointed and some, not for both without checkpointing.
+    budget = (everything_full.peak_bytes + plans[1].peak_bytes) / 2
+    table = load_table("cpu-2core")
+    planned = gpu.plan_run(full, 128, "auto", 2, budget / 0.9, 0.1, table)
+    assert planned.layers == 2 and "full" in planned.policies and set(planned.policies) != {"full"}
+    assert planned.planned_peak_bytes <= budget
+    layout = gpu.bench_layout(full.replace(num_layers=2), 128, "full")
+    assert planned.predicted_s_per_step < predict_step_time(layout, everything_full, table).seconds
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):
     report = gpu.main(
-        ["--dry-run", "--seq", "128", "--steps", "1", "--peak-tflops", "1", "--out", str(tmp_path / "r.json")]
+        ["--dry-run", "--seq", "128", "--steps", "1", "--peak-tflops", "1", "--layers", "2"]
+        + ["--activation-checkpointing", "none", "--out", str(tmp_path / "r.json")]
     )
     assert report["layers"] == 2 and report["tokens_per_sec_per_device"] > 0 and 0 < report["mfu"] < 1
-    assert (tmp_path / "r.json").exists()
+    assert report["planned_peak_memory_bytes"] <= 0.9 * report["device_memory_bytes"]
+    assert (
+        json.loads((tmp_path / "r.json").read_text())["activation_checkpointing"]
+        == report["activation_checkpointing"]
+    )

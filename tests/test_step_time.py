@@ -22,7 +22,7 @@ from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.errors import UserError
 from mistral_lightning.labels import IGNORE_INDEX
-from mistral_lightning.training.device_rates import load_table, rates_for
+from mistral_lightning.training.device_rates import device_table, load_table, rates_for
 from mistral_lightning.training.memory_plan import StepShape, simulate_training_step
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer
 from mistral_lightning.training.parallel import apply_activation_checkpointing, layer_policies
@@ -126,6 +126,20 @@ def test_a_table_has_a_row_per_process_count_and_the_nearest_above_answers():
         and rates_for(table, 8) is table[4]
         and rates_for(table, 1) is table[1]
     )
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "card", "expected"),
+    [
+        ("cuda", "NVIDIA H200", "h200"),
+        ("cuda", "NVIDIA H100 80GB HBM3", "h100"),
+        ("cuda", "NVIDIA A100-SXM4-80GB", "h100"),  # no table of its own: the accelerator's usual one
+        ("cpu", "CPU", "cpu-2core"),
+        ("npu", "Ascend910B3", "flops only"),
+    ],
+)
+def test_a_device_gets_the_table_its_card_names(accelerator, card, expected):
+    assert device_table(accelerator, card)[1].name == expected
 
 
 def test_an_unknown_table_is_one_line_naming_the_shipped_ones(tmp_path):

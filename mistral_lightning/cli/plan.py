@@ -378,7 +378,7 @@ def _resolve_auto(layout: TrainingLayout, device: tuple[str, float | None], acce
         raise UserError(
             f"activation_checkpointing: auto needs the memory of a device ({name}): pass --device_memory_gb"
         )
-    policies, line = choose_checkpointing(layout, capacity_gb * 1e9, str(accelerator or "cpu"))
+    policies, line = choose_checkpointing(layout, capacity_gb * 1e9, str(accelerator or "cpu"), name)
     print(line)
     parallel = dataclasses.replace(layout.parallel, activation_checkpointing=policies)
     return dataclasses.replace(layout, parallel=parallel)

@@ -4,8 +4,8 @@
 process (`python -P -m mistral_lightning.training.auto_checkpointing`, the layout as JSON on stdin) for the mix,
 and broadcasts it: every rank builds the same blocks. The child searches the layout's mixes only
 (training/layouts.py): k blocks "none" or "selective", the rest "full", fitting the device less 10%, fastest by
-the step time predicted with the accelerator's calibration table; without one (an NPU), the fewest recomputed
-FLOPs.
+the step time predicted with the device's calibration table (by card name, else the accelerator's); without one
+(an NPU), the fewest recomputed FLOPs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from mistral_lightning.child_processes import python_module_command, safe_path_env
 from mistral_lightning.errors import UserError
-from mistral_lightning.training.device_rates import DEFAULT_TABLES, load_table
+from mistral_lightning.training.device_rates import device_table
 from mistral_lightning.training.layouts import (
     TrainingLayout,
     layout_from_json,
@@ -28,17 +28,15 @@ from mistral_lightning.training.layouts import (
     search_layouts,
 )
 from mistral_lightning.training.parallel import describe_policies
-from mistral_lightning.training.step_time import DeviceRates
 
 HEADROOM = 0.1
-# Without a calibration table: only the matmul FLOPs (the recomputation) decide.
-FLOPS_ONLY = DeviceRates("flops only", 1.0, 1.0, 1e12, 1e12, 1e12, 0.0, 1e12, 0.0, "recomputed FLOPs only")
 
 
-def choose(layout: TrainingLayout, capacity_bytes: float, accelerator: str) -> tuple[list[str], str]:
+def choose(
+    layout: TrainingLayout, capacity_bytes: float, accelerator: str, card: str
+) -> tuple[list[str], str]:
     """The mix, and the line that says why."""
-    name = DEFAULT_TABLES.get(accelerator)
-    table = load_table(name) if name else {1: FLOPS_ONLY}
+    table = device_table(accelerator, card)
     base = dataclasses.replace(
         layout, parallel=dataclasses.replace(layout.parallel, activation_checkpointing="full")
     )
@@ -59,11 +57,16 @@ def choose(layout: TrainingLayout, capacity_bytes: float, accelerator: str) -> t
 
 
 def resolve_in_child(
-    layout: TrainingLayout, capacity_bytes: float, accelerator: str
+    layout: TrainingLayout, capacity_bytes: float, accelerator: str, card: str
 ) -> tuple[list[str], str]:
     """`choose`, run in a fresh process (a process group is up in this one)."""
     request = json.dumps(
-        {"layout": layout_to_json(layout), "capacity": capacity_bytes, "accelerator": accelerator}
+        {
+            "layout": layout_to_json(layout),
+            "capacity": capacity_bytes,
+            "accelerator": accelerator,
+            "card": card,
+        }
     )
     done = subprocess.run(
         python_module_command("mistral_lightning.training.auto_checkpointing"),
@@ -82,12 +85,12 @@ def resolve_in_child(
 
 
 def broadcast_choice(
-    layout: TrainingLayout, capacity_bytes: float, accelerator: str
+    layout: TrainingLayout, capacity_bytes: float, accelerator: str, card: str
 ) -> tuple[list[str], str]:
     """Rank 0's choice on every rank."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
-    message: list = [resolve_in_child(layout, capacity_bytes, accelerator) if rank == 0 else None]
+    message: list = [resolve_in_child(layout, capacity_bytes, accelerator, card) if rank == 0 else None]
     if distributed:
         torch.distributed.broadcast_object_list(message, src=0)
     return message[0]
@@ -97,7 +100,7 @@ def main() -> int:
     request = json.loads(sys.stdin.read())
     try:
         policies, line = choose(
-            layout_from_json(request["layout"]), request["capacity"], request["accelerator"]
+            layout_from_json(request["layout"]), request["capacity"], request["accelerator"], request["card"]
         )
     except UserError as error:
         print(str(error), file=sys.stderr)

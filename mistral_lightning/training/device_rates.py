@@ -55,6 +55,20 @@ def load_table(path: str | Path) -> dict[int, DeviceRates]:
         ) from error
 
 
+# Without a table for the device (an NPU): only the matmul FLOPs, i.e. the recomputation, decide.
+FLOPS_ONLY = DeviceRates("flops only", 1.0, 1.0, 1e12, 1e12, 1e12, 0.0, 1e12, 0.0, "recomputed FLOPs only")
+
+
+def device_table(accelerator: str, card: str = "") -> dict[int, DeviceRates]:
+    """The shipped table of the device a run is on: the one its card name names (an H200 is not an H100), else
+    the accelerator's usual one, else FLOPS_ONLY."""
+    for path in sorted(TABLES.glob("*.yaml")):
+        if path.stem in card.lower():
+            return load_table(path)
+    name = DEFAULT_TABLES.get(accelerator)
+    return load_table(name) if name else {1: FLOPS_ONLY}
+
+
 def rates_for(table: dict[int, DeviceRates], processes: int) -> DeviceRates:
     """The row for `processes` processes per device group, or the nearest measured count above (below) it."""
     counts = sorted(table)

@@ -26,7 +26,7 @@ from mistral_lightning.adapters.nf4 import check_quantize_base, materialize_nf4_
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config, window_choice_note
 from mistral_lightning.data.contract import data_batch_shape, data_holds_preference_pairs, data_seq_length
-from mistral_lightning.devices import total_memory
+from mistral_lightning.devices import device_name, total_memory
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.cross_entropy import Reduction
 from mistral_lightning.labels import IGNORE_INDEX
@@ -237,7 +237,7 @@ class MistralLightningModule(L.LightningModule):
         )
         device = trainer.strategy.root_device
         capacity = total_memory(device, trainer.num_devices if device.type == "cpu" else 1)
-        policies, line = broadcast_choice(layout, capacity, device.type)
+        policies, line = broadcast_choice(layout, capacity, device.type, device_name(device))
         rank_zero_info(line)
         return policies
 
