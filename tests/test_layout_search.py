@@ -98,3 +98,5 @@ def test_fit_with_auto_takes_a_mix_that_fits_where_none_does_not(
     assert chosen not in ("none", "full") and "none" in chosen or "selective" in chosen, line
     planned = float(line.split("planned peak ")[1].split(" GB")[0]) * 1e9
     assert planned <= 0.9 * capacity + 0.005e9, line
+    # model.parallel.compile's default, auto, says why it stays eager here.
+    assert "compile auto: blocks eager (cpu, every batch seq_length wide)" in caplog.text

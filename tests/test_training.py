@@ -15,11 +15,12 @@ from torch.utils.data import DataLoader
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.checkpoint.hf import CheckpointError
 from mistral_lightning.cli import main as cli_main
-from mistral_lightning.data.datamodules import InstructionDataModule
+from mistral_lightning.data.datamodules import InstructionDataModule, PretrainDataModule
 from mistral_lightning.errors import UserError
 from mistral_lightning.generation.loading import load_model as load_trained_model
 from mistral_lightning.training.divergence import TrainingDivergedError
 from mistral_lightning.training.optim import OptimizerConfig, build_optimizer, lr_factor
+from mistral_lightning.training.parallel import compiles
 
 
 @pytest.mark.processes
@@ -72,6 +73,31 @@ def test_pretrained_folder_with_mismatched_shapes_fails_before_any_step(toy_data
     # A preset that disagrees with the folder is refused when the module is built.
     with pytest.raises(UserError, match="intermediate_size: 192 vs 128"):
         module(model_config="tiny", pretrained=str(folder))
+
+
+@pytest.mark.parametrize(
+    ("setting", "device_type", "fixed_width", "context_parallel", "expected"),
+    [
+        ("auto", "cuda", True, False, True),
+        ("auto", "cuda", False, False, False),  # each new batch width would compile the blocks again
+        ("auto", "cuda", None, False, False),  # a DataModule that does not say
+        ("auto", "cuda", True, True, False),
+        ("auto", "cpu", True, False, False),
+        ("auto", "npu", True, False, False),
+        (True, "cpu", False, False, True),
+        (False, "cuda", True, False, False),
+    ],
+)
+def test_compile_auto_compiles_on_cuda_where_every_batch_has_one_width(
+    setting, device_type, fixed_width, context_parallel, expected
+):
+    assert compiles(setting, device_type, fixed_width, context_parallel) is expected
+
+
+def test_datamodules_say_whether_every_batch_has_one_width(toy_data):
+    assert PretrainDataModule([toy_data], seq_length=32).fixed_width
+    assert not InstructionDataModule("sft", seq_length=32).fixed_width
+    assert InstructionDataModule("sft", seq_length=32, pad_to_multiple_of=32).fixed_width
 
 
 def test_no_weight_decay_on_norms():

@@ -29,6 +29,14 @@ class BatchShapeData(Protocol):
 
 
 @runtime_checkable
+class FixedWidthData(Protocol):
+    """A DataModule that says whether every batch is exactly `seq_length` positions wide (then a compiled block
+    compiles once; each new width compiles it again)."""
+
+    fixed_width: bool
+
+
+@runtime_checkable
 class PreferencePairData(Protocol):
     """A DataModule that says whether its rows hold preference pairs.
 
@@ -69,6 +77,12 @@ def data_batch_shape(trainer: Any) -> tuple[int | None, int | None]:
     if isinstance(datamodule, BatchShapeData):
         return datamodule.micro_batch_size, datamodule.seq_length
     return None, data_seq_length(trainer)
+
+
+def data_fixed_width(trainer: Any) -> bool | None:
+    """Whether the trainer's DataModule's batches all have one width; None without one that says."""
+    datamodule = None if trainer is None else trainer.datamodule
+    return datamodule.fixed_width if isinstance(datamodule, FixedWidthData) else None
 
 
 def data_holds_preference_pairs(trainer: Any) -> bool | None:

@@ -277,6 +277,10 @@ class PretrainDataModule(_ResumableDataModule):
         self.blend_weights = blend_weights
         self.cross_document_attention, self.cache_dir = cross_document_attention, cache_dir
 
+    @property
+    def fixed_width(self) -> bool:
+        return True  # every sample is seq_length tokens
+
     def token_datasets(self) -> list[tuple[IndexedDataset, Path]]:
         return [(IndexedDataset(prefix), self._cache_folder(prefix)) for prefix in self.data_prefixes]
 
@@ -340,6 +344,10 @@ class InstructionDataModule(_ResumableDataModule):
             raise UserError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
         self.data_prefix = user_path(data_prefix).removesuffix(PACKED_SUFFIX.format(self.first_key))
         self.pack, self.pad_to_multiple_of, self.cache_dir = pack, pad_to_multiple_of, cache_dir
+
+    @property
+    def fixed_width(self) -> bool:
+        return self.pad_to_multiple_of >= self.seq_length  # every batch padded to seq_length
 
     def _indexed(self) -> tuple[IndexedDataset, IndexedDataset]:
         """The input-id and label datasets of `data_prefix`."""

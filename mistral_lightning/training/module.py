@@ -25,7 +25,12 @@ from mistral_lightning.adapters.lora import LoRAConfig, WithoutAdapters, adapter
 from mistral_lightning.adapters.nf4 import check_quantize_base, materialize_nf4_
 from mistral_lightning.checkpoint.hf import load_hf_weights
 from mistral_lightning.config import MistralConfig, resolve_model_config, window_choice_note
-from mistral_lightning.data.contract import data_batch_shape, data_holds_preference_pairs, data_seq_length
+from mistral_lightning.data.contract import (
+    data_batch_shape,
+    data_fixed_width,
+    data_holds_preference_pairs,
+    data_seq_length,
+)
 from mistral_lightning.devices import device_name, total_memory
 from mistral_lightning.errors import UserError
 from mistral_lightning.kernels.cross_entropy import Reduction
@@ -37,6 +42,7 @@ from mistral_lightning.training.optim import OptimizerConfig, ScheduleConfig, bu
 from mistral_lightning.training.parallel import (
     ParallelConfig,
     clip_grad_norm_,
+    compiles,
     context_parallel_group,
     init_adapters,
     init_weights,
@@ -161,6 +167,7 @@ class MistralLightningModule(L.LightningModule):
         self._step_totals: torch.Tensor | None = None
         self._step_skipped = False
         self.skipped_steps = 0
+        self._compile = False  # model.parallel.compile resolved in configure_model
 
     @property
     def model_name(self) -> str:
@@ -190,6 +197,7 @@ class MistralLightningModule(L.LightningModule):
         checkpointing = self.parallel_config.activation_checkpointing
         if checkpointing == "auto":
             checkpointing = self._auto_checkpointing()
+        self._compile = self._resolve_compile()
         model = self._build_model(self.lora_config, checkpointing)
         if self.objective.is_preference and self.lora_config is None:
             reference = self._build_model(None, "none")
@@ -241,6 +249,19 @@ class MistralLightningModule(L.LightningModule):
         rank_zero_info(line)
         return policies
 
+    def _resolve_compile(self) -> bool:
+        """model.parallel.compile with "auto" resolved (training/parallel.py `compiles`), said in one line."""
+        setting = self.parallel_config.compile
+        device = self.trainer.strategy.root_device
+        fixed_width = data_fixed_width(self.trainer)
+        context = context_parallel_group(self.device_mesh) is not None
+        chosen = compiles(setting, device.type, fixed_width, context)
+        if setting == "auto":
+            why = "every batch seq_length wide" if fixed_width else "batch widths vary or unknown"
+            why += ", context parallel" if context else ""
+            rank_zero_info(f"compile auto: blocks {'compiled' if chosen else 'eager'} ({device.type}, {why})")
+        return chosen
+
     def _build_model(self, lora: LoRAConfig | None, activation_checkpointing: str | list[str]) -> Mistral:
         """The model on the meta device, parallelized, then filled with model.pretrained's or random weights."""
         with torch.device("meta"):
@@ -250,7 +271,7 @@ class MistralLightningModule(L.LightningModule):
             self.device_mesh,
             sequence_parallel=self.parallel_config.sequence_parallel,
             activation_checkpointing=activation_checkpointing,
-            compile=self.parallel_config.compile,
+            compile=self._compile,
             mp_policy=mixed_precision_policy(self.trainer.precision),
             seq_length=data_seq_length(self.trainer),
             lora=lora,
@@ -308,7 +329,7 @@ class MistralLightningModule(L.LightningModule):
                 batch.get("position_ids"),
                 document_ids=batch.get("document_ids"),
                 chunk_size=self.hparams.loss_chunk_size,
-                compiled=self.parallel_config.compile,
+                compiled=self._compile,
                 reduction=reduction,
             )
         return _plain(loss)

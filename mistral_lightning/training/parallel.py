@@ -57,12 +57,14 @@ class ParallelConfig:
     activation_checkpointing: "none", "full" (recompute each block) or "selective" (keep matmul outputs) for
         every block; a list of one of those per block (e.g. `[none, none, full, full]`); or "auto": the fastest
         mix of "full" with "none" or "selective" blocks that the memory plan says fits the device.
-    compile: `torch.compile` each block (and the loss's softmax/gradient step).
+    compile: `torch.compile` each block (and the loss's softmax/gradient step); "auto" (the default) does on CUDA
+        when every batch has one width (pretraining data; instruction data padded to seq_length), where a block
+        compiles once, without context parallelism, and runs eager elsewhere (`compiles`).
     """
 
     sequence_parallel: bool = True
     activation_checkpointing: ActivationCheckpointing = "none"
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
 
 
 def layer_policies(mode: ActivationCheckpointing, num_layers: int) -> list[str]:
@@ -192,6 +194,16 @@ def apply_activation_checkpointing(model: Mistral, mode: ActivationCheckpointing
             checkpoint(block, context_fn=selective if policy == "selective" else None)
 
 
+def compiles(setting: bool | str, device_type: str, fixed_width: bool | None, context_parallel: bool) -> bool:
+    """`compile` resolved for a run: "auto" compiles on CUDA when the DataModule says every batch has one width
+    (each new width compiles the blocks again) and without context parallelism (its halo exchange has not been
+    run compiled). On the CPU a short run's first-step compile outweighs its gain, and an NPU compiles through
+    torchair, which this plan does not drive."""
+    if setting == "auto":
+        return device_type == "cuda" and bool(fixed_width) and not context_parallel
+    return bool(setting)
+
+
 def apply_compile(model: Mistral) -> None:
     # Module.compile() compiles in place (no `_orig_mod` wrapper), keeping parameter names unchanged.
     # Static shapes: with dynamic shapes, torch 2.13's inductor fails on the attention block on the CPU
@@ -244,7 +256,7 @@ def parallelize(
     *,
     sequence_parallel: bool = ParallelConfig.sequence_parallel,
     activation_checkpointing: ActivationCheckpointing = ParallelConfig.activation_checkpointing,
-    compile: bool = ParallelConfig.compile,
+    compile: bool = False,
     mp_policy: MixedPrecisionPolicy | None = None,
     seq_length: int | None = None,
     lora: LoRAConfig | None = None,
