@@ -5,6 +5,7 @@ chooses; under 5 minutes.
     python benchmarks/gpu.py --activation-checkpointing selective   # every block selective, as deep as fits
     python benchmarks/gpu.py --layers 8 --activation-checkpointing none --steps 5
     python benchmarks/gpu.py --dry-run            # CPU, tiny shapes, a 0.12 GB "device": checks the logic only
+    python benchmarks/gpu.py --plan-only "NVIDIA H200" --memory-gb 149   # what it would run there; no device
 
 The model is the real `Mistral` with Mistral-7B's layer shape (hidden 4096, FFN 14336, 32/8 heads, head_dim
 128, window 4096, vocab 32000), bf16 weights and AdamW states, batch 1. The memory plan (training/layouts.py)
@@ -97,37 +98,50 @@ class PlannedRun:
     predicted_s_per_step: float
     rates: DeviceRates
 
+    def summary(self) -> dict:
+        return {
+            "layers": self.layers,
+            "activation_checkpointing": describe_policies(self.policies),
+            "planned_peak_memory_bytes": self.planned_peak_bytes,
+            "predicted_s_per_step": self.predicted_s_per_step,
+            "calibration_table": self.rates.name,
+        }
+
 
 def deepest_that_fits(
     full: MistralConfig, seq: int, policy: str, budget_bytes: float
 ) -> tuple[int, MemoryReport]:
     """The most layers (up to the model's) whose planned peak with every block under `policy` fits the budget.
 
-    The peak grows with depth, but not in proportion (the loss's logits dominate a shallow model), so a line
-    through the 1- and 2-layer plans only says where to start; plans one layer deeper or shallower then settle it.
+    The peak grows with depth, but not in proportion (the loss's logits weigh most in a shallow model), so each
+    next depth planned is where the line through the last two plans meets the budget, kept between the deepest
+    depth known to fit and the shallowest known not to, until they are one apart.
     """
+    plans: dict[int, MemoryReport] = {}
 
-    def plan(layers: int) -> MemoryReport:
-        return simulate_layout(bench_layout(full.replace(num_layers=layers), seq, policy))
+    def peak(layers: int) -> int:
+        if layers not in plans:
+            plans[layers] = simulate_layout(bench_layout(full.replace(num_layers=layers), seq, policy))
+        return plans[layers].peak_bytes
 
-    one, two = plan(1), plan(2)
-    if one.peak_bytes > budget_bytes:
+    if peak(1) > budget_bytes:
         raise SystemExit(
-            f"even one {policy} layer plans {one.peak_bytes / 1e9:.1f} GB, over the {budget_bytes / 1e9:.1f} GB "
+            f"even one {policy} layer plans {peak(1) / 1e9:.1f} GB, over the {budget_bytes / 1e9:.1f} GB "
             "budget: lower --seq"
         )
-    per_layer = max(1, two.peak_bytes - one.peak_bytes)
-    layers = max(1, min(full.num_layers, 1 + int((budget_bytes - one.peak_bytes) // per_layer)))
-    report = {1: one, 2: two}.get(layers) or plan(layers)
-    while report.peak_bytes > budget_bytes:
-        layers -= 1
-        report = {1: one, 2: two}.get(layers) or plan(layers)
-    while layers < full.num_layers:
-        deeper = plan(layers + 1)
-        if deeper.peak_bytes > budget_bytes:
+    fitting, over = 1, full.num_layers + 1
+    previous, depth = 1, 2
+    while over - fitting > 1:
+        if peak(depth) <= budget_bytes:
+            fitting = depth
+        else:
+            over = depth
+        if over - fitting <= 1:
             break
-        layers, report = layers + 1, deeper
-    return layers, report
+        slope = (peak(depth) - peak(previous)) / (depth - previous)
+        guess = depth + (budget_bytes - peak(depth)) / slope if slope > 0 else (fitting + over) / 2
+        previous, depth = depth, min(max(int(guess), fitting + 1), over - 1)
+    return fitting, plans[fitting]
 
 
 def plan_run(
@@ -223,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: by device name")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
     parser.add_argument(
+        "--plan-only",
+        metavar="CARD",
+        default=None,
+        help='print what the plan would run on this card (e.g. "NVIDIA H200", with --memory-gb) and stop; no '
+        "device needed",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="CPU, 4 tiny layers, seq 256, a 0.12 GB device"
     )
     return parser
@@ -244,16 +265,12 @@ def measure(
     flops_per_s = tokens_per_s * training_flops_per_token(config, seq)
     mfu = flops_per_s / (peak_tflops * 1e12) if peak_tflops else None
     return {
-        "layers": planned.layers,
+        **planned.summary(),
         "seq_length": seq,
         "window": config.sliding_window,
-        "activation_checkpointing": describe_policies(planned.policies),
         "compiled": compile_blocks,
         **result,
-        "planned_peak_memory_bytes": planned.planned_peak_bytes,
-        "predicted_s_per_step": planned.predicted_s_per_step,
         "predicted_over_measured": planned.predicted_s_per_step / result["s_per_step"],
-        "calibration_table": planned.rates.name,
         "tokens_per_sec_per_device": tokens_per_s,
         "tflops_per_device": flops_per_s / 1e12,
         "peak_tflops": peak_tflops,
@@ -281,8 +298,35 @@ def device_memory(device: torch.device, memory_gb: float | None) -> float:
     return accelerator_module(device).get_device_properties(device).total_memory
 
 
+def plan_only(args: argparse.Namespace) -> dict:
+    """What a run on the named card would train, from the plan alone (no device)."""
+    accelerator = "npu" if "ascend" in args.plan_only.lower() else "cuda"
+    capacity = args.memory_gb * 1e9
+    planned = plan_run(
+        bench_model(False, args.seq),
+        args.seq,
+        args.activation_checkpointing,
+        args.layers,
+        capacity,
+        args.headroom,
+        device_table(accelerator, args.plan_only),
+    )
+    return {
+        "device": args.plan_only,
+        "device_memory_bytes": int(capacity),
+        "asked": args.activation_checkpointing,
+        "seq_length": args.seq,
+        **planned.summary(),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plan_only:
+        if args.memory_gb is None:
+            parser.error("--plan-only needs --memory-gb (the card's memory in GB)")
+        return write_report(plan_only(args), args.out)
     device = pick_device(args.dry_run)
     if args.dry_run:
         args.seq, args.steps = min(args.seq, 256), min(args.steps, 2)
@@ -301,9 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
         "asked": args.activation_checkpointing,
         **measure(full, planned, args.seq, device, args.steps, args.compile, peak_tflops),
     }
+    return write_report(report, args.out)
+
+
+def write_report(report: dict, out: str | None) -> dict:
     print(json.dumps(report, indent=2))
-    if args.out:
-        with open(args.out, "w") as file:
+    if out:
+        with open(out, "w") as file:
             json.dump(report, file, indent=2)
     return report
 

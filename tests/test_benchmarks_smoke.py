@@ -139,3 +139,12 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
         json.loads((tmp_path / "r.json").read_text())["activation_checkpointing"]
         == report["activation_checkpointing"]
     )
+
+
+def test_gpu_plan_only_plans_for_a_named_card_without_one():
+    report = gpu.main(
+        ["--plan-only", "NVIDIA H200", "--memory-gb", "149", "--layers", "1", "--seq", "256"]
+        + ["--activation-checkpointing", "full"]
+    )
+    assert report["calibration_table"] == "h200" and report["layers"] == 1
+    assert 0 < report["planned_peak_memory_bytes"] < 0.9 * 149e9 and report["predicted_s_per_step"] > 0
