@@ -118,10 +118,13 @@ def layer_benchmarks(device: torch.device, card: str, dry_run: bool, out: Path) 
     capacity = gpu.device_memory(device, gpu.DRY_RUN_MEMORY_GB if dry_run else None)
     table = device_table(device.type, card)
     results: dict = {}
+    plans: dict[str, gpu.PlannedRun] = {}  # the plan takes 15-100 s of host CPU per policy: once each
     for policy, compiled in LAYER_RUNS:
         name = policy + (" compiled" if compiled else "")
         try:
-            planned = gpu.plan_run(full, seq, policy, None, capacity, HEADROOM, table)
+            if policy not in plans:
+                plans[policy] = gpu.plan_run(full, seq, policy, None, capacity, HEADROOM, table)
+            planned = plans[policy]
             report = gpu.measure(full, planned, seq, device, steps, compiled, lookup_peak_tflops(card))
             results[name] = {"ok": True, **report}
         except Exception:  # noqa: BLE001 - one policy running out of memory must not hide the others
