@@ -110,7 +110,8 @@ def model_parity(device: torch.device) -> dict:
 
 def layer_benchmarks(device: torch.device, card: str, dry_run: bool, out: Path) -> dict:
     """The 7B shape at 32K under each checkpointing choice, as deep as the plan fits, and the plan's choice
-    ("auto") also with compiled blocks; each run's report (or its error) is written to gpu_layers.json as it ends."""
+    ("auto") also with compiled blocks; each run's report (or its error) is written to gpu_runs.json as it ends
+    (gpu_layers*.json are single runs of gpu.py, which benchmarks/memory_plan.py reads)."""
     from mistral_lightning.benchmarks import gpu
 
     seq, steps = (256, 1) if dry_run else (32768, 3)
@@ -129,7 +130,7 @@ def layer_benchmarks(device: torch.device, card: str, dry_run: bool, out: Path) 
             results[name] = {"ok": True, **report}
         except Exception:  # noqa: BLE001 - one policy running out of memory must not hide the others
             results[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
-        (out / "gpu_layers.json").write_text(json.dumps(results, indent=2, default=str))
+        (out / "gpu_runs.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 
 
@@ -184,7 +185,7 @@ def tiny_fit(device_type: str, out: Path) -> dict:
 
 
 def card_folder(name: str) -> str:
-    """benchmarks/results/' folder name for a device: "NVIDIA H200" -> "h200"."""
+    """The device's folder under benchmarks/results/: "NVIDIA H200" -> "h200"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-")
 
 
