@@ -158,9 +158,10 @@ def plan_run(
     lightest = "full" if policy == "auto" else policy
     if layers is None:
         layers, report = deepest_that_fits(full, seq, lightest, budget)
+        layout = bench_layout(full.replace(num_layers=layers), seq, lightest)
     else:
-        report = simulate_layout(bench_layout(full.replace(num_layers=layers), seq, lightest))
-    layout = bench_layout(full.replace(num_layers=layers), seq, lightest)
+        layout = bench_layout(full.replace(num_layers=layers), seq, lightest)
+        report = simulate_layout(layout)
     if policy == "auto":
         # As fit's auto: the fastest mix of lighter blocks whose peak fits, simulated as it is.
         chosen = search_layouts(layout, capacity_bytes, table, headroom, layouts=[layout])

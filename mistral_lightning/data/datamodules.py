@@ -14,6 +14,7 @@ import abc
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -365,14 +366,25 @@ class InstructionDataModule(_ResumableDataModule):
                 f"{input_ids.prefix} and {labels.prefix} disagree on sample lengths; they come from different "
                 "preprocess runs, re-run preprocess"
             )
+        return self._split_datasets(
+            len(input_ids),
+            lambda samples: InstructionDataset(
+                input_ids, labels, samples, self.seq_length, self.seed, self.pack
+            ),
+            "sample",
+        )
+
+    def _split_datasets(self, count: int, build: Callable[[range], Dataset], unit: str) -> dict[str, Dataset]:
+        """`build`'s dataset of each split of `count` items, the empty ones left out; the train split must hold
+        a usable `unit`."""
         datasets = {}
-        for name, samples in _split_ranges(len(input_ids), self.split_weights).items():
-            dataset = InstructionDataset(input_ids, labels, samples, self.seq_length, self.seed, self.pack)
+        for name, items in _split_ranges(count, self.split_weights).items():
+            dataset = build(items)
             if len(dataset):
                 datasets[name] = dataset
         if "train" not in datasets:
             raise UserError(
-                f"{self.data_prefix}: the train split holds no usable sample; check the data and split"
+                f"{self.data_prefix}: the train split holds no usable {unit}; check the data and split"
             )
         return datasets
 
@@ -420,15 +432,10 @@ class PreferenceDataModule(InstructionDataModule):
                     f"{self.data_prefix}: the {side} input ids and labels disagree on the length of pair {row}; "
                     "they come from different preprocess runs, re-run preprocess --handler preference"
                 )
-        datasets = {}
-        for name, pairs_of_split in _split_ranges(pairs[0], self.split_weights).items():
-            dataset = PreferenceDataset(
+        return self._split_datasets(
+            pairs[0],
+            lambda pairs_of_split: PreferenceDataset(
                 indexed[:2], indexed[2:], pairs_of_split, self.seq_length, self.seed, self.pack
-            )
-            if len(dataset):
-                datasets[name] = dataset
-        if "train" not in datasets:
-            raise UserError(
-                f"{self.data_prefix}: the train split holds no usable pair; check the data and split"
-            )
-        return datasets
+            ),
+            "pair",
+        )
