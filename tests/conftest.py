@@ -65,6 +65,15 @@ def rank_variables_do_not_leak():
             os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def process_group_does_not_leak():
+    """Lightning leaves an in-process fit's process group up; the next test in this worker (a memory plan
+    with its own fake group, as in the fresh process a user runs it in) must start without one."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path() -> str:
     """The real Mistral v1 sentencepiece model shipped in mistral-common (a test dependency)."""

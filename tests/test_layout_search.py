@@ -10,7 +10,6 @@ import dataclasses
 import pytest
 import yaml
 from helpers.configs import tiny_fit_config, write_config
-from helpers.processes import end_leftover_process_group
 from helpers.training import datamodule, module, trainer
 
 import mistral_lightning.training.module as module_file
@@ -36,7 +35,6 @@ def tiny_config(toy_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def uniform_peaks(tiny_config):
     """The planned peak of the tiny layout with every block "none", "selective" and "full"."""
-    end_leftover_process_group()
     layout = layout_from_config(parse_config(["--config", str(tiny_config)]))
     peaks = {}
     for policy in ("none", "selective", "full"):

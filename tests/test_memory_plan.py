@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.configs import tiny_fit_config, write_config
-from helpers.processes import end_leftover_process_group, without_process_group
+from helpers.processes import without_process_group
 from helpers.training import write_instruction_data, write_preference_data
 
 from mistral_lightning.cli import main as mistral_lightning
@@ -124,7 +124,6 @@ def one_process_plan_and_peak(root: Path, data: str, datamodule: str, model: dic
         },
     )
     config = write_config(settings, root / "fit.yaml")
-    end_leftover_process_group()
     assert mistral_lightning(["plan", "--config", str(config), "--plan_output", str(root / "plan.json")]) == 0
     assert fit(config) == 0
     measured = json.loads((root / "measured" / "rank0.json").read_text())

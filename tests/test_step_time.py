@@ -15,7 +15,6 @@ import dataclasses
 import pytest
 import torch
 import yaml
-from helpers.processes import end_leftover_process_group
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from mistral_lightning import Mistral, MistralConfig
@@ -55,7 +54,6 @@ def _meta_model(policies="none") -> Mistral:
 
 @pytest.mark.parametrize("policies", ["none", ["full", "none"]], ids=["none", "mixed"])
 def test_simulated_step_counts_the_flops_torch_counts_in_a_real_step(policies):
-    end_leftover_process_group()
     optimizer_config = OptimizerConfig()
     report = simulate_training_step(
         lambda: _meta_model(policies),
@@ -90,7 +88,6 @@ def test_simulated_step_counts_the_flops_torch_counts_in_a_real_step(policies):
 
 
 def test_checkpointed_blocks_count_their_recomputation():
-    end_leftover_process_group()
     cost = {}
     for policies in ("none", ["full", "none"], "full"):
         report = simulate_training_step(

@@ -79,10 +79,3 @@ def run_on_ranks(target, *args, world_size: int = 2, timeout: float = 120) -> li
                 worker.kill()
     assert all(worker.exitcode == 0 for worker in workers), "a worker rank failed (see its stderr)"
     return [collected[rank] for rank in range(world_size)]
-
-
-def end_leftover_process_group() -> None:
-    """Lightning leaves an in-process fit's process group up in the worker that ran it; the memory plan, as in the
-    fresh process a user runs it in, needs none (it brings its own fake one)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
