@@ -170,3 +170,14 @@ def test_calibrate_writes_a_table_the_plan_predicts_with(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["plan", "--config", "configs/tiny/pretrain.yaml", "--device_rates", str(table)]) == 0
     assert "predicted step time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "expected"),
+    [("cuda", "rates: h100"), ("npu", "no calibration table for this accelerator")],
+)
+def test_plan_predicts_with_the_table_auto_ranks_by(accelerator, expected, capsys):
+    """plan and fit's `auto` take the same shipped table; plan prints no time where only FLOPs rank (an NPU)."""
+    config = ["plan", "--config", "configs/tiny/pretrain.yaml", "--trainer.accelerator", accelerator]
+    assert cli_main(config) == 0
+    assert expected in capsys.readouterr().out

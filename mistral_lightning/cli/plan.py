@@ -37,7 +37,7 @@ from mistral_lightning.devices import total_memory
 from mistral_lightning.errors import UserError
 from mistral_lightning.outputs import FileKind, OutputTarget, check_output_file, user_path, write_output_file
 from mistral_lightning.training.auto_checkpointing import choose as choose_checkpointing
-from mistral_lightning.training.device_rates import DEFAULT_TABLES, calibrate_table, load_table
+from mistral_lightning.training.device_rates import DEFAULT_TABLES, calibrate_table, load_table, shipped_table
 from mistral_lightning.training.layouts import (
     StepTimePrediction,
     TrainingLayout,
@@ -55,7 +55,6 @@ from mistral_lightning.training.parallel import (
     layer_policies,
 )
 from mistral_lightning.training.preference import ObjectiveConfig
-from mistral_lightning.training.step_time import DeviceRates
 
 USAGE = (
     "usage: mistral-lightning plan --config CONFIG.yaml [--device_memory_gb GB] [--device_rates TABLE] "
@@ -384,11 +383,6 @@ def _resolve_auto(layout: TrainingLayout, device: tuple[str, float | None], acce
     return dataclasses.replace(layout, parallel=parallel)
 
 
-def _device_rates(accelerator: str, given: str | None) -> dict[int, DeviceRates] | None:
-    name = given or DEFAULT_TABLES.get(str(accelerator or "cpu"))
-    return None if name is None else load_table(name)
-
-
 def calibrate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-lightning plan calibrate", description=calibrate_table.__doc__
@@ -444,7 +438,9 @@ def main(argv: list[str]) -> int:
             overwrite_option="--plan_overwrite true",
         )
         check_output_file(output, PLAN_JSON)  # before the simulation, so its minutes are not lost
-    table = _device_rates(config.trainer.accelerator, config.get("device_rates"))
+    given_table = config.get("device_rates")
+    accelerator = str(config.trainer.accelerator or "cpu")
+    table = load_table(given_table) if given_table else shipped_table(accelerator, device[0])
     source = ", ".join(str(c) for c in config.get("config") or []) or "the given settings"
     if config.get("search"):
         return search(cli, layout, device, table, source)

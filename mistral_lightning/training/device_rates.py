@@ -59,14 +59,19 @@ def load_table(path: str | Path) -> dict[int, DeviceRates]:
 FLOPS_ONLY = DeviceRates("flops only", 1.0, 1.0, 1e12, 1e12, 1e12, 0.0, 1e12, 0.0, "recomputed FLOPs only")
 
 
-def device_table(accelerator: str, card: str = "") -> dict[int, DeviceRates]:
+def shipped_table(accelerator: str, card: str = "") -> dict[int, DeviceRates] | None:
     """The shipped table of the device a run is on: the one its card name names (an H200 is not an H100), else
-    the accelerator's usual one, else FLOPS_ONLY."""
+    the accelerator's usual one; None where none is shipped (an NPU)."""
     for path in sorted(TABLES.glob("*.yaml")):
         if path.stem in card.lower():
             return load_table(path)
     name = DEFAULT_TABLES.get(accelerator)
-    return load_table(name) if name else {1: FLOPS_ONLY}
+    return load_table(name) if name else None
+
+
+def device_table(accelerator: str, card: str = "") -> dict[int, DeviceRates]:
+    """`shipped_table`, else FLOPS_ONLY: what `auto` ranks checkpointing mixes by."""
+    return shipped_table(accelerator, card) or {1: FLOPS_ONLY}
 
 
 def rates_for(table: dict[int, DeviceRates], processes: int) -> DeviceRates:
