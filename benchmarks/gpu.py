@@ -44,6 +44,7 @@ from mistral_lightning.training.layouts import (
     TrainingLayout,
     predict_step_time,
     search_layouts,
+    shared_simulations,
     simulate_layout,
 )
 from mistral_lightning.training.memory_plan import MemoryReport, StepShape
@@ -154,6 +155,19 @@ def plan_run(
     table: dict[int, DeviceRates],
 ) -> PlannedRun:
     """The run's depth (unless given) and per-block policies, with the plan's peak and predicted step time."""
+    with shared_simulations():  # the mix search starts from the layout the depth search ends on
+        return _plan_run(full, seq, policy, layers, capacity_bytes, headroom, table)
+
+
+def _plan_run(
+    full: MistralConfig,
+    seq: int,
+    policy: str,
+    layers: int | None,
+    capacity_bytes: float,
+    headroom: float,
+    table: dict[int, DeviceRates],
+) -> PlannedRun:
     budget = capacity_bytes * (1 - headroom)
     lightest = "full" if policy == "auto" else policy
     if layers is None:

@@ -6,11 +6,12 @@ import json
 
 import pytest
 
+import mistral_lightning.training.layouts as layouts_file
 from mistral_lightning.benchmarks import gpu
 from mistral_lightning.benchmarks.report import check_targets, markdown, plot
 from mistral_lightning.benchmarks.train_throughput import fit_config
 from mistral_lightning.training.device_rates import load_table
-from mistral_lightning.training.layouts import predict_step_time, simulate_layout
+from mistral_lightning.training.layouts import layout_to_json, predict_step_time, simulate_layout
 from mistral_lightning.training.memory_plan import MemoryReport
 
 GB = 10**9
@@ -116,12 +117,20 @@ def test_gpu_depth_walks_from_the_line_to_the_plan(monkeypatch, per_layer_after_
     assert gpu.deepest_that_fits(full, 128, "none", 20)[0] == expected
 
 
-def test_gpu_auto_mixes_blocks_where_none_does_not_fit(tiny_depth_plans):
+def test_gpu_auto_mixes_blocks_where_none_does_not_fit(tiny_depth_plans, monkeypatch):
     full, plans, everything_full = tiny_depth_plans
     # Two layers: room for both fully checkpointed and some, not for both without checkpointing.
     budget = (everything_full.peak_bytes + plans[1].peak_bytes) / 2
     table = load_table("cpu-2core")
+    simulated = []
+    simulate = layouts_file._simulate_layout
+    monkeypatch.setattr(
+        layouts_file,
+        "_simulate_layout",
+        lambda layout: simulated.append(layout_to_json(layout)) or simulate(layout),
+    )
     planned = gpu.plan_run(full, 128, "auto", 2, budget / 0.9, 0.1, table)
+    assert len(simulated) == len(set(simulated)), "a layout was simulated twice"
     assert planned.layers == 2 and "full" in planned.policies and set(planned.policies) != {"full"}
     assert planned.planned_peak_bytes <= budget
     layout = gpu.bench_layout(full.replace(num_layers=2), 128, "full")

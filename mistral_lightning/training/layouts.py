@@ -12,9 +12,12 @@ k / L of the way from "full"; the chosen one is then simulated as it is.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import itertools
 import json
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -77,8 +80,39 @@ def simulated_rank(layout: TrainingLayout) -> int:
     return simulated_context_rank(layout.context_parallel) * layout.tensor_parallel
 
 
+# The reports of the innermost `shared_simulations` block, by layout (as JSON); None outside one.
+_shared_reports: contextvars.ContextVar[dict[str, MemoryReport] | None] = contextvars.ContextVar(
+    "shared_reports", default=None
+)
+
+
+@contextlib.contextmanager
+def shared_simulations() -> Iterator[None]:
+    """Inside the block each layout is simulated once however often it is asked for (a search prices uniform
+    layouts and then simulates its winner, often one of them). Scoped to the block, so no report outlives the
+    kernel choices it was made under; a nested block shares the outer one's reports."""
+    if _shared_reports.get() is not None:
+        yield
+        return
+    token = _shared_reports.set({})
+    try:
+        yield
+    finally:
+        _shared_reports.reset(token)
+
+
 def simulate_layout(layout: TrainingLayout) -> MemoryReport:
     """Simulate one rank of `layout`: the model built as `MistralLightningModule.configure_model` builds it."""
+    shared = _shared_reports.get()
+    if shared is None:
+        return _simulate_layout(layout)
+    key = layout_to_json(layout)
+    if key not in shared:
+        shared[key] = _simulate_layout(layout)
+    return shared[key]
+
+
+def _simulate_layout(layout: TrainingLayout) -> MemoryReport:
     plugin = precision_plugin(layout.precision)
     check_quantize_base(layout.lora, layout.tensor_parallel)
 
@@ -220,7 +254,13 @@ def search_layouts(
 ) -> list[Candidate]:
     """The layouts (of `layouts`, default every mesh layout of `base`) that fit `capacity_bytes` less `headroom`,
     fastest (predicted tokens/s per device) first; the first is simulated as it is and kept only if it fits."""
-    budget = capacity_bytes * (1 - headroom)
+    with shared_simulations():
+        return _search_layouts(base, capacity_bytes * (1 - headroom), table, layouts)
+
+
+def _search_layouts(
+    base: TrainingLayout, budget: float, table: dict[int, DeviceRates], layouts: list[TrainingLayout] | None
+) -> list[Candidate]:
     priced = []
     for layout in layouts or mesh_layouts(base):
         try:
