@@ -17,6 +17,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+import mistral_lightning.training.device_rates as device_rates
 from mistral_lightning import Mistral, MistralConfig
 from mistral_lightning.cli import main as cli_main
 from mistral_lightning.errors import UserError
@@ -178,3 +179,11 @@ def test_plan_prints_no_step_time_where_auto_ranks_by_flops_only(capsys):
     config = ["plan", "--config", "configs/tiny/pretrain.yaml", "--trainer.accelerator", "npu"]
     assert cli_main(config) == 0
     assert "predicted step time: no calibration table for this accelerator" in capsys.readouterr().out
+
+
+def test_a_timing_waits_for_the_devices_queue_before_and_after_the_clock(monkeypatch):
+    """An accelerator queues kernels and returns at once: a clock read without synchronizing times the launches."""
+    events = []
+    monkeypatch.setattr(device_rates, "synchronize", lambda device: events.append(f"synchronize {device}"))
+    device_rates._seconds(lambda: events.append("run"), 3, torch.device("cuda"))
+    assert events == ["run", "synchronize cuda", "run", "run", "run", "synchronize cuda"]

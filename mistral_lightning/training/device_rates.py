@@ -23,7 +23,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from mistral_lightning.devices import device_name, synchronize
 from mistral_lightning.errors import UserError
+from mistral_lightning.generation.loading import resolve_device
+from mistral_lightning.option_values import AUTO_DEVICE
 from mistral_lightning.training.step_time import DeviceRates
 
 TABLES = Path(__file__).resolve().parent / "device_tables"
@@ -81,34 +84,38 @@ def rates_for(table: dict[int, DeviceRates], processes: int) -> DeviceRates:
     return table[above[0] if above else counts[-1]]
 
 
-def _seconds(fn, repeat: int) -> float:
+def _seconds(fn, repeat: int, device: torch.device) -> float:
+    """Seconds per call of `fn`, after one warm-up; an accelerator runs its kernels queued, so the clock starts
+    and stops with its queue empty."""
     fn()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
+    synchronize(device)
     return (time.perf_counter() - start) / repeat
 
 
 def _matmul_tflops(size: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> float:
     m, k, n = size
     a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    return 2 * m * k * n / _seconds(lambda: a @ b, 20) / 1e12
+    return 2 * m * k * n / _seconds(lambda: a @ b, 20, device) / 1e12
 
 
 def _add_gbps(elements: int, device: torch.device) -> float:
     x, y = torch.randn(elements, device=device), torch.randn(elements, device=device)
-    return 3 * elements * 4 / _seconds(lambda: x + y, 20) / 1e9
+    return 3 * elements * 4 / _seconds(lambda: x + y, 20, device) / 1e9
 
 
 def _operator_us(device: torch.device) -> float:
     x = torch.randn(8, device=device, requires_grad=True)
-    return _seconds(lambda: x * 2, 2000) * 1e6
+    return _seconds(lambda: x * 2, 2000, device) * 1e6
 
 
 def _collective(elements: int, repeat: int) -> float:
     tensor = torch.zeros(elements)
     dist.barrier()
-    return _seconds(lambda: dist.all_reduce(tensor), repeat)
+    return _seconds(lambda: dist.all_reduce(tensor), repeat, torch.device("cpu"))
 
 
 def measure(dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> dict[str, float]:
@@ -144,11 +151,13 @@ def _worker(rank: int, processes: int, store: str, out_dir: str) -> None:
 
 
 def calibrate_table(process_counts: tuple[int, ...] = (1, 2, 4)) -> dict:
-    """A calibration table of this machine: its GPU (bf16, one process) if it has one, else its CPU (fp32)
-    measured with each number of processes at once."""
-    if torch.cuda.is_available():
-        rows = {1: measure(torch.bfloat16, torch.device("cuda"))}
-        name, where = torch.cuda.get_device_name().lower().replace(" ", "-"), torch.cuda.get_device_name()
+    """A calibration table of this machine: its GPU or NPU (bf16, one process) if it has one, else its CPU
+    (fp32) measured with each number of processes at once."""
+    device = torch.device(resolve_device(AUTO_DEVICE))
+    if device.type != "cpu":
+        rows = {1: measure(torch.bfloat16, device)}
+        where = device_name(device)
+        name = where.lower().replace(" ", "-")
     else:
         rows = {}
         for processes in process_counts:
