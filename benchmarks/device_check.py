@@ -1,5 +1,5 @@
 """One-GPU device check, about 6 minutes: kernels and model against references on the device, a few
-`mistral-lightning fit` steps of the tiny config, and the 7B at 32K under each checkpointing choice at the depth
+`mistral-lightning fit` steps of the tiny config, `plan calibrate` on the device, and the 7B at 32K under each checkpointing choice at the depth
 the plan fits (benchmarks/gpu.py), the plan's own choice also compiled.
 
     python -P -m mistral_lightning.benchmarks.device_check             # one CUDA GPU: writes benchmarks/results/<card>/
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from mistral_lightning.callbacks import lookup_peak_tflops
 from mistral_lightning.child_processes import python_module_command, safe_path_env
@@ -184,6 +185,18 @@ def tiny_fit(device_type: str, out: Path) -> dict:
     }
 
 
+def calibration(out: Path) -> dict:
+    """`mistral-lightning plan calibrate` on the device: the measured table (calibration.yaml) that `plan
+    --device_rates` takes, to set beside the shipped published-peak one."""
+    table = out / "calibration.yaml"
+    command = [*python_module_command("mistral_lightning"), "plan", "calibrate", "--processes", "1"]
+    command += ["--out", str(table), "--overwrite"]
+    done = subprocess.run(command, capture_output=True, text=True, env=safe_path_env())
+    if done.returncode != 0:
+        return {"ok": False, "stderr_tail": done.stderr[-3000:]}
+    return {"ok": True, "table": str(table), "rates": yaml.safe_load(table.read_text())["processes"]}
+
+
 def card_folder(name: str) -> str:
     """The device's folder under benchmarks/results/: "NVIDIA H200" -> "h200"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower().removeprefix("nvidia ")).strip("-")
@@ -220,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         "attention_parity": lambda: attention_parity(device),
         "model_parity_vs_transformers": lambda: model_parity(device),
         "tiny_fit": lambda: tiny_fit(device.type, out),
+        "calibration": lambda: calibration(out),
         "layer_benchmark_7b_shape": lambda: layer_benchmarks(device, card, args.dry_run, out),
     }
     for name, run in sections.items():
