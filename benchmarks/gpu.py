@@ -155,39 +155,26 @@ def plan_run(
     table: dict[int, DeviceRates],
 ) -> PlannedRun:
     """The run's depth (unless given) and per-block policies, with the plan's peak and predicted step time."""
-    with shared_simulations():  # the mix search starts from the layout the depth search ends on
-        return _plan_run(full, seq, policy, layers, capacity_bytes, headroom, table)
-
-
-def _plan_run(
-    full: MistralConfig,
-    seq: int,
-    policy: str,
-    layers: int | None,
-    capacity_bytes: float,
-    headroom: float,
-    table: dict[int, DeviceRates],
-) -> PlannedRun:
     budget = capacity_bytes * (1 - headroom)
     lightest = "full" if policy == "auto" else policy
-    if layers is None:
-        layers, report = deepest_that_fits(full, seq, lightest, budget)
-        layout = bench_layout(full.replace(num_layers=layers), seq, lightest)
-    else:
+    # Shared: the layout the depth search ends on is the one planned below and the one the mix search starts from.
+    with shared_simulations():
+        if layers is None:
+            layers = deepest_that_fits(full, seq, lightest, budget)[0]
         layout = bench_layout(full.replace(num_layers=layers), seq, lightest)
         report = simulate_layout(layout)
-    if policy == "auto":
-        # As fit's auto: the fastest mix of lighter blocks whose peak fits, simulated as it is.
-        chosen = search_layouts(layout, capacity_bytes, table, headroom, layouts=[layout])
-        if chosen:
-            best = chosen[0]
-            return PlannedRun(
-                layers,
-                list(best.layout.parallel.activation_checkpointing),
-                int(best.peak_bytes),
-                best.prediction.seconds,
-                best.prediction.rates,
-            )
+        if policy == "auto":
+            # As fit's auto: the fastest mix of lighter blocks whose peak fits, simulated as it is.
+            chosen = search_layouts(layout, capacity_bytes, table, headroom, layouts=[layout])
+            if chosen:
+                best = chosen[0]
+                return PlannedRun(
+                    layers,
+                    list(best.layout.parallel.activation_checkpointing),
+                    int(best.peak_bytes),
+                    best.prediction.seconds,
+                    best.prediction.rates,
+                )
     prediction = predict_step_time(layout, report, table)
     policies = layer_policies(lightest, layers)
     return PlannedRun(layers, policies, report.peak_bytes, prediction.seconds, prediction.rates)

@@ -234,7 +234,6 @@ def layout_from_config(config) -> TrainingLayout:
 def _device_memory(accelerator: str, given_gb: float | None) -> tuple[str, float | None]:
     if given_gb is not None:
         return "one device", given_gb
-    accelerator = str(accelerator or "cpu")
     if accelerator in DEFAULT_DEVICE_MEMORY_GB:
         return DEFAULT_DEVICE_MEMORY_GB[accelerator]
     if accelerator == "cpu":
@@ -370,14 +369,16 @@ def search(
     return 0
 
 
-def _resolve_auto(layout: TrainingLayout, device: tuple[str, float | None], accelerator) -> TrainingLayout:
+def _resolve_auto(
+    layout: TrainingLayout, device: tuple[str, float | None], accelerator: str
+) -> TrainingLayout:
     """`activation_checkpointing: auto` as fit resolves it, for this device's memory."""
     name, capacity_gb = device
     if capacity_gb is None:
         raise UserError(
             f"activation_checkpointing: auto needs the memory of a device ({name}): pass --device_memory_gb"
         )
-    policies, line = choose_checkpointing(layout, capacity_gb * 1e9, str(accelerator or "cpu"), name)
+    policies, line = choose_checkpointing(layout, capacity_gb * 1e9, accelerator, name)
     print(line)
     parallel = dataclasses.replace(layout.parallel, activation_checkpointing=policies)
     return dataclasses.replace(layout, parallel=parallel)
@@ -428,7 +429,8 @@ def main(argv: list[str]) -> int:
     cli = _parse(argv)
     config = cli.config
     layout = layout_from_config(config)
-    device = _device_memory(config.trainer.accelerator, config.get("device_memory_gb"))
+    accelerator = str(config.trainer.accelerator or "cpu")
+    device = _device_memory(accelerator, config.get("device_memory_gb"))
     output = None
     if config.get("plan_output"):
         output = OutputTarget(
@@ -439,13 +441,12 @@ def main(argv: list[str]) -> int:
         )
         check_output_file(output, PLAN_JSON)  # before the simulation, so its minutes are not lost
     given_table = config.get("device_rates")
-    accelerator = str(config.trainer.accelerator or "cpu")
     table = load_table(given_table) if given_table else shipped_table(accelerator, device[0])
     source = ", ".join(str(c) for c in config.get("config") or []) or "the given settings"
     if config.get("search"):
         return search(cli, layout, device, table, source)
     if layout.parallel.activation_checkpointing == "auto":
-        layout = _resolve_auto(layout, device, config.trainer.accelerator)
+        layout = _resolve_auto(layout, device, accelerator)
     report = simulate_layout(layout)
     prediction = None if table is None else predict_step_time(layout, report, table)
     print(format_report(layout, report, device, source, prediction))

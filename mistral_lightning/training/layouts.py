@@ -254,30 +254,29 @@ def search_layouts(
 ) -> list[Candidate]:
     """The layouts (of `layouts`, default every mesh layout of `base`) that fit `capacity_bytes` less `headroom`,
     fastest (predicted tokens/s per device) first; the first is simulated as it is and kept only if it fits."""
-    with shared_simulations():
-        return _search_layouts(base, capacity_bytes * (1 - headroom), table, layouts)
-
-
-def _search_layouts(
-    base: TrainingLayout, budget: float, table: dict[int, DeviceRates], layouts: list[TrainingLayout] | None
-) -> list[Candidate]:
+    budget = capacity_bytes * (1 - headroom)
     priced = []
-    for layout in layouts or mesh_layouts(base):
-        try:
-            priced += price_mixes(layout, table)
-        except UserError:  # a layout this model or LoRA setting cannot take (e.g. QLoRA under TP)
-            continue
-    ranked = sorted(
-        (c for c in priced if c.peak_bytes <= budget),
-        key=lambda c: -c.prediction.tokens_per_second_per_device,
-    )
-    for index, candidate in enumerate(ranked):
-        report = simulate_layout(candidate.layout)
-        if report.peak_bytes <= budget:
-            exact = Candidate(
-                candidate.layout, report.peak_bytes, predict_step_time(candidate.layout, report, table), True
-            )
-            return [exact, *ranked[index + 1 :]]
+    # Shared: the winner, simulated as it is below, is often a uniform layout price_mixes simulated.
+    with shared_simulations():
+        for layout in layouts or mesh_layouts(base):
+            try:
+                priced += price_mixes(layout, table)
+            except UserError:  # a layout this model or LoRA setting cannot take (e.g. QLoRA under TP)
+                continue
+        ranked = sorted(
+            (c for c in priced if c.peak_bytes <= budget),
+            key=lambda c: -c.prediction.tokens_per_second_per_device,
+        )
+        for index, candidate in enumerate(ranked):
+            report = simulate_layout(candidate.layout)
+            if report.peak_bytes <= budget:
+                exact = Candidate(
+                    candidate.layout,
+                    report.peak_bytes,
+                    predict_step_time(candidate.layout, report, table),
+                    True,
+                )
+                return [exact, *ranked[index + 1 :]]
     return []
 
 
